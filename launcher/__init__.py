@@ -1,0 +1,1 @@
+"""The command line and process management: sits on top of trainer and data_pipeline."""

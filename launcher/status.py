@@ -1,0 +1,43 @@
+"""`zerotrain status RUN_DIR`: where a run stands, from the files it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainer import checkpoint
+from trainer.config import ConfigError, load_config
+
+
+def run_status(run_dir: Path) -> str:
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a zerotrain run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    records = _read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in records if "train/loss" in r]
+    val = [r for r in records if "val/loss" in r]
+    tag = checkpoint.latest_tag(run_dir)
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    lines = [f"run {cfg.run.name} ({run_dir})"]
+    if train:
+        first, last = train[0], train[-1]
+        lines.append(f"  step {last['step']}/{cfg.train.max_steps}   loss {first['train/loss']:.3f} at step "
+                     f"{first['step']} -> {last['train/loss']:.3f} at step {last['step']}")
+    if val:
+        lines.append(f"  validation loss {val[-1]['val/loss']:.3f}   perplexity {val[-1]['val/ppl']:.1f}"
+                     f"   (step {val[-1]['step']})")
+    if summary.get("tokens_per_s"):
+        lines.append(f"  throughput {summary['tokens_per_s']:,.0f} tokens/s over {cfg.world_size} ranks")
+    elif train:
+        lines.append(f"  throughput {train[-1]['perf/tokens_per_s']:,.0f} tokens/s (last log step)")
+    lines.append(f"  last checkpoint: {checkpoint.checkpoints_dir(run_dir) / tag if tag else 'none yet'}")
+    lines.append(f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    lines.append(f"  logs: {run_dir / 'logs'}   metrics: {run_dir / 'metrics.jsonl'}")
+    return "\n".join(lines)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

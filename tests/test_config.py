@@ -1,0 +1,117 @@
+"""The configuration: presets load, overrides apply, every bad config is refused with one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY, zerotrain
+from trainer.config import ConfigError, load_config
+
+
+def test_presets_load_and_resolve_paths():
+    for name in ("demo.yaml", "tiny.yaml"):
+        cfg = load_config(REPO / "configs" / name, cuda_available=False)
+        assert cfg.run_dir.is_absolute() and cfg.data.prepared_dir.is_absolute()
+        assert all(Path(s).is_absolute() for s in cfg.data.sources)
+    tiny = load_config(TINY)
+    assert tiny.grad_accum == tiny.train.global_batch_size // (tiny.train.micro_batch_size * tiny.world_size)
+
+
+def test_overrides_keep_yaml_types():
+    cfg = load_config(TINY, ["train.max_steps=20", "zero.stage=3", "train.betas=[0.8, 0.9]",
+                             "run.output_dir=/tmp/x", "checkpoint.every=5"])
+    assert (cfg.train.max_steps, cfg.zero.stage, cfg.train.betas) == (20, 3, (0.8, 0.9))
+    assert (cfg.run_dir, cfg.checkpoint.every) == (Path("/tmp/x"), 5)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(TINY, ["train.max_steps=3"])
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+BAD = [
+    (["train.max_stepz=3"], "train.max_stepz: unknown key"),
+    (["zero.stage=4"], "zero.stage: input should be 0, 1, 2 or 3"),
+    (["train.max_steps=ten"], "train.max_steps: input should be a valid integer"),
+    (["train.max_steps=0"], "train.max_steps: input should be greater than or equal to 1"),
+    (["train.lr=-1"], "train.lr: input should be greater than 0"),
+    (["train.precision=fp8"], "train.precision: input should be 'bf16', 'fp16' or 'fp32'"),
+    (["train.global_batch_size=12"], "train.global_batch_size: 12 is not divisible by train.micro_batch_size (4) x world size (2)"),
+    (["launch.nproc_per_node=3"], "train.global_batch_size: 16 is not divisible by train.micro_batch_size (4) x world size (3)"),
+    (["train.precision=fp16"], "train.precision: fp16 needs a CUDA GPU"),
+    (["train.warmup_steps=100"], "train.warmup_steps: 100 exceeds train.max_steps (12)"),
+    (["zero.offload_param=cpu"], "zero.offload_param: parameter offload needs zero.stage 3"),
+    (["zero.stage=0", "zero.offload_optimizer=cpu"], "zero.offload_optimizer: optimizer offload needs zero.stage 1, 2 or 3"),
+    (["model.type=not_a_model"], "model.type: 'not_a_model' is not a transformers model type"),
+    (["model.config.hiden_size=3"], "model.config.hiden_size: not a field of LlamaConfig"),
+    (["model.config.vocab_size=100"], "model.config.vocab_size: set by the tokenizer"),
+    (["data.seq_len=4"], "data.seq_len: input should be greater than or equal to 8"),
+    (["data.sources=[]"], "data.sources: list should have at least 1 item"),
+    (["run.name=a b"], "run.name: string should match pattern"),
+    (["run=3"], "run: expected a section"),
+    (["train"], "--set 'train': expected KEY=VALUE"),
+    (["run.name.first=x"], "--set run.name.first: run.name is not a section"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[b[1].split(":")[0] for b in BAD])
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides, cuda_available=False)
+    assert str(err.value).lower().startswith(message.lower()), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_required_key(tmp_path):
+    raw = yaml.safe_load(TINY.read_text())
+    del raw["train"]["max_steps"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"^train\.max_steps: required key is missing$"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "broken.yaml").write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: line \d+ not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_cli_refuses_bad_config_before_starting_anything(tmp_path):
+    run_dir = tmp_path / "run"
+    result = zerotrain("train", TINY, "--set", f"run.output_dir={run_dir}", "--set", "zero.stage=7", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "zerotrain: error: zero.stage: input should be 0, 1, 2 or 3 (got 7)"]
+    assert not run_dir.exists()
+
+
+def test_cli_refuses_unprepared_data(tmp_path):
+    result = zerotrain("train", TINY, "--set", f"run.output_dir={tmp_path / 'run'}",
+                       "--set", f"data.prepared_dir={tmp_path / 'nothing'}", check=False)
+    assert result.returncode == 2
+    assert "data.prepared_dir" in result.stderr and "zerotrain prepare" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_missing_sources(tmp_path):
+    result = zerotrain("prepare", TINY, "--set", f"data.sources=[{tmp_path}/*.txt]",
+                       "--set", f"data.prepared_dir={tmp_path / 'p'}", check=False)
+    assert result.returncode == 2
+    assert "data.sources" in result.stderr and "matches no file" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["", "prepare", "train", "export", "generate", "status"])
+def test_help(command):
+    result = zerotrain(*([command] if command else []), "--help")
+    assert "usage: zerotrain" in result.stdout
+    if command == "train":
+        assert "--nproc" in result.stdout and "--resume" in result.stdout and "--set" in result.stdout

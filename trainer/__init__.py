@@ -1,0 +1,1 @@
+"""One training rank: config, model, DeepSpeed engine, loop, checkpoints, export."""

@@ -1,0 +1,197 @@
+"""The run configuration: one YAML file, typed and validated here and nowhere else.
+
+`load_config` reads the YAML, applies `--set a.b=value` overrides, validates types with pydantic
+and then the combinations pydantic cannot see (batch divisibility, precision vs. device). Every
+problem becomes a `ConfigError` whose message is one line naming the key path.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from data_pipeline.config import DataConfig, TokenizerConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key path (or file, or flag) and the problem."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    output_dir: Path
+    seed: int = 1234
+
+
+class ModelSection(Section):
+    type: str = "llama"  # a transformers model_type, built with AutoConfig.for_model
+    config: dict[str, Any] = {}  # fields of that transformers config; vocab_size comes from the tokenizer
+
+
+class TrainSection(Section):
+    micro_batch_size: int = Field(ge=1)  # sequences per rank per forward pass
+    global_batch_size: int = Field(ge=1)  # sequences per optimizer step, all ranks; fixes grad accumulation
+    max_steps: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)  # 0: validate at the end only
+    eval_batches: int = Field(16, ge=1)  # validation micro-batches, over all ranks
+
+
+class CheckpointSection(Section):
+    every: int = Field(0, ge=0)  # steps between checkpoints; 0: only at the end
+
+
+class ZeroSection(Section):
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_param: Literal["none", "cpu"] = "none"
+
+
+class LaunchSection(Section):
+    nproc_per_node: int = Field(1, ge=1)
+
+
+class Config(Section):
+    run: RunSection
+    model: ModelSection = ModelSection()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig
+    train: TrainSection
+    checkpoint: CheckpointSection = CheckpointSection()
+    zero: ZeroSection = ZeroSection()
+    launch: LaunchSection = LaunchSection()
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.nproc_per_node
+
+    @property
+    def grad_accum(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.world_size)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.output_dir
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path, overrides: list[str] = (), *, cuda_available: bool | None = None) -> Config:
+    """Read, override, validate. `cuda_available=None` skips the checks that depend on the device."""
+    raw = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    _absolutize_paths(raw)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+    _check_combinations(cfg, cuda_available)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (run, model, data, train, ...)")
+    return raw
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    """`a.b.c=value`: value is parsed as YAML, so numbers, booleans and lists keep their types."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=20")
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parents[: i + 1])} is not a section")
+    node[leaf] = yaml.safe_load(text) if text else ""
+
+
+def _absolutize_paths(raw: dict) -> None:
+    """Relative paths are relative to the directory the command runs in; ranks get absolute ones."""
+
+    def absolute(p: Any) -> Any:
+        return str(Path(p).expanduser().absolute()) if isinstance(p, str) else p
+
+    for section, key in (("run", "output_dir"), ("data", "prepared_dir"), ("tokenizer", "path")):
+        if isinstance(raw.get(section), dict) and raw[section].get(key) is not None:
+            raw[section][key] = absolute(raw[section][key])
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("sources"), list):
+        data["sources"] = [absolute(s) for s in data["sources"]]
+
+
+# pydantic's wording where a config user needs other words
+_MESSAGES = {"extra_forbidden": "unknown key", "model_type": "expected a section (a mapping of keys)",
+             "missing": "required key is missing"}
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"]) or "config"
+    message = _MESSAGES.get(first["type"], first["msg"][0].lower() + first["msg"][1:])
+    value = "" if first["type"] == "missing" else f" (got {first['input']!r})"
+    more = error.error_count() - 1
+    return f"{loc}: {message}{value}" + (f" [and {more} more problem(s)]" if more else "")
+
+
+def _check_combinations(cfg: Config, cuda_available: bool | None) -> None:
+    t, z = cfg.train, cfg.zero
+    per_step = t.micro_batch_size * cfg.world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size ({t.micro_batch_size}) x world size ({cfg.world_size})"
+        )
+    if t.warmup_steps > t.max_steps:
+        raise ConfigError(f"train.warmup_steps: {t.warmup_steps} exceeds train.max_steps ({t.max_steps})")
+    if z.offload_param != "none" and z.stage != 3:
+        raise ConfigError(f"zero.offload_param: parameter offload needs zero.stage 3 (got stage {z.stage})")
+    if z.offload_optimizer != "none" and z.stage == 0:
+        raise ConfigError("zero.offload_optimizer: optimizer offload needs zero.stage 1, 2 or 3 (got stage 0)")
+    if cuda_available is False and t.precision == "fp16":
+        raise ConfigError("train.precision: fp16 needs a CUDA GPU and none is visible; use bf16 or fp32")
+    if not math.isfinite(t.lr):
+        raise ConfigError(f"train.lr: must be a finite number (got {t.lr})")
+    _check_model_fields(cfg.model)
+
+
+def _check_model_fields(model: ModelSection) -> None:
+    from transformers import AutoConfig  # imported here: a second of start-up only where needed
+
+    try:
+        defaults = AutoConfig.for_model(model.type)
+    except ValueError:
+        raise ConfigError(f"model.type: {model.type!r} is not a transformers model type (e.g. llama, gpt2)") from None
+    for key in model.config:
+        if key == "vocab_size":
+            raise ConfigError("model.config.vocab_size: set by the tokenizer; set tokenizer.vocab_size instead")
+        if not hasattr(defaults, key):
+            raise ConfigError(f"model.config.{key}: not a field of {type(defaults).__name__}")

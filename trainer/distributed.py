@@ -1,0 +1,57 @@
+"""Process-group set-up and teardown for one rank, on CUDA + NCCL or CPU + gloo, chosen at run time."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+# A dead peer must end the job, not hang it: collectives give up after this long.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init() -> Rank:
+    """Join the process group described by the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR...)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device.type == "cuda" else "gloo",
+        auto_mpi_discovery=False,
+        timeout=COLLECTIVE_TIMEOUT,
+        verbose=False,
+    )
+    return Rank(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def all_mean(values: list[float], device: torch.device) -> list[float]:
+    """Average scalars over ranks in one collective."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def shutdown() -> None:
+    """Barrier before destroying the group: without it gloo ranks sometimes abort at exit (ZeRO-3 exit crash)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,63 @@
+"""Where numbers go: TensorBoard scalars, one JSON line per logged step, the console and a progress bar.
+
+Only rank 0 writes; the other ranks hold a `MetricsLogger` that does nothing, so the loop needs no
+rank checks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+log = logging.getLogger("zerotrain")
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, max_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        # A bar only for a person at a terminal; logs and CI get plain lines.
+        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+        record = {"step": step, "time": time.time(), **metrics}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        line = f"step {step:>6} " + " ".join(f"{k.split('/')[-1]} {_fmt(v)}" for k, v in metrics.items())
+        if self.bar.disable:
+            log.info(line)
+        else:
+            self.bar.set_postfix_str(line.split(" ", 2)[-1], refresh=False)
+            self.bar.write(line)
+
+    def advance(self, step: int) -> None:
+        if self.enabled:
+            self.bar.update(step - self.bar.n)
+
+    def text(self, tag: str, text: str) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, f"```\n{text}\n```")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+            self.jsonl.close()
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"

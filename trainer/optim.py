@@ -1,0 +1,28 @@
+"""Optimizer parameter groups and the learning-rate schedule (linear warmup, cosine decay)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms and biases (1-D tensors) are not weight-decayed, as in GPT-2/Llama recipes."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float):
+    """Multiplier of the peak lr after `step` optimizer steps: the first step already learns."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

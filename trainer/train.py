@@ -1,0 +1,207 @@
+"""The training loop of one rank: DeepSpeed engine, packed token batches, logging, validation, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+
+from data_pipeline import GlobalBatchSampler, Manifest, PackedDataset, eval_batches
+from trainer import checkpoint, distributed
+from trainer.config import Config
+from trainer.deepspeed_config import deepspeed_config
+from trainer.metrics import MetricsLogger
+from trainer.model import build_model, count_parameters
+from trainer.optim import param_groups, warmup_cosine
+
+log = logging.getLogger("zerotrain")
+
+
+def train(cfg: Config, resume: bool) -> None:
+    rank = distributed.init()
+    _setup_logging(cfg.run_dir, rank)
+    manifest = Manifest.load(cfg.data.prepared_dir)
+    engine = _build_engine(cfg, manifest.vocab_size)
+    state = (checkpoint.load(engine, cfg.run_dir) if resume else None) or checkpoint.TrainState(
+        data_fingerprint=manifest.fingerprint)
+    if state.step:
+        log.info(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)")
+
+    train_set = PackedDataset(manifest.store("train"), cfg.data.seq_len)
+    sampler = GlobalBatchSampler(len(train_set), cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                 rank.rank, rank.world_size, cfg.run.seed, state.consumed_samples)
+    batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                              pin_memory=rank.device.type == "cuda"))
+    validation = Validation(cfg, manifest, rank)
+    metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, state.step, enabled=rank.is_main)
+    metrics.text("config", cfg.to_yaml())
+    _run(cfg, engine, batches, validation, metrics, state, rank)
+    metrics.close()
+    distributed.shutdown()
+
+
+def _build_engine(cfg: Config, vocab_size: int):
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, vocab_size)
+    n_params = count_parameters(model)
+    log.info(f"model: {cfg.model.type}, {n_params / 1e6:.2f}M parameters, ZeRO stage {cfg.zero.stage}, "
+             f"{cfg.train.precision}, grad accumulation {cfg.grad_accum}")
+    factor = warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.train.weight_decay),
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
+        config=deepspeed_config(cfg, n_params),
+    )
+    return engine
+
+
+def _run(cfg, engine, batches, validation, metrics, state, rank) -> None:
+    t = cfg.train
+    tokens_per_step = t.global_batch_size * cfg.data.seq_len
+    window = Window(engine.device)
+    first_loss = last_loss = val_loss = None
+    for step in range(state.step + 1, t.max_steps + 1):
+        lr = engine.get_lr()[0]
+        window.add(_train_step(engine, batches, cfg.grad_accum))
+        state = state.advanced(t.global_batch_size, tokens_per_step)
+        metrics.advance(step)
+        if step == 1 or step % t.log_every == 0 or step == t.max_steps:
+            loss, steps, seconds = window.flush()
+            first_loss = first_loss if first_loss is not None else loss
+            last_loss = loss
+            metrics.log(step, {
+                "train/loss": loss, "train/lr": lr, "train/grad_norm": _grad_norm(engine),
+                "perf/tokens_per_s": steps * tokens_per_step / seconds, "perf/step_s": seconds / steps,
+                "train/tokens_seen": state.tokens_seen,
+            })
+        if step == t.max_steps or (t.eval_every and step % t.eval_every == 0):
+            val_loss = validation.run(engine)
+            metrics.log(step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
+            window.exclude_since_last()
+        if step == t.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            checkpoint.save(engine, cfg.run_dir, state)
+            window.exclude_since_last()
+    if rank.is_main and first_loss is not None:
+        _write_summary(cfg, state, first_loss, last_loss, val_loss, window)
+
+
+def _train_step(engine, batches, grad_accum: int) -> torch.Tensor:
+    """One optimizer step over `grad_accum` micro-batches; returns this rank's mean loss (no host sync)."""
+    total = torch.zeros((), device=engine.device)
+    for _ in range(grad_accum):
+        batch = next(batches).to(engine.device, non_blocking=True)
+        loss = lm_loss(engine, batch)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed only updates at the accumulation boundary
+        total += loss.detach().float()
+    return total / grad_accum
+
+
+def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on packed samples of seq_len + 1 tokens."""
+    inputs, labels = batch[:, :-1], batch[:, 1:]
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+class Window:
+    """Loss and wall time since the last log line; time spent validating or saving is left out."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.train_seconds = 0.0  # over the whole run, the first window (start-up) excluded
+        self.train_steps = 0
+        self.flushes = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    def flush(self) -> tuple[float, int, float]:
+        loss = distributed.all_mean([self.loss_sum.item() / self.steps], self.device)[0]
+        seconds, steps = time.perf_counter() - self.start, self.steps
+        if self.flushes:
+            self.train_seconds += seconds
+            self.train_steps += steps
+        self.flushes += 1
+        self.loss_sum.zero_()
+        self.steps = 0
+        self.start = time.perf_counter()
+        return loss, steps, seconds
+
+    def exclude_since_last(self) -> None:
+        self.start = time.perf_counter()
+
+
+class Validation:
+    """Mean next-token loss over the first `train.eval_batches` validation micro-batches, on all ranks."""
+
+    def __init__(self, cfg: Config, manifest: Manifest, rank: distributed.Rank):
+        self.dataset = PackedDataset(manifest.store("validation"), cfg.data.seq_len)
+        available = len(self.dataset) // cfg.train.micro_batch_size
+        # Equal batch counts on every rank: a ZeRO-3 forward is a collective.
+        count = min(cfg.train.eval_batches, available) // rank.world_size * rank.world_size
+        if count == 0:
+            raise ValueError(f"train.eval_batches: the validation split has {available} micro-batches of "
+                             f"{cfg.train.micro_batch_size}, fewer than the {rank.world_size} ranks")
+        self.batches = eval_batches(len(self.dataset), cfg.train.micro_batch_size, rank.rank,
+                                    rank.world_size, count)
+        self.device = rank.device
+
+    @torch.no_grad()
+    def run(self, engine) -> float:
+        engine.eval()
+        losses = [lm_loss(engine, torch.stack([self.dataset[i] for i in idx]).to(self.device)).item()
+                  for idx in self.batches]
+        engine.train()
+        return distributed.all_mean([sum(losses) / len(losses)], self.device)[0]
+
+
+def _write_summary(cfg: Config, state, first_loss, last_loss, val_loss, window: Window) -> None:
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    summary = {
+        "step": state.step,
+        "tokens_seen": state.tokens_seen,
+        "first_loss": first_loss,
+        "final_loss": last_loss,
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 50)) if val_loss is not None else None,
+        "tokens_per_s": window.train_steps * tokens_per_step / window.train_seconds if window.train_seconds else None,
+        "checkpoint": str(checkpoint.checkpoints_dir(cfg.run_dir) / checkpoint.latest_tag(cfg.run_dir)),
+        "tensorboard": str(cfg.run_dir / "tensorboard"),
+    }
+    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _setup_logging(run_dir: Path, rank: distributed.Rank) -> None:
+    """Every rank logs to logs/rank{N}.log; only rank 0 (and other ranks' warnings) reach the console."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank.rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    file = logging.FileHandler(run_dir / "logs" / f"rank{rank.rank}.log")
+    file.setFormatter(fmt)
+    console = logging.StreamHandler()
+    console.setFormatter(fmt)
+    console.setLevel(logging.INFO if rank.is_main else logging.WARNING)
+    for name in ("zerotrain", "DeepSpeed"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [file, console]
+        logger.propagate = False
+    logging.getLogger("zerotrain").setLevel(logging.INFO)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
