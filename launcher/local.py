@@ -12,6 +12,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import torch
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -20,6 +21,8 @@ def launch_local(config_file: Path, nproc: int, resume: str, logs_dir: Path) -> 
     """Raises torch's ChildFailedError when a rank fails."""
     # On CPU each rank's BLAS threads share the cores: oversubscription slows every rank down.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # Tell DeepSpeed the device this machine has, rather than letting every rank probe and warn.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     launch = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

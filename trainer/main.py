@@ -9,11 +9,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from trainer.config import load_config
 from trainer.train import train
+
+
+# DeepSpeed still calls this deprecated torch API on every step; the warning says nothing to a user.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 @record  # a failing rank's traceback reaches the launcher, which shows it

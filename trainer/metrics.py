@@ -24,7 +24,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.jsonl = _open_from(run_dir / "metrics.jsonl", start_step)
         # A bar only for a person at a terminal; logs and CI get plain lines.
         self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not sys.stderr.isatty())
@@ -37,7 +37,7 @@ class MetricsLogger:
         record = {"step": step, "time": time.time(), **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        line = f"step {step:>6} " + " ".join(f"{k.split('/')[-1]} {_fmt(v)}" for k, v in metrics.items())
+        line = f"step {step:>6} " + " ".join(f"{_short(k)} {_fmt(v)}" for k, v in metrics.items())
         if self.bar.disable:
             log.info(line)
         else:
@@ -59,5 +59,18 @@ class MetricsLogger:
             self.jsonl.close()
 
 
+def _short(name: str) -> str:
+    return name.removeprefix("train/").removeprefix("perf/")
+
+
 def _fmt(value: float) -> str:
     return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+
+
+def _open_from(path: Path, start_step: int):
+    """Append to metrics.jsonl, first dropping records past `start_step` (left by an interrupted run):
+    a resumed run logs those steps again, as TensorBoard's purge_step does for the event files."""
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step] \
+        if path.exists() else []
+    path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a")

@@ -1,0 +1,28 @@
+"""Fixed-length training samples cut from one split's token stream (concat-and-chunk, documents packed)."""
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data_pipeline.errors import DataError
+from data_pipeline.shards import TokenStore
+
+
+class PackedDataset(Dataset):
+    """Sample i is tokens [i*seq_len, (i+1)*seq_len + 1): inputs are its first seq_len tokens and labels its
+    last seq_len, so consecutive samples share one token and every token is predicted exactly once."""
+
+    def __init__(self, store: TokenStore, seq_len: int):
+        if len(store) < seq_len + 1:
+            raise DataError(
+                f"data.seq_len: the {store.name} split has {len(store)} tokens, fewer than seq_len + 1 = {seq_len + 1}"
+            )
+        self.store, self.seq_len = store, seq_len
+
+    def __len__(self) -> int:
+        return (len(self.store) - 1) // self.seq_len
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} outside [0, {len(self)})")
+        start = i * self.seq_len
+        return torch.from_numpy(self.store.read(start, start + self.seq_len + 1).astype(np.int64))

@@ -1,0 +1,110 @@
+"""Token shards on disk: a writer that cuts a token stream into fixed-size files, and a lazy memory-mapped reader.
+
+A shard `{prefix}_{i:05d}.bin` is a raw little-endian token array; `{prefix}_{i:05d}.docs.npy` holds the
+offsets, within that shard, of the documents that start in it. Documents run across shard boundaries.
+"""
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.errors import DataError
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2" if vocab_size <= 65535 else "<u4")
+
+
+class ShardWriter:
+    def __init__(self, out_dir: Path, prefix: str, dtype, shard_tokens: int):
+        self.out_dir, self.prefix = Path(out_dir), prefix
+        self.buf = np.empty(shard_tokens, np.dtype(dtype).newbyteorder("<"))
+        self.fill = 0
+        self.doc_starts: list[int] = []
+        self.records: list[dict] = []
+
+    def add(self, token_ids) -> None:
+        """Append one document, eos included."""
+        ids = np.asarray(token_ids, dtype=self.buf.dtype)
+        self.doc_starts.append(self.fill)
+        while len(ids):
+            n = min(len(ids), len(self.buf) - self.fill)
+            self.buf[self.fill : self.fill + n] = ids[:n]
+            self.fill, ids = self.fill + n, ids[n:]
+            if self.fill == len(self.buf):
+                self._flush()
+
+    def close(self) -> list[dict]:
+        if self.fill:
+            self._flush()
+        return self.records
+
+    def _flush(self) -> None:
+        tokens = self.buf[: self.fill]
+        name = f"{self.prefix}_{len(self.records):05d}"
+        write_atomic(self.out_dir / f"{name}.bin", tokens.tofile)
+        write_atomic(self.out_dir / f"{name}.docs.npy", lambda f: np.save(f, np.array(self.doc_starts, np.uint64)))
+        self.records.append({
+            "file": f"{name}.bin",
+            "num_tokens": self.fill,
+            "num_docs": len(self.doc_starts),
+            "sha256": hashlib.sha256(tokens).hexdigest(),
+            "bytes": tokens.nbytes,
+        })
+        self.fill, self.doc_starts = 0, []
+
+
+def write_atomic(path: Path, write) -> None:
+    """A reader sees the whole file or none: an interrupted prepare leaves only a .tmp behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+class TokenStore:
+    """All shards of one split as one token array. Shards are mapped on first use: a DataLoader worker
+    touches few of them, and pickling (to send the store to workers) carries no open maps."""
+
+    def __init__(self, prepared_dir: Path, shard_records: list[dict], dtype, name: str = "tokens"):
+        self.dir, self.records, self.name = Path(prepared_dir), list(shard_records), name
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.offsets = np.cumsum([0] + [r["num_tokens"] for r in self.records])  # offsets[i]: first token of shard i
+        self._maps: dict[int, np.memmap] = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"{self.name}: tokens [{start}, {stop}) outside [0, {len(self)})")
+        out = np.empty(stop - start, self.dtype)
+        shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        pos = start
+        while pos < stop:
+            end = min(stop, int(self.offsets[shard + 1]))
+            lo = pos - int(self.offsets[shard])
+            out[pos - start : end - start] = self._shard(shard)[lo : lo + end - pos]
+            pos, shard = end, shard + 1
+        return out
+
+    def verify(self) -> None:
+        for i, record in enumerate(self.records):
+            if hashlib.sha256(self._shard(i)).hexdigest() != record["sha256"]:
+                raise DataError(f"{self.dir / record['file']}: checksum mismatch, the shard is corrupt")
+
+    def _shard(self, i: int) -> np.memmap:
+        if i not in self._maps:
+            record = self.records[i]
+            path = self.dir / record["file"]
+            expected = record["num_tokens"] * self.dtype.itemsize
+            if not path.exists():
+                raise DataError(f"{path}: shard missing")
+            if path.stat().st_size != expected:
+                raise DataError(f"{path}: truncated or wrong size ({path.stat().st_size} bytes, expected {expected})")
+            self._maps[i] = np.memmap(path, self.dtype, mode="r", shape=(record["num_tokens"],))
+        return self._maps[i]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": {}}

