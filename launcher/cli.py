@@ -51,7 +51,11 @@ def _train(args) -> int:
         launch_local(config_file, cfg.world_size, args.resume, cfg.run_dir / "logs")
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        print(f"zerotrain: rank {rank} failed (exit code {failure.exitcode}): {failure.message}\n"
+        # The error file holds {"message": "Type: text", "extraInfo": {traceback...}}; the rank has already
+        # printed the traceback, so one line names the cause here.
+        message = failure.message.get("message", failure.message) if isinstance(failure.message, dict) \
+            else failure.message
+        print(f"zerotrain: rank {rank} failed (exit code {failure.exitcode}): {message}\n"
               f"zerotrain: its log: {cfg.run_dir / 'logs' / f'rank{rank}.log'}", file=sys.stderr)
         return 1
     print(f"zerotrain: run {cfg.run.name} finished; `zerotrain status {cfg.run_dir}` summarises it")

@@ -161,18 +161,21 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 180) -> Non
 
 
 def _rank_pids(run_dir: Path) -> dict[int, int]:
-    """rank -> pid of the live training processes of this run, found through /proc."""
-    found = {}
+    """rank -> pid of the live rank processes of this run (not their DataLoader workers), found in /proc."""
+    matches = {}
     for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
             if b"trainer.main" not in cmdline or str(run_dir / "config.yaml").encode() not in cmdline:
                 continue
             env = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
-            found[int(env[b"RANK"])] = int(proc.name)
-        except (FileNotFoundError, ProcessLookupError, ValueError, KeyError):
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            matches[int(proc.name)] = (int(env[b"RANK"]), parent)
+        except (OSError, ValueError, KeyError, IndexError):  # a process that ended meanwhile
             continue
-    return found
+    return {rank: pid for pid, (rank, parent) in matches.items() if parent not in matches}
 
 
 def _rank_pid(run_dir: Path, rank: int) -> int:
