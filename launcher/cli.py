@@ -38,10 +38,12 @@ def _train(args) -> int:
 
     from data_pipeline import Manifest
     from launcher.local import launch_local
+    from trainer.train import validation_batch_count
 
     overrides = args.set + ([f"launch.nproc_per_node={args.nproc}"] if args.nproc else [])
     cfg = load_config(args.config, overrides, cuda_available=torch.cuda.is_available())
     manifest = Manifest.load(cfg.data.prepared_dir)
+    validation_batch_count(cfg, manifest)
     _check_resume(cfg, manifest.fingerprint, args.resume)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     config_file = cfg.run_dir / "config.yaml"

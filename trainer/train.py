@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from data_pipeline import GlobalBatchSampler, Manifest, PackedDataset, eval_batches
 from trainer import checkpoint, distributed
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.deepspeed_config import deepspeed_config
 from trainer.metrics import MetricsLogger
 from trainer.model import build_model, count_parameters
@@ -150,17 +150,24 @@ class Window:
         self.start = time.perf_counter()
 
 
+def validation_batch_count(cfg: Config, manifest: Manifest) -> int:
+    """Validation micro-batches over all ranks: a multiple of the world size, since a ZeRO-3 forward is a
+    collective and every rank must run as many. The launcher calls this before starting any rank."""
+    available = (manifest.num_tokens("validation") - 1) // cfg.data.seq_len // cfg.train.micro_batch_size
+    count = min(cfg.train.eval_batches, available) // cfg.world_size * cfg.world_size
+    if count == 0:
+        raise ConfigError(f"train.eval_batches: the validation split holds {available} micro-batch(es) of "
+                          f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens, fewer than the "
+                          f"{cfg.world_size} ranks; raise data.validation_fraction")
+    return count
+
+
 class Validation:
     """Mean next-token loss over the first `train.eval_batches` validation micro-batches, on all ranks."""
 
     def __init__(self, cfg: Config, manifest: Manifest, rank: distributed.Rank):
         self.dataset = PackedDataset(manifest.store("validation"), cfg.data.seq_len)
-        available = len(self.dataset) // cfg.train.micro_batch_size
-        # Equal batch counts on every rank: a ZeRO-3 forward is a collective.
-        count = min(cfg.train.eval_batches, available) // rank.world_size * rank.world_size
-        if count == 0:
-            raise ValueError(f"train.eval_batches: the validation split has {available} micro-batches of "
-                             f"{cfg.train.micro_batch_size}, fewer than the {rank.world_size} ranks")
+        count = validation_batch_count(cfg, manifest)
         self.batches = eval_batches(len(self.dataset), cfg.train.micro_batch_size, rank.rank,
                                     rank.world_size, count)
         self.device = rank.device
