@@ -7,7 +7,6 @@ SHAKESPEARE := data/shakespeare
 DEMO_RUN := runs/demo
 # Pure-Python DeepSpeed: its C++ ops are JIT-compiled on first use (cached in ~/.cache/torch_extensions).
 export DS_BUILD_OPS := 0
-export DS_ACCELERATOR ?= $(shell nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
 .PHONY: setup data demo test test-fast lock clean
 
@@ -37,7 +36,9 @@ demo: setup data
 	$(ZT) train configs/demo.yaml
 	$(ZT) export $(DEMO_RUN) $(DEMO_RUN)/export
 	$(ZT) generate $(DEMO_RUN)/export --prompt "ROMEO." --prompt "To be, or not to be" --max-new-tokens 60
-	$(ZT) status $(DEMO_RUN)
+	@echo; echo "=== demo summary ==="
+	@$(ZT) status $(DEMO_RUN)
+	@echo "  export: $(DEMO_RUN)/export (AutoModelForCausalLM.from_pretrained loads it)"
 
 test: setup data
 	$(PY) -m pytest

@@ -1,0 +1,31 @@
+"""The layers import downwards only: launcher -> trainer -> data_pipeline."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+
+from conftest import REPO
+
+FORBIDDEN = {"data_pipeline": {"trainer", "launcher"}, "trainer": {"launcher"}}
+
+
+def imported_packages(path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_no_upward_imports(package):
+    files = sorted((REPO / package).rglob("*.py"))
+    assert files
+    for path in files:
+        wrong = imported_packages(path) & FORBIDDEN[package]
+        assert not wrong, f"{path.relative_to(REPO)} imports {sorted(wrong)}"
