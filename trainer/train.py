@@ -68,7 +68,7 @@ def _run(cfg, engine, batches, validation, metrics, state, rank) -> None:
     t = cfg.train
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     window = Window(engine.device)
-    first_loss = last_loss = val_loss = None
+    logged_loss = val_loss = None
     for step in range(state.step + 1, t.max_steps + 1):
         lr = engine.get_lr()[0]
         window.add(_train_step(engine, batches, cfg.grad_accum))
@@ -76,8 +76,7 @@ def _run(cfg, engine, batches, validation, metrics, state, rank) -> None:
         metrics.advance(step)
         if step == 1 or step % t.log_every == 0 or step == t.max_steps:
             loss, steps, seconds = window.flush()
-            first_loss = first_loss if first_loss is not None else loss
-            last_loss = loss
+            logged_loss = loss
             metrics.log(step, {
                 "train/loss": loss, "train/lr": lr, "train/grad_norm": _grad_norm(engine),
                 "perf/tokens_per_s": steps * tokens_per_step / seconds, "perf/step_s": seconds / steps,
@@ -90,8 +89,8 @@ def _run(cfg, engine, batches, validation, metrics, state, rank) -> None:
         if step == t.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             checkpoint.save(engine, cfg.run_dir, state)
             window.exclude_since_last()
-    if rank.is_main and first_loss is not None:
-        _write_summary(cfg, state, first_loss, last_loss, val_loss, window)
+    if rank.is_main and logged_loss is not None:
+        _write_summary(cfg, state, logged_loss, val_loss, window)
 
 
 def _train_step(engine, batches, grad_accum: int) -> torch.Tensor:
@@ -181,13 +180,13 @@ class Validation:
         return distributed.all_mean([sum(losses) / len(losses)], self.device)[0]
 
 
-def _write_summary(cfg: Config, state, first_loss, last_loss, val_loss, window: Window) -> None:
+def _write_summary(cfg: Config, state, final_loss: float, val_loss: float, window: Window) -> None:
+    """summary.json: where the run ended. Throughput covers this launch, start-up excluded."""
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     summary = {
         "step": state.step,
         "tokens_seen": state.tokens_seen,
-        "first_loss": first_loss,
-        "final_loss": last_loss,
+        "final_loss": final_loss,
         "val_loss": val_loss,
         "val_ppl": math.exp(min(val_loss, 50)) if val_loss is not None else None,
         "tokens_per_s": window.train_steps * tokens_per_step / window.train_seconds if window.train_seconds else None,
