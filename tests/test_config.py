@@ -121,5 +121,5 @@ def test_cli_refuses_a_validation_split_too_small_for_the_ranks(tiny_data, tmp_p
     result = zerotrain("train", TINY, "--set", f"run.output_dir={tmp_path / 'run'}",
                        "--set", f"data.prepared_dir={tiny_data}", "--set", "data.seq_len=50000", check=False)
     assert result.returncode == 2
-    assert result.stderr.startswith("zerotrain: error: train.eval_batches: the validation split holds 0 micro-batch")
+    assert result.stderr.startswith("zerotrain: error: train.eval_batches: the validation split holds fewer micro-batches")
     assert not (tmp_path / "run").exists()

@@ -1,4 +1,4 @@
-"""data_pipeline on real text: six Shakespeare plays, a 512-token BPE and 50k-token shards (several per split)."""
+"""data_pipeline on real text: six Shakespeare plays, a 512-token BPE and 50k-token shards (several chunks)."""
 import itertools
 import json
 import os
@@ -16,6 +16,7 @@ from data_pipeline import (
     DataConfig,
     DataError,
     GlobalBatchSampler,
+    GlobalOrder,
     Manifest,
     PackedDataset,
     TokenizerConfig,
@@ -62,22 +63,27 @@ def documents(manifest: Manifest, split: str) -> list[np.ndarray]:
     return np.split(tokens, ends[:-1])
 
 
+def shard_records(manifest: Manifest, split: str) -> list[dict]:
+    return manifest.data["sources"][0]["splits"][split]["shards"]
+
+
 def test_prepare_writes_manifest_and_shards(prepared):
     manifest, logs = prepared
     on_disk = json.loads((manifest.dir / "manifest.json").read_text())
     assert on_disk == manifest.data
     assert (manifest.vocab_size, manifest.eos_id, on_disk["dtype"]) == (VOCAB, 0, "uint16")
-    assert len(manifest.data["files"]) == 6
+    assert manifest.sources == ["shakespeare"] and len(on_disk["inputs"]["sources"][0]["units"]) == 6
+    assert len(list((manifest.dir / "shakespeare").glob("c*.json"))) >= 3  # chunks: units of parallel work
+    splits = on_disk["sources"][0]["splits"]
     for split in ("train", "validation"):
-        info = on_disk["splits"][split]
-        sizes = [s["num_tokens"] for s in info["shards"]]
-        assert sum(sizes) == info["num_tokens"] == len(manifest.store(split))
-        assert sizes[:-1] == [SHARD_TOKENS] * (len(sizes) - 1) and 0 < sizes[-1] <= SHARD_TOKENS
-        for s in info["shards"]:
+        sizes = [s["num_tokens"] for s in splits[split]["shards"]]
+        assert sum(sizes) == splits[split]["num_tokens"] == len(manifest.store(split))
+        assert max(sizes) <= SHARD_TOKENS
+        for s in splits[split]["shards"]:
             assert (manifest.dir / s["file"]).stat().st_size == s["num_tokens"] * 2 == s["bytes"]
-    assert len(on_disk["splits"]["train"]["shards"]) >= 3
-    assert on_disk["splits"]["train"]["num_docs"] + on_disk["splits"]["validation"]["num_docs"] == 6
-    assert any(line.startswith("validation: 2 docs") for line in logs), logs
+    assert len(splits["train"]["shards"]) >= 3
+    assert splits["train"]["num_docs"] + splits["validation"]["num_docs"] == 6
+    assert any(line.startswith("shakespeare validation: 1 docs") for line in logs), logs
 
 
 def test_documents_decode_to_the_plays(prepared):
@@ -100,14 +106,14 @@ def test_given_tokenizer_gives_the_same_shards(prepared, tmp_path):
     manifest, _ = prepared
     again = prepare(data_config(tmp_path), TokenizerConfig(path=manifest.tokenizer_dir), log=lambda _: None)
     assert again.data["tokenizer"] == manifest.data["tokenizer"]
-    assert again.data["splits"] == manifest.data["splits"]
+    assert again.data["sources"] == manifest.data["sources"]
     with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'none'}: no such tokenizer folder")):
         prepare(data_config(tmp_path / "other"), TokenizerConfig(path=tmp_path / "none"))
 
 
 def test_rerun_reuses_prepared_data(prepared):
     manifest, _ = prepared
-    shards = sorted(manifest.dir.glob("*.bin"))
+    shards = sorted(manifest.dir.rglob("*.bin"))
     mtimes = [p.stat().st_mtime_ns for p in shards]
     logs = []
     again = prepare(data_config(manifest.dir), TokenizerConfig(vocab_size=VOCAB), logs.append)
@@ -121,23 +127,25 @@ def test_changed_inputs_are_refused(prepared):
     before = (manifest.dir / "manifest.json").read_bytes()
     with pytest.raises(DataError, match=r"holds data prepared from other inputs \(changed: tokenizer_config\)"):
         prepare(data_config(manifest.dir), TokenizerConfig(vocab_size=1024))
-    with pytest.raises(DataError, match=r"changed: files"):
+    with pytest.raises(DataError, match=r"changed: sources"):
         more_plays = [str(CORPUS / PLAYS), str(CORPUS / "hamlet_gut.txt")]
         prepare(data_config(manifest.dir, sources=more_plays), TokenizerConfig(vocab_size=VOCAB))
     assert (manifest.dir / "manifest.json").read_bytes() == before
 
 
 def test_truncated_shard_is_detected(prepared, prepared_copy):
-    shard = prepared_copy / "train_00001.bin"
+    manifest = Manifest.load(prepared_copy)
+    shard = prepared_copy / shard_records(manifest, "train")[1]["file"]
     os.truncate(shard, shard.stat().st_size - 2)
+    start = int(manifest.store("train").offsets[1])
     with pytest.raises(DataError, match=rf"{re.escape(str(shard))}: truncated or wrong size"):
-        Manifest.load(prepared_copy).store("train").read(SHARD_TOKENS, SHARD_TOKENS + 10)
+        manifest.store("train").read(start, start + 10)
     with pytest.raises(DataError, match=rf"{re.escape(str(shard))}: truncated"):
         prepare(data_config(prepared_copy), TokenizerConfig(vocab_size=VOCAB))
 
 
 def test_flipped_byte_is_detected(prepared_copy):
-    shard = prepared_copy / "train_00002.bin"
+    shard = prepared_copy / shard_records(Manifest.load(prepared_copy), "train")[2]["file"]
     with open(shard, "r+b") as f:
         f.seek(1234)
         byte = f.read(1)
@@ -154,7 +162,7 @@ def test_doc_offsets_follow_eos(prepared):
         store = manifest.store(split)
         tokens = store.read(0, len(store))
         starts = []
-        for shard_start, record in zip(store.offsets, manifest.data["splits"][split]["shards"]):
+        for shard_start, record in zip(store.offsets, shard_records(manifest, split)):
             offsets = np.load(manifest.dir / record["file"].replace(".bin", ".docs.npy"))
             assert offsets.dtype == np.uint64 and len(offsets) == record["num_docs"]
             starts += (shard_start + offsets.astype(np.int64)).tolist()
@@ -171,14 +179,14 @@ def test_packed_dataset_samples_overlap_by_one(prepared):
     assert a.shape == (seq_len + 1,) and str(a.dtype) == "torch.int64"
     assert a[-1] == b[0]
     # Sample crossing from shard 0 into shard 1 matches the raw files.
-    i = SHARD_TOKENS // seq_len
-    raw = np.concatenate([np.fromfile(manifest.dir / f"train_0000{k}.bin", "<u2") for k in (0, 1)])
+    i = int(store.offsets[1]) // seq_len
+    raw = np.concatenate([np.fromfile(manifest.dir / r["file"], "<u2") for r in shard_records(manifest, "train")[:2]])
     assert ds[i].tolist() == raw[i * seq_len : (i + 1) * seq_len + 1].tolist()
     assert ds[len(ds) - 1].shape == (seq_len + 1,)
     with pytest.raises(IndexError):
         ds[len(ds)]
     val = manifest.store("validation")
-    with pytest.raises(DataError, match=r"data.seq_len: the validation split has \d+ tokens"):
+    with pytest.raises(DataError, match=r"data.seq_len: the shakespeare validation split has \d+ tokens"):
         PackedDataset(val, len(val))
 
 
@@ -193,16 +201,18 @@ def test_token_store_pickles_without_its_maps(prepared):
 def test_dataloader_workers_read_the_sampled_samples(prepared):
     # spawn, not fork: the worker gets the dataset by pickle, as on platforms without fork.
     ds = PackedDataset(prepared[0].store("train"), 64)
-    sampler = GlobalBatchSampler(len(ds), 8, 4, rank=1, world_size=2, seed=0)
+    sampler = GlobalBatchSampler(GlobalOrder([len(ds)], [1.0], seed=0), 8, 4, rank=1, world_size=2)
     loader = DataLoader(ds, batch_sampler=sampler, num_workers=1, multiprocessing_context="spawn")
     for indices, batch in zip(sampler, itertools.islice(loader, 3)):
         assert torch.equal(batch, torch.stack([ds[i] for i in indices]))
 
 
-def steps_at(world_size, num_steps, *, num_samples=50, global_batch=12, micro_batch=2, seed=7, consumed=0):
+def steps_at(world_size, num_steps, *, sizes=(50,), weights=(1.0,), global_batch=12, micro_batch=2, seed=7,
+             consumed=0):
     """Per optimizer step, the sorted union of the samples every rank draws."""
     per_rank = global_batch // world_size // micro_batch
-    ranks = [iter(GlobalBatchSampler(num_samples, global_batch, micro_batch, r, world_size, seed, consumed))
+    order = GlobalOrder(list(sizes), list(weights), seed)
+    ranks = [iter(GlobalBatchSampler(order, global_batch, micro_batch, r, world_size, consumed))
              for r in range(world_size)]
     return [sorted(i for it in ranks for _ in range(per_rank) for i in next(it)) for _ in range(num_steps)]
 
@@ -213,12 +223,13 @@ def test_sampler_is_world_size_independent():
 
 
 def test_sampler_covers_each_epoch_once():
-    sampler = iter(GlobalBatchSampler(50, 12, 2, 0, 1, seed=7))
+    sampler = iter(GlobalBatchSampler(GlobalOrder([50], [1.0], seed=7), 12, 2, 0, 1))
     flat = [i for _ in range(60) for i in next(sampler)]  # 120 positions: epochs 0, 1 and part of 2
     epoch0, epoch1 = flat[:50], flat[50:100]
     assert sorted(epoch0) == sorted(epoch1) == list(range(50))
     assert epoch0 != epoch1  # a fresh permutation per epoch
-    assert flat != [i for _ in range(60) for i in next(iter(GlobalBatchSampler(50, 12, 2, 0, 1, seed=8)))]
+    other_seed = iter(GlobalBatchSampler(GlobalOrder([50], [1.0], seed=8), 12, 2, 0, 1))
+    assert flat != [i for _ in range(60) for i in next(other_seed)]
 
 
 def test_sampler_resumes_exactly_at_another_world_size():
@@ -227,10 +238,13 @@ def test_sampler_resumes_exactly_at_another_world_size():
 
 
 def test_sampler_rejects_bad_arguments():
+    order = GlobalOrder([50], [1.0], seed=0)
     with pytest.raises(ValueError, match="global_batch_size: 10"):
-        GlobalBatchSampler(50, 10, 2, 0, 3, seed=0)
+        GlobalBatchSampler(order, 10, 2, 0, 3)
     with pytest.raises(ValueError, match="consumed_samples: 6"):
-        GlobalBatchSampler(50, 12, 2, 0, 2, seed=0, consumed_samples=6)
+        GlobalBatchSampler(order, 12, 2, 0, 2, consumed_samples=6)
+    with pytest.raises(ValueError, match="weights"):
+        GlobalOrder([50, 10], [1.0], seed=0)
 
 
 def test_eval_batches_same_set_at_any_world_size():
@@ -246,7 +260,8 @@ def test_eval_batches_same_set_at_any_world_size():
 def test_glob_matching_nothing_is_named(corpus, tmp_path):
     missing = str(CORPUS / "no_such_play*.txt")
     with pytest.raises(DataError, match=re.escape(f"data.sources: '{missing}' matches no file")):
-        prepare(data_config(tmp_path, sources=[str(CORPUS / PLAYS), missing]), TokenizerConfig(vocab_size=VOCAB))
+        prepare(data_config(tmp_path, sources=[str(CORPUS / PLAYS), {"path": missing, "name": "other"}]),
+                TokenizerConfig(vocab_size=VOCAB))
 
 
 def test_unsupported_file_type_is_named(corpus, tmp_path):

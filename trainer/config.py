@@ -145,7 +145,8 @@ def _absolutize_paths(raw: dict) -> None:
             raw[section][key] = absolute(raw[section][key])
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("sources"), list):
-        data["sources"] = [absolute(s) for s in data["sources"]]
+        data["sources"] = [{**s, "path": absolute(s.get("path"))} if isinstance(s, dict) else absolute(s)
+                           for s in data["sources"]]
 
 
 # pydantic's wording where a config user needs other words

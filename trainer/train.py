@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
-from data_pipeline import GlobalBatchSampler, Manifest, PackedDataset, eval_batches
+from data_pipeline import GlobalBatchSampler, GlobalOrder, Manifest, PackedDataset, eval_batches, packed_sources
 from trainer import checkpoint, distributed
 from trainer.config import Config, ConfigError
 from trainer.deepspeed_config import deepspeed_config
@@ -35,15 +35,17 @@ def train(cfg: Config, resume: bool) -> None:
     if state.step:
         log.info(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)")
 
-    train_set = PackedDataset(manifest.store("train"), cfg.data.seq_len)
-    sampler = GlobalBatchSampler(len(train_set), cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                                 rank.rank, rank.world_size, cfg.run.seed, state.consumed_samples)
+    train_set = packed_sources(manifest, "train", cfg.data.seq_len)
+    order = GlobalOrder([len(d) for d in train_set.datasets], manifest.weights, cfg.run.seed)
+    sampler = GlobalBatchSampler(order, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                 rank.rank, rank.world_size, state.consumed_samples)
     batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                               pin_memory=rank.device.type == "cuda"))
     validation = Validation(cfg, manifest, rank)
     metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, state.step, enabled=rank.is_main)
     metrics.text("config", cfg.to_yaml())
-    _run(cfg, engine, batches, validation, metrics, state, rank)
+    mixture = Mixture(manifest.sources, order) if len(manifest.sources) > 1 else None
+    _run(cfg, engine, batches, validation, mixture, metrics, state, rank)
     metrics.close()
     distributed.shutdown()
 
@@ -64,7 +66,7 @@ def _build_engine(cfg: Config, vocab_size: int):
     return engine
 
 
-def _run(cfg, engine, batches, validation, metrics, state, rank) -> None:
+def _run(cfg, engine, batches, validation, mixture, metrics, state, rank) -> None:
     t = cfg.train
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     window = Window(engine.device)
@@ -80,11 +82,11 @@ def _run(cfg, engine, batches, validation, metrics, state, rank) -> None:
             metrics.log(step, {
                 "train/loss": loss, "train/lr": lr, "train/grad_norm": _grad_norm(engine),
                 "perf/tokens_per_s": steps * tokens_per_step / seconds, "perf/step_s": seconds / steps,
-                "train/tokens_seen": state.tokens_seen,
+                "train/tokens_seen": state.tokens_seen, **(mixture.fractions(state) if mixture else {}),
             })
         if step == t.max_steps or (t.eval_every and step % t.eval_every == 0):
-            val_loss = validation.run(engine)
-            metrics.log(step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
+            val_loss, per_source = validation.run(engine)
+            metrics.log(step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50)), **per_source})
             window.exclude_since_last()
         if step == t.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             checkpoint.save(engine, cfg.run_dir, state)
@@ -149,35 +151,56 @@ class Window:
         self.start = time.perf_counter()
 
 
-def validation_batch_count(cfg: Config, manifest: Manifest) -> int:
-    """Validation micro-batches over all ranks: a multiple of the world size, since a ZeRO-3 forward is a
-    collective and every rank must run as many. The launcher calls this before starting any rank."""
-    available = (manifest.num_tokens("validation") - 1) // cfg.data.seq_len // cfg.train.micro_batch_size
-    count = min(cfg.train.eval_batches, available) // cfg.world_size * cfg.world_size
-    if count == 0:
-        raise ConfigError(f"train.eval_batches: the validation split holds {available} micro-batch(es) of "
-                          f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens, fewer than the "
-                          f"{cfg.world_size} ranks; raise data.validation_fraction")
-    return count
+def validation_batch_counts(cfg: Config, manifest: Manifest) -> dict[str, int]:
+    """Validation micro-batches per source, over all ranks: a multiple of the world size, since a ZeRO-3
+    forward is a collective and every rank must run as many. The launcher calls this before starting ranks."""
+    counts = {}
+    for source in manifest.sources:
+        samples = (manifest.num_tokens("validation", source) - 1) // cfg.data.seq_len
+        available = max(0, samples) // cfg.train.micro_batch_size
+        counts[source] = min(cfg.train.eval_batches, available) // cfg.world_size * cfg.world_size
+    if not any(counts.values()):
+        raise ConfigError(f"train.eval_batches: the validation split holds fewer micro-batches of "
+                          f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens than the {cfg.world_size} "
+                          "ranks; raise data.validation_fraction")
+    return {source: count for source, count in counts.items() if count}
 
 
 class Validation:
-    """Mean next-token loss over the first `train.eval_batches` validation micro-batches, on all ranks."""
+    """Mean next-token loss over the first `train.eval_batches` validation micro-batches of each source, on
+    all ranks. With several sources, the overall loss weights them as the training mixture does."""
 
     def __init__(self, cfg: Config, manifest: Manifest, rank: distributed.Rank):
-        self.dataset = PackedDataset(manifest.store("validation"), cfg.data.seq_len)
-        count = validation_batch_count(cfg, manifest)
-        self.batches = eval_batches(len(self.dataset), cfg.train.micro_batch_size, rank.rank,
-                                    rank.world_size, count)
+        self.sets = {}
+        for source, count in validation_batch_counts(cfg, manifest).items():
+            dataset = PackedDataset(manifest.store("validation", source), cfg.data.seq_len)
+            self.sets[source] = (dataset, eval_batches(len(dataset), cfg.train.micro_batch_size, rank.rank,
+                                                       rank.world_size, count))
+        weights = dict(zip(manifest.sources, manifest.weights))
+        self.weights = {source: weights[source] for source in self.sets}
         self.device = rank.device
 
     @torch.no_grad()
-    def run(self, engine) -> float:
+    def run(self, engine) -> tuple[float, dict[str, float]]:
         engine.eval()
-        losses = [lm_loss(engine, torch.stack([self.dataset[i] for i in idx]).to(self.device)).item()
-                  for idx in self.batches]
+        means = [sum(lm_loss(engine, torch.stack([dataset[i] for i in idx]).to(self.device)).item()
+                     for idx in batches) / len(batches) for dataset, batches in self.sets.values()]
         engine.train()
-        return distributed.all_mean([sum(losses) / len(losses)], self.device)[0]
+        losses = dict(zip(self.sets, distributed.all_mean(means, self.device)))
+        overall = sum(self.weights[s] * loss for s, loss in losses.items()) / sum(self.weights.values())
+        per_source = {f"val/{s}/loss": loss for s, loss in losses.items()} if len(losses) > 1 else {}
+        return overall, per_source
+
+
+class Mixture:
+    """The realised share of each source in the samples consumed so far (logged to check the weights)."""
+
+    def __init__(self, sources: list[str], order: GlobalOrder):
+        self.sources, self.order = sources, order
+
+    def fractions(self, state: checkpoint.TrainState) -> dict[str, float]:
+        counts = self.order.counts(state.consumed_samples)
+        return {f"data/{s}_fraction": float(c) / state.consumed_samples for s, c in zip(self.sources, counts)}
 
 
 def _write_summary(cfg: Config, state, final_loss: float, val_loss: float, window: Window) -> None:

@@ -1,0 +1,150 @@
+"""Streaming mode: tokenize and pack on the fly from a `datasets` stream, for sources too big or too fresh to prepare.
+
+There is no prepare step, so the tokenizer must already exist (a Hugging Face tokenizer folder), and nothing
+is held in memory beyond one shuffle block of documents and the packing buffer.
+
+How a rank's samples are made, in order:
+1. `datasets` reads the files as one streaming dataset, shuffles the file order (seeded; `set_epoch` gives every
+   epoch another order) and interleaves up to 10 files at a time.
+2. `split_dataset_by_node` gives each rank its part. When the number of files is a multiple of the world size,
+   each rank reads whole files of its own. Otherwise every rank reads every file and keeps 1 document in
+   `world_size`: correct, but each rank then parses the whole corpus. Either way the ranks' documents are disjoint
+   and together make the epoch.
+3. Documents are shuffled in blocks of `shuffle_buffer`: a block is read, permuted by a seeded generator, and
+   emitted. (datasets' own rolling `shuffle(buffer_size=...)` cannot be resumed exactly: its buffer is dropped
+   from `state_dict()`, so documents are lost on resume. A block can be re-read from where it started.)
+4. Each document is tokenized, eos appended, and the token stream cut into windows of seq_len + 1 tokens.
+   Consecutive windows share one token, as in the prepared `PackedDataset`. The stream never ends: the
+   packing buffer carries over from one epoch into the next.
+
+Resuming: `state_dict()` holds the epoch, the block (its index, and datasets' `state_dict()` where it starts),
+how many of its documents are already packed, and the packing buffer's unemitted tokens. It is JSON-serializable
+and per rank. Loaded on the same files, tokenizer, world size, rank, seed and shuffle_buffer, the next samples are
+exactly those an uninterrupted run would have produced. It is not valid on another world size.
+
+No DataLoader workers: a worker reads ahead of the training loop, so its position is not what was trained on.
+Iterate this dataset in the training process (DataLoader num_workers=0) and call `state_dict()` between batches.
+Iterating it in a worker raises.
+"""
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from datasets.distributed import split_dataset_by_node
+from datasets.table import CastError
+
+from data_pipeline.errors import DataError
+from data_pipeline.sources import _builder
+from data_pipeline.tokenizer import load_tokenizer
+
+
+class StreamingPackedDataset(torch.utils.data.IterableDataset):
+    """This rank's endless stream of packed samples: long tensors of seq_len + 1 tokens."""
+
+    def __init__(self, files: list[Path], text_field: str, tokenizer_dir: Path, seq_len: int,
+                 rank: int, world_size: int, seed: int, shuffle_buffer: int = 1000):
+        if not files:
+            raise DataError("data.sources: no files to stream")
+        if len({_builder(f)[0] for f in files}) > 1:
+            raise DataError(f"data.sources: streaming reads one file type at a time, got {sorted({f.suffix for f in files})}")
+        self.files = files
+        self.text_field = "text" if _builder(files[0])[0] == "text" else text_field
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        # buffer_size=1 keeps only the file shuffle and interleaving: documents are shuffled in resumable blocks.
+        self.source = _load(files).shuffle(seed=seed, buffer_size=1)
+        self._tokens = np.empty(0, dtype=np.int64)
+        self._start_epoch(0)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if torch.utils.data.get_worker_info() is not None:
+            raise RuntimeError("StreamingPackedDataset runs in the training process (DataLoader num_workers=0): "
+                               "a worker reads ahead, so its state_dict() would not match what was trained on")
+        while True:
+            for text in self._documents():
+                ids = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
+                self._tokens = np.concatenate([self._tokens, ids["input_ids"], [self.tokenizer.eos_token_id]])
+                while len(self._tokens) > self.seq_len:
+                    window = torch.from_numpy(self._tokens[: self.seq_len + 1].copy())
+                    self._tokens = self._tokens[self.seq_len :]  # a view: emitting is O(1), whatever the document size
+                    yield window
+            self._start_epoch(self._epoch + 1)
+
+    def state_dict(self) -> dict:
+        return {
+            **self._layout(),
+            "epoch": self._epoch,
+            "block": self._block,
+            "block_start": self._block_start,
+            "block_done": self._block_done,
+            "tokens": self._tokens.tolist(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = {key: state[key] for key in self._layout()}
+        if saved != self._layout():
+            raise DataError(f"streaming data state: saved for {saved}, cannot resume exactly with {self._layout()}")
+        self._epoch, self._block, self._block_start = state["epoch"], state["block"], state["block_start"]
+        self._block_done = state["block_done"]
+        self._tokens = np.array(state["tokens"], dtype=np.int64)
+
+    def _layout(self) -> dict:
+        """What the order of documents depends on besides the files: a state is only valid under the same."""
+        return {"rank": self.rank, "world_size": self.world_size, "seed": self.seed,
+                "shuffle_buffer": self.shuffle_buffer}
+
+    def _start_epoch(self, epoch: int) -> None:
+        self._epoch, self._block, self._block_start, self._block_done = epoch, 0, None, 0
+
+    def _documents(self) -> Iterator[str]:
+        """The rest of this epoch's documents for this rank. The state moves before each document is handed out,
+        so that between two samples it describes exactly what has been packed."""
+        stream = split_dataset_by_node(self.source, self.rank, self.world_size)
+        stream.set_epoch(self._epoch)
+        if self._block_start is not None:
+            stream.load_state_dict(self._block_start)
+        rows = iter(stream)
+        while block := self._read_block(rows):
+            order = np.random.default_rng([self.seed, self._epoch, self._block]).permutation(len(block))
+            for i in order[self._block_done :]:
+                self._block_done += 1
+                yield self._text(block[i])
+            self._block, self._block_start, self._block_done = self._block + 1, stream.state_dict(), 0
+        if self._block == 0:  # nothing read this epoch: iterating on would loop forever without a sample
+            raise DataError(f"data.sources: rank {self.rank} of {self.world_size} got no document "
+                            f"from the {len(self.files)} files (fewer documents than ranks?)")
+
+    def _read_block(self, rows: Iterator[dict]) -> list[dict]:
+        try:
+            return list(itertools.islice(rows, self.shuffle_buffer))
+        except CastError as e:  # datasets casts every file to the first file's columns
+            raise _file_without(self.files, self.text_field) or DataError(
+                f"data.sources: files with different columns cannot be streamed as one dataset ({e.args[0].splitlines()[0]})"
+            ) from e
+
+    def _text(self, row: dict) -> str:
+        text = row.get(self.text_field)
+        if not isinstance(text, str):
+            raise _file_without(self.files, self.text_field) or DataError(
+                f"data.text_field: a document of one of the {len(self.files)} files ({self.files[0]}, ...) "
+                f"has no {self.text_field!r} text: {type(text).__name__}"
+            )
+        return text
+
+
+def _load(files: list[Path]) -> datasets.IterableDataset:
+    builder, options = _builder(files[0])
+    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **options)
+
+
+def _file_without(files: list[Path], field: str) -> DataError | None:
+    """The stream does not say which file a row came from: on a bad row, name the first file lacking the field."""
+    for file in files:
+        row = next(iter(_load([file])), None)
+        if row is not None and not isinstance(row.get(field), str):
+            return DataError(f"{file}: no {field!r} text field (data.text_field); its fields are {sorted(row)}")
+    return None
