@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# No test may reach the Hub (the network is off-limits here): datasets/transformers must fail fast instead.
+os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "shakespeare"
 TINY = REPO / "configs" / "tiny.yaml"

@@ -1,4 +1,5 @@
 """data_pipeline on real text: six Shakespeare plays, a 512-token BPE and 50k-token shards (several chunks)."""
+import collections
 import itertools
 import json
 import os
@@ -300,3 +301,93 @@ def test_jsonl_missing_field_is_named(corpus, tmp_path):
 def test_manifest_load_without_prepare(tmp_path):
     with pytest.raises(DataError, match=r"no prepared data at .*run `zerotrain prepare CONFIG`"):
         Manifest.load(tmp_path)
+
+
+def test_mixture_realises_the_weights():
+    sizes, weights = [100, 30, 7], [6.0, 3.0, 1.0]
+    order = GlobalOrder(sizes, weights, seed=1)
+    offsets = np.cumsum([0, *sizes[:-1]])
+    positions = 10 * 4096 + 123
+    source_of = np.searchsorted(offsets, [order.sample(k) for k in range(positions)], side="right") - 1
+    realised = np.bincount(source_of, minlength=3)
+    assert realised.tolist() == order.counts(positions).tolist()
+    assert np.allclose(realised / positions, np.array(weights) / 10, atol=2 / 4096)
+    # Within each source, every epoch uses each of its samples exactly once (the small ones upsampled).
+    for s, size in enumerate(sizes):
+        drawn = [order.sample(k) - offsets[s] for k in range(positions) if source_of[k] == s]
+        for epoch in range(len(drawn) // size):
+            assert sorted(drawn[epoch * size:(epoch + 1) * size]) == list(range(size))
+
+
+def test_exactly_once_across_resumes_on_2_then_1_then_3_ranks():
+    for kw in (dict(sizes=(50,), weights=(1.0,)), dict(sizes=(30, 20), weights=(2.0, 1.0))):
+        uninterrupted = steps_at(1, 10, **kw)
+        resumed = steps_at(2, 3, **kw) + steps_at(1, 2, consumed=3 * 12, **kw) + steps_at(3, 5, consumed=5 * 12, **kw)
+        assert resumed == uninterrupted
+    # 120 positions over 50 samples: two whole epochs (each sample twice) and 20 samples of the third.
+    uses = collections.Counter(i for step in resumed_single() for i in step)
+    assert sorted(uses) == list(range(50))
+    assert sorted(collections.Counter(uses.values()).items()) == [(2, 30), (3, 20)]
+
+
+def resumed_single():
+    return steps_at(2, 3) + steps_at(1, 2, consumed=3 * 12) + steps_at(3, 5, consumed=5 * 12)
+
+
+def test_order_is_deterministic_per_seed():
+    assert steps_at(2, 5, seed=3) == steps_at(2, 5, seed=3)
+    assert steps_at(2, 5, seed=3) != steps_at(2, 5, seed=4)
+
+
+def test_prepare_in_parts_equals_one_prepare(prepared, tmp_path):
+    manifest, _ = prepared
+    config = data_config(tmp_path / "parts")
+    logs = []
+    assert prepare(config, TokenizerConfig(vocab_size=VOCAB), logs.append, part=(1, 2)) is None
+    assert not (tmp_path / "parts" / "manifest.json").exists()
+    assert any("part 2/2 done" in line for line in logs), logs
+    merged = prepare(config, TokenizerConfig(vocab_size=VOCAB), logs.append, part=(0, 2))
+    assert merged.data["sources"] == manifest.data["sources"]
+    assert merged.fingerprint == manifest.fingerprint
+
+
+def test_interrupted_prepare_resumes_at_the_unfinished_chunk(prepared, prepared_copy):
+    manifest, _ = prepared
+    (prepared_copy / "manifest.json").unlink()
+    chunks = sorted((prepared_copy / "shakespeare").glob("c*.json"))
+    last = chunks[-1]
+    for shard in (prepared_copy / "shakespeare").glob(last.stem + "-*"):
+        shard.unlink()
+    last.unlink()  # as if killed while writing the last chunk
+    done = {c: c.stat().st_mtime_ns for c in chunks[:-1]}
+    logs = []
+    again = prepare(data_config(prepared_copy), TokenizerConfig(vocab_size=VOCAB), logs.append)
+    assert again.data["sources"] == manifest.data["sources"]
+    assert {c: c.stat().st_mtime_ns for c in chunks[:-1]} == done  # finished chunks were not redone
+    assert any(line.startswith("tokenized 1 chunk(s)") for line in logs), logs
+
+
+def test_weighted_sources_and_a_save_to_disk_folder(corpus, tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": speeches()}).save_to_disk(str(tmp_path / "hamlet"))
+    config = data_config(tmp_path / "prepared", sources=[
+        {"path": str(CORPUS / PLAYS), "weight": 3}, {"path": str(tmp_path / "hamlet"), "weight": 1}])
+    manifest = prepare(config, TokenizerConfig(vocab_size=VOCAB), log=lambda _: None)
+    assert manifest.sources == ["shakespeare", "hamlet"] and manifest.weights == [3, 1]
+    tok = load_tokenizer(manifest.tokenizer_dir)
+    store = {split: manifest.store(split, "hamlet") for split in ("train", "validation")}
+    tokens = np.concatenate([s.read(0, len(s)) for s in store.values()])
+    docs = [tok.decode(d) for d in np.split(tokens, np.flatnonzero(tokens == manifest.eos_id) + 1) if len(d) > 1]
+    assert sorted(d.removesuffix("<|endoftext|>") for d in docs) == sorted(speeches())
+
+
+def test_mixing_weighted_and_unweighted_sources_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="give every source a `weight`, or none"):
+        data_config(tmp_path, sources=[{"path": "a/*.txt", "weight": 2}, "b/*.txt"])
+
+
+def test_unreachable_hub_source_is_named(corpus, tmp_path):
+    config = data_config(tmp_path / "prepared", sources=[{"hub": "nobody/no-such-dataset"}])
+    with pytest.raises(DataError, match="data.sources: cannot read 'nobody/no-such-dataset'"):
+        prepare(config, TokenizerConfig(vocab_size=VOCAB))
