@@ -17,7 +17,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, tiny_args, zerotrain
+from conftest import REPO, TINY as TINY_CONFIG, tiny_args, zerotrain
 from data_pipeline import Manifest
 from trainer.config import load_config
 from trainer.model import build_model
@@ -182,3 +182,38 @@ def _rank_pid(run_dir: Path, rank: int) -> int:
     pids = _rank_pids(run_dir)
     assert rank in pids, pids
     return pids[rank]
+
+
+MIXTURE = "[{{path: '{c}/[a-p]*_gut.txt', name: early, weight: 3}}, {{path: '{c}/[q-z]*_gut.txt', name: late, weight: 1}}]"
+
+
+@pytest.fixture(scope="module")
+def mixture_data(corpus, tmp_path_factory) -> tuple[str, Path]:
+    sources = MIXTURE.format(c=corpus)
+    prepared = tmp_path_factory.mktemp("prepared") / "mixture"
+    zerotrain("prepare", TINY_CONFIG, "--set", f"data.sources={sources}", "--set", f"data.prepared_dir={prepared}")
+    return sources, prepared
+
+
+def test_weighted_mixture_logs_realised_shares_and_per_source_validation(mixture_data, tmp_path):
+    sources, prepared = mixture_data
+    run_dir = tmp_path / "mix"
+    zerotrain("train", *tiny_args(run_dir, prepared, f"data.sources={sources}"))
+    records = read_metrics(run_dir)
+    last = [r for r in records if "train/loss" in r][-1]
+    assert last["data/early_fraction"] + last["data/late_fraction"] == pytest.approx(1)
+    assert last["data/early_fraction"] == pytest.approx(0.75, abs=0.1)  # 192 samples drawn at 3:1
+    val = [r for r in records if "val/loss" in r][-1]
+    assert {"val/early/loss", "val/late/loss"} <= set(val)
+    assert min(val["val/early/loss"], val["val/late/loss"]) <= val["val/loss"] <= max(val["val/early/loss"], val["val/late/loss"])
+
+
+def test_changed_data_is_refused_on_resume_unless_allowed(tiny_run, mixture_data, tmp_path):
+    sources, prepared = mixture_data
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tiny_run, resumed)
+    args = tiny_args(resumed, prepared, f"data.sources={sources}", "train.max_steps=13")
+    refused = zerotrain("train", *args, "--resume", "auto", check=False)
+    assert refused.returncode == 2 and "corpus or tokenizer changed" in refused.stderr
+    zerotrain("train", *args, "--resume", "auto", "--allow-data-change")
+    assert train_losses(resumed)[13] > 0
