@@ -4,12 +4,12 @@ There is no prepare step, so the tokenizer must already exist (a Hugging Face to
 is held in memory beyond one shuffle block of documents and the packing buffer.
 
 How a rank's samples are made, in order:
-1. `datasets` reads the files as one streaming dataset, shuffles the file order (seeded; `set_epoch` gives every
-   epoch another order) and interleaves up to 10 files at a time.
+1. `datasets` reads the files as one streaming dataset and shuffles their order (seeded; `set_epoch` gives every
+   epoch another order). datasets 5 also interleaves the documents of up to 10 files at a time.
 2. `split_dataset_by_node` gives each rank its part. When the number of files is a multiple of the world size,
-   each rank reads whole files of its own. Otherwise every rank reads every file and keeps 1 document in
-   `world_size`: correct, but each rank then parses the whole corpus. Either way the ranks' documents are disjoint
-   and together make the epoch.
+   each rank reads whole files (another set each epoch, as the file order changes). Otherwise every rank reads
+   every file and keeps 1 document in `world_size`: correct, but each rank then parses the whole corpus. Either
+   way the ranks' documents are disjoint and together make the epoch.
 3. Documents are shuffled in blocks of `shuffle_buffer`: a block is read, permuted by a seeded generator, and
    emitted. (datasets' own rolling `shuffle(buffer_size=...)` cannot be resumed exactly: its buffer is dropped
    from `state_dict()`, so documents are lost on resume. A block can be re-read from where it started.)
@@ -27,6 +27,7 @@ Iterate this dataset in the training process (DataLoader num_workers=0) and call
 Iterating it in a worker raises.
 """
 import itertools
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,16 +41,25 @@ from data_pipeline.errors import DataError
 from data_pipeline.sources import _builder
 from data_pipeline.tokenizer import load_tokenizer
 
+# On resume datasets warns that a shuffle buffer restarts empty. Ours (buffer_size=1) is empty between examples,
+# so nothing is lost, and the warning would only make an exact resume look inexact.
+logging.getLogger("datasets.iterable_dataset").addFilter(
+    lambda record: not record.getMessage().startswith("Loading a state dict of a shuffle buffer")
+)
+
 
 class StreamingPackedDataset(torch.utils.data.IterableDataset):
-    """This rank's endless stream of packed samples: long tensors of seq_len + 1 tokens."""
+    """This rank's endless stream of packed samples: long tensors of seq_len + 1 tokens.
+
+    The position lives in the object, like datasets' own: a new iterator continues where the last one stopped,
+    so iterate with one iterator at a time."""
 
     def __init__(self, files: list[Path], text_field: str, tokenizer_dir: Path, seq_len: int,
                  rank: int, world_size: int, seed: int, shuffle_buffer: int = 1000):
         if not files:
             raise DataError("data.sources: no files to stream")
         if len({_builder(f)[0] for f in files}) > 1:
-            raise DataError(f"data.sources: streaming reads one file type at a time, got {sorted({f.suffix for f in files})}")
+            raise DataError(f"data.sources: streaming reads one type of file, got {sorted({f.suffix for f in files})}")
         self.files = files
         self.text_field = "text" if _builder(files[0])[0] == "text" else text_field
         self.tokenizer = load_tokenizer(tokenizer_dir)
@@ -70,7 +80,7 @@ class StreamingPackedDataset(torch.utils.data.IterableDataset):
                 self._tokens = np.concatenate([self._tokens, ids["input_ids"], [self.tokenizer.eos_token_id]])
                 while len(self._tokens) > self.seq_len:
                     window = torch.from_numpy(self._tokens[: self.seq_len + 1].copy())
-                    self._tokens = self._tokens[self.seq_len :]  # a view: emitting is O(1), whatever the document size
+                    self._tokens = self._tokens[self.seq_len :]  # a view: O(1) however long the document
                     yield window
             self._start_epoch(self._epoch + 1)
 
@@ -123,15 +133,15 @@ class StreamingPackedDataset(torch.utils.data.IterableDataset):
             return list(itertools.islice(rows, self.shuffle_buffer))
         except CastError as e:  # datasets casts every file to the first file's columns
             raise _file_without(self.files, self.text_field) or DataError(
-                f"data.sources: files with different columns cannot be streamed as one dataset ({e.args[0].splitlines()[0]})"
+                f"data.sources: a file's columns differ from the first file's: {' '.join(str(e).split())}"
             ) from e
 
     def _text(self, row: dict) -> str:
         text = row.get(self.text_field)
         if not isinstance(text, str):
+            where = self.files[0] if len(self.files) == 1 else f"one of the {len(self.files)} files"
             raise _file_without(self.files, self.text_field) or DataError(
-                f"data.text_field: a document of one of the {len(self.files)} files ({self.files[0]}, ...) "
-                f"has no {self.text_field!r} text: {type(text).__name__}"
+                f"data.text_field: a row in {where} has no {self.text_field!r} text (it is {type(text).__name__})"
             )
         return text
 
@@ -146,5 +156,5 @@ def _file_without(files: list[Path], field: str) -> DataError | None:
     for file in files:
         row = next(iter(_load([file])), None)
         if row is not None and not isinstance(row.get(field), str):
-            return DataError(f"{file}: no {field!r} text field (data.text_field); its fields are {sorted(row)}")
+            return DataError(f"{file}: has no {field!r} text field (data.text_field); its fields: {sorted(row)}")
     return None

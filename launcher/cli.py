@@ -29,6 +29,8 @@ def _prepare(args) -> None:
     from data_pipeline import prepare
 
     cfg = load_config(args.config, args.set)
+    if cfg.data.mode == "streaming":
+        raise ConfigError("data.mode: streaming data is read as it is by `zerotrain train`; nothing to prepare")
     prepare(cfg.data, cfg.tokenizer, part=args.part)
 
 
@@ -36,15 +38,16 @@ def _train(args) -> int:
     import torch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from data_pipeline import Manifest
     from launcher.local import launch_local
+    from trainer.data import corpus
     from trainer.train import validation_batch_counts
 
     overrides = args.set + ([f"launch.nproc_per_node={args.nproc}"] if args.nproc else [])
     cfg = load_config(args.config, overrides, cuda_available=torch.cuda.is_available())
-    manifest = Manifest.load(cfg.data.prepared_dir)
-    validation_batch_counts(cfg, manifest)
-    _check_resume(cfg, manifest.fingerprint, args.resume, args.allow_data_change)
+    data = corpus(cfg)
+    if data.manifest:
+        validation_batch_counts(cfg, data.manifest)
+    _check_resume(cfg, data.fingerprint, args.resume, args.allow_data_change)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     config_file = cfg.run_dir / "config.yaml"
     config_file.write_text(cfg.to_yaml())

@@ -15,7 +15,7 @@ def test_presets_load_and_resolve_paths():
     for name in ("demo.yaml", "tiny.yaml"):
         cfg = load_config(REPO / "configs" / name, cuda_available=False)
         assert cfg.run_dir.is_absolute() and cfg.data.prepared_dir.is_absolute()
-        assert all(Path(s).is_absolute() for s in cfg.data.sources)
+        assert all(Path(s.path).is_absolute() for s in cfg.data.sources)
     tiny = load_config(TINY)
     assert tiny.grad_accum == tiny.train.global_batch_size // (tiny.train.micro_batch_size * tiny.world_size)
 
@@ -53,6 +53,10 @@ BAD = [
     (["data.sources=[]"], "data.sources: list should have at least 1 item"),
     (["run.name=a b"], "run.name: string should match pattern"),
     (["run=3"], "run: expected a section"),
+    (["data.mode=streaming"], "tokenizer.path: streaming mode trains no tokenizer"),
+    (["data.mode=streaming", "tokenizer.path=/tmp/tok", "data.sources=[{hub: org/x}]"], "data.sources: streaming mode reads one source of local files"),
+    (["data.sources=[{path: a.txt, hub: org/x}]"], "data.sources.0: value error, give exactly one of `path`"),
+    (["data.sources=[{path: a.txt, weight: 2}, b.txt]"], "data.sources: value error, give every source a `weight`, or none"),
     (["train"], "--set 'train': expected KEY=VALUE"),
     (["run.name.first=x"], "--set run.name.first: run.name is not a section"),
 ]

@@ -217,3 +217,19 @@ def test_changed_data_is_refused_on_resume_unless_allowed(tiny_run, mixture_data
     assert refused.returncode == 2 and "corpus or tokenizer changed" in refused.stderr
     zerotrain("train", *args, "--resume", "auto", "--allow-data-change")
     assert train_losses(resumed)[13] > 0
+
+
+def test_streaming_mode_trains_and_resumes_exactly(tiny_data, tmp_path):
+    streaming = ["data.mode=streaming", f"tokenizer.path={tiny_data / 'tokenizer'}", "train.max_steps=8",
+                 "checkpoint.every=4"]
+    run_dir = tmp_path / "stream"
+    zerotrain("train", *tiny_args(run_dir, tiny_data, *streaming))
+    assert {f"data_state_rank{r}.json" for r in (0, 1)} <= {p.name for p in (run_dir / "checkpoints" / "step_00000004").iterdir()}
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000008")
+    (resumed / "checkpoints" / "latest").write_text("step_00000004")
+    zerotrain("train", *tiny_args(resumed, tiny_data, *streaming), "--resume", "auto")
+    original, after = train_losses(run_dir), train_losses(resumed)
+    assert [after[s] for s in range(5, 9)] == [original[s] for s in range(5, 9)]
+    assert original[8] < original[1]

@@ -45,11 +45,14 @@ def read_state(run_dir: Path, tag: str) -> TrainState:
     return TrainState(**json.loads((checkpoints_dir(run_dir) / tag / "train_state.json").read_text()))
 
 
-def save(engine, run_dir: Path, state: TrainState) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+def save(engine, run_dir: Path, state: TrainState, rank_state: dict | None = None) -> Path:
+    """Collective: every rank calls it. `rank_state`: this rank's own data position (streaming mode).
+    Returns the checkpoint folder."""
     root = checkpoints_dir(run_dir)
     tag = f"step_{state.step:08d}"
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    if rank_state is not None:
+        _write_atomic(root / tag / f"data_state_rank{dist.get_rank()}.json", json.dumps(rank_state))
     dist.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
     if dist.get_rank() == 0:
         _write_atomic(root / tag / "train_state.json", json.dumps(asdict(state), indent=2))
@@ -66,6 +69,11 @@ def load(engine, run_dir: Path) -> TrainState | None:
         return None
     engine.load_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
     return read_state(run_dir, tag)
+
+
+def read_rank_state(run_dir: Path, rank: int) -> dict:
+    tag = latest_tag(run_dir)
+    return json.loads((checkpoints_dir(run_dir) / tag / f"data_state_rank{rank}.json").read_text())
 
 
 def _write_atomic(path: Path, text: str) -> None:

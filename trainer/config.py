@@ -181,7 +181,18 @@ def _check_combinations(cfg: Config, cuda_available: bool | None) -> None:
         raise ConfigError("train.precision: fp16 needs a CUDA GPU and none is visible; use bf16 or fp32")
     if not math.isfinite(t.lr):
         raise ConfigError(f"train.lr: must be a finite number (got {t.lr})")
+    if cfg.data.mode == "streaming":
+        _check_streaming(cfg)
     _check_model_fields(cfg.model)
+
+
+def _check_streaming(cfg: Config) -> None:
+    if cfg.tokenizer.path is None:
+        raise ConfigError("tokenizer.path: streaming mode trains no tokenizer; give an existing tokenizer folder")
+    source = cfg.data.sources[0]
+    if len(cfg.data.sources) > 1 or source.path is None:
+        raise ConfigError("data.sources: streaming mode reads one source of local files (no mixture, no Hub); "
+                          "prepare the data for mixtures")
 
 
 def _check_model_fields(model: ModelSection) -> None:

@@ -7,9 +7,10 @@ from pathlib import Path
 from accelerate import init_empty_weights
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from data_pipeline import Manifest, load_tokenizer
+from data_pipeline import load_tokenizer
 from trainer import checkpoint
 from trainer.config import ConfigError, load_config
+from trainer.data import corpus
 from trainer.model import build_model
 
 
@@ -22,11 +23,11 @@ def export(run_dir: Path, out_dir: Path, tag: str | None = None) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir}: exists and is not empty; choose another export folder")
     cfg = load_config(ckpt / "config.yaml")  # the config the checkpoint was trained with
-    manifest = Manifest.load(cfg.data.prepared_dir)
-    tokenizer = load_tokenizer(manifest.tokenizer_dir)
+    data = corpus(cfg)
+    tokenizer = load_tokenizer(data.tokenizer_dir)
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=tag)
     with init_empty_weights():  # no throw-away random initialisation of a large model
-        model = build_model(cfg.model, manifest.vocab_size)
+        model = build_model(cfg.model, data.vocab_size)
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.tie_weights()
     model.generation_config.eos_token_id = tokenizer.eos_token_id

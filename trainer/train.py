@@ -12,11 +12,11 @@ import deepspeed
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader
 
-from data_pipeline import GlobalBatchSampler, GlobalOrder, Manifest, PackedDataset, eval_batches, packed_sources
+from data_pipeline import GlobalOrder, Manifest, PackedDataset, eval_batches
 from trainer import checkpoint, distributed
 from trainer.config import Config, ConfigError
+from trainer.data import corpus, train_batches
 from trainer.deepspeed_config import deepspeed_config
 from trainer.metrics import MetricsLogger
 from trainer.model import build_model, count_parameters
@@ -28,23 +28,21 @@ log = logging.getLogger("zerotrain")
 def train(cfg: Config, resume: bool) -> None:
     rank = distributed.init()
     _setup_logging(cfg.run_dir, rank)
-    manifest = Manifest.load(cfg.data.prepared_dir)
-    engine = _build_engine(cfg, manifest.vocab_size)
+    data = corpus(cfg)
+    engine = _build_engine(cfg, data.vocab_size)
     state = (checkpoint.load(engine, cfg.run_dir) if resume else None) or checkpoint.TrainState(
-        data_fingerprint=manifest.fingerprint)
+        data_fingerprint=data.fingerprint)
+    stream_state = None
     if state.step:
         log.info(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)")
-
-    train_set = packed_sources(manifest, "train", cfg.data.seq_len)
-    order = GlobalOrder([len(d) for d in train_set.datasets], manifest.weights, cfg.run.seed)
-    sampler = GlobalBatchSampler(order, cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                                 rank.rank, rank.world_size, state.consumed_samples)
-    batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                              pin_memory=rank.device.type == "cuda"))
-    validation = Validation(cfg, manifest, rank)
+        stream_state = checkpoint.read_rank_state(cfg.run_dir, rank.rank) if cfg.data.mode == "streaming" else None
+    batches = train_batches(cfg, data, rank, state.consumed_samples, stream_state)
+    # Streaming data has no held-out split to validate on (see the README).
+    validation = Validation(cfg, data.manifest, rank) if data.manifest else None
     metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, state.step, enabled=rank.is_main)
     metrics.text("config", cfg.to_yaml())
-    mixture = Mixture(manifest.sources, order) if len(manifest.sources) > 1 else None
+    sources = data.manifest.sources if data.manifest else []
+    mixture = Mixture(sources, batches.order) if len(sources) > 1 else None
     _run(cfg, engine, batches, validation, mixture, metrics, state, rank)
     metrics.close()
     distributed.shutdown()
@@ -73,7 +71,7 @@ def _run(cfg, engine, batches, validation, mixture, metrics, state, rank) -> Non
     logged_loss = val_loss = None
     for step in range(state.step + 1, t.max_steps + 1):
         lr = engine.get_lr()[0]
-        window.add(_train_step(engine, batches, cfg.grad_accum))
+        window.add(_train_step(engine, batches.iterator, cfg.grad_accum))
         state = state.advanced(t.global_batch_size, tokens_per_step)
         metrics.advance(step)
         if step == 1 or step % t.log_every == 0 or step == t.max_steps:
@@ -84,12 +82,12 @@ def _run(cfg, engine, batches, validation, mixture, metrics, state, rank) -> Non
                 "perf/tokens_per_s": steps * tokens_per_step / seconds, "perf/step_s": seconds / steps,
                 "train/tokens_seen": state.tokens_seen, **(mixture.fractions(state) if mixture else {}),
             })
-        if step == t.max_steps or (t.eval_every and step % t.eval_every == 0):
+        if validation and (step == t.max_steps or (t.eval_every and step % t.eval_every == 0)):
             val_loss, per_source = validation.run(engine)
             metrics.log(step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50)), **per_source})
             window.exclude_since_last()
         if step == t.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            checkpoint.save(engine, cfg.run_dir, state)
+            checkpoint.save(engine, cfg.run_dir, state, batches.stream.state_dict() if batches.stream else None)
             window.exclude_since_last()
     if rank.is_main and logged_loss is not None:
         _write_summary(cfg, state, logged_loss, val_loss, window)

@@ -1,0 +1,63 @@
+"""The data one rank trains on: prepared shards in the global order, or a stream (`data.mode`).
+
+`corpus()` tells the model and the checkpoints what they need to know of the data (vocabulary, tokenizer,
+fingerprint) in either mode; `train_batches()` gives the rank's micro-batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from data_pipeline import GlobalBatchSampler, GlobalOrder, Manifest, load_tokenizer, packed_sources, \
+    tokenizer_fingerprint
+from data_pipeline.sources import source_units
+from data_pipeline.streaming import StreamingPackedDataset
+from trainer.config import Config
+
+
+@dataclass(frozen=True)
+class Corpus:
+    vocab_size: int
+    tokenizer_dir: Path
+    fingerprint: str  # identity of the token stream: a checkpoint is resumed on the same one only
+    manifest: Manifest | None  # None in streaming mode
+
+
+def corpus(cfg: Config) -> Corpus:
+    if cfg.data.mode == "prepared":
+        manifest = Manifest.load(cfg.data.prepared_dir)
+        return Corpus(manifest.vocab_size, manifest.tokenizer_dir, manifest.fingerprint, manifest)
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    files = [u.__dict__ for u in source_units(cfg.data.sources[0])]
+    identity = repr((files, tokenizer_fingerprint(tokenizer), cfg.data.text_field_of(cfg.data.sources[0])))
+    return Corpus(len(tokenizer), cfg.tokenizer.path, hashlib.sha256(identity.encode()).hexdigest(), None)
+
+
+@dataclass
+class TrainBatches:
+    iterator: object  # this rank's micro-batches
+    order: GlobalOrder | None  # prepared mode: the global order (it knows the realised mixture)
+    stream: StreamingPackedDataset | None  # streaming mode: its per-rank state goes into checkpoints
+
+
+def train_batches(cfg: Config, data: Corpus, rank, consumed_samples: int, stream_state: dict | None) -> TrainBatches:
+    t = cfg.train
+    if data.manifest is None:
+        source = cfg.data.sources[0]
+        stream = StreamingPackedDataset([Path(u.location) for u in source_units(source)], cfg.data.text_field_of(source),
+                                        data.tokenizer_dir, cfg.data.seq_len, rank.rank, rank.world_size, cfg.run.seed)
+        if stream_state is not None:
+            stream.load_state_dict(stream_state)
+        # No workers: a worker would read ahead of what was trained on, and the stream's state must not.
+        return TrainBatches(iter(DataLoader(stream, batch_size=t.micro_batch_size, num_workers=0)), None, stream)
+    dataset = packed_sources(data.manifest, "train", cfg.data.seq_len)
+    order = GlobalOrder([len(d) for d in dataset.datasets], data.manifest.weights, cfg.run.seed)
+    sampler = GlobalBatchSampler(order, t.global_batch_size, t.micro_batch_size, rank.rank, rank.world_size,
+                                 consumed_samples)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                        pin_memory=rank.device.type == "cuda")
+    return TrainBatches(iter(loader), order, None)
