@@ -40,7 +40,7 @@ def _train(args) -> int:
 
     from launcher.local import launch_local
     from trainer.data import corpus
-    from trainer.train import validation_batch_counts
+    from trainer.validation import validation_batch_counts
 
     overrides = args.set + ([f"launch.nproc_per_node={args.nproc}"] if args.nproc else [])
     cfg = load_config(args.config, overrides, cuda_available=torch.cuda.is_available())

@@ -61,3 +61,14 @@ def train_batches(cfg: Config, data: Corpus, rank, consumed_samples: int, stream
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                         pin_memory=rank.device.type == "cuda")
     return TrainBatches(iter(loader), order, None)
+
+
+class Mixture:
+    """The realised share of each source in the samples consumed so far (logged to check the weights)."""
+
+    def __init__(self, sources: list[str], order: GlobalOrder):
+        self.sources, self.order = sources, order
+
+    def fractions(self, consumed_samples: int) -> dict[str, float]:
+        counts = self.order.counts(consumed_samples)
+        return {f"data/{s}_fraction": float(c) / consumed_samples for s, c in zip(self.sources, counts)}

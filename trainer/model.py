@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from trainer.config import ModelSection
@@ -15,3 +17,10 @@ def build_model(section: ModelSection, vocab_size: int) -> PreTrainedModel:
 
 def count_parameters(model: PreTrainedModel) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on packed samples of seq_len + 1 tokens."""
+    inputs, labels = batch[:, :-1], batch[:, 1:]
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())

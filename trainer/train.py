@@ -10,17 +10,16 @@ from pathlib import Path
 
 import deepspeed
 import torch
-import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
-from data_pipeline import GlobalOrder, Manifest, PackedDataset, eval_batches
 from trainer import checkpoint, distributed
-from trainer.config import Config, ConfigError
-from trainer.data import corpus, train_batches
+from trainer.config import Config
+from trainer.data import Mixture, corpus, train_batches
 from trainer.deepspeed_config import deepspeed_config
 from trainer.metrics import MetricsLogger
-from trainer.model import build_model, count_parameters
+from trainer.model import build_model, count_parameters, lm_loss
 from trainer.optim import param_groups, warmup_cosine
+from trainer.validation import Validation
 
 log = logging.getLogger("zerotrain")
 
@@ -80,7 +79,7 @@ def _run(cfg, engine, batches, validation, mixture, metrics, state, rank) -> Non
             metrics.log(step, {
                 "train/loss": loss, "train/lr": lr, "train/grad_norm": _grad_norm(engine),
                 "perf/tokens_per_s": steps * tokens_per_step / seconds, "perf/step_s": seconds / steps,
-                "train/tokens_seen": state.tokens_seen, **(mixture.fractions(state) if mixture else {}),
+                "train/tokens_seen": state.tokens_seen, **(mixture.fractions(state.consumed_samples) if mixture else {}),
             })
         if validation and (step == t.max_steps or (t.eval_every and step % t.eval_every == 0)):
             val_loss, per_source = validation.run(engine)
@@ -103,13 +102,6 @@ def _train_step(engine, batches, grad_accum: int) -> torch.Tensor:
         engine.step()  # DeepSpeed only updates at the accumulation boundary
         total += loss.detach().float()
     return total / grad_accum
-
-
-def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on packed samples of seq_len + 1 tokens."""
-    inputs, labels = batch[:, :-1], batch[:, 1:]
-    logits = model(input_ids=inputs).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
 def _grad_norm(engine) -> float:
@@ -147,58 +139,6 @@ class Window:
 
     def exclude_since_last(self) -> None:
         self.start = time.perf_counter()
-
-
-def validation_batch_counts(cfg: Config, manifest: Manifest) -> dict[str, int]:
-    """Validation micro-batches per source, over all ranks: a multiple of the world size, since a ZeRO-3
-    forward is a collective and every rank must run as many. The launcher calls this before starting ranks."""
-    counts = {}
-    for source in manifest.sources:
-        samples = (manifest.num_tokens("validation", source) - 1) // cfg.data.seq_len
-        available = max(0, samples) // cfg.train.micro_batch_size
-        counts[source] = min(cfg.train.eval_batches, available) // cfg.world_size * cfg.world_size
-    if not any(counts.values()):
-        raise ConfigError(f"train.eval_batches: the validation split holds fewer micro-batches of "
-                          f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens than the {cfg.world_size} "
-                          "ranks; raise data.validation_fraction")
-    return {source: count for source, count in counts.items() if count}
-
-
-class Validation:
-    """Mean next-token loss over the first `train.eval_batches` validation micro-batches of each source, on
-    all ranks. With several sources, the overall loss weights them as the training mixture does."""
-
-    def __init__(self, cfg: Config, manifest: Manifest, rank: distributed.Rank):
-        self.sets = {}
-        for source, count in validation_batch_counts(cfg, manifest).items():
-            dataset = PackedDataset(manifest.store("validation", source), cfg.data.seq_len)
-            self.sets[source] = (dataset, eval_batches(len(dataset), cfg.train.micro_batch_size, rank.rank,
-                                                       rank.world_size, count))
-        weights = dict(zip(manifest.sources, manifest.weights))
-        self.weights = {source: weights[source] for source in self.sets}
-        self.device = rank.device
-
-    @torch.no_grad()
-    def run(self, engine) -> tuple[float, dict[str, float]]:
-        engine.eval()
-        means = [sum(lm_loss(engine, torch.stack([dataset[i] for i in idx]).to(self.device)).item()
-                     for idx in batches) / len(batches) for dataset, batches in self.sets.values()]
-        engine.train()
-        losses = dict(zip(self.sets, distributed.all_mean(means, self.device)))
-        overall = sum(self.weights[s] * loss for s, loss in losses.items()) / sum(self.weights.values())
-        per_source = {f"val/{s}/loss": loss for s, loss in losses.items()} if len(losses) > 1 else {}
-        return overall, per_source
-
-
-class Mixture:
-    """The realised share of each source in the samples consumed so far (logged to check the weights)."""
-
-    def __init__(self, sources: list[str], order: GlobalOrder):
-        self.sources, self.order = sources, order
-
-    def fractions(self, state: checkpoint.TrainState) -> dict[str, float]:
-        counts = self.order.counts(state.consumed_samples)
-        return {f"data/{s}_fraction": float(c) / state.consumed_samples for s, c in zip(self.sources, counts)}
 
 
 def _write_summary(cfg: Config, state, final_loss: float, val_loss: float, window: Window) -> None:
