@@ -1,21 +1,29 @@
-"""Checkpoints: DeepSpeed's sharded engine state plus a small `train_state.json` per checkpoint.
+"""Checkpoints: DeepSpeed's sharded engine state, the run's position, and each rank's own state.
 
-Layout: RUN_DIR/checkpoints/step_00000100/{DeepSpeed shards, train_state.json, config.yaml} and
-RUN_DIR/checkpoints/latest naming the newest complete one. `latest` is written by zerotrain, last,
-after every rank has finished its files, so it never names a half-written checkpoint.
+Layout: RUN_DIR/checkpoints/step_00000100/ holds the DeepSpeed shards, `train_state.json` (step, samples
+consumed, data fingerprint), `config.yaml` (the config it was trained with) and `rank{R}.pt` (each rank's
+RNG states, and its stream position in streaming mode); RUN_DIR/checkpoints/latest names the newest one.
+
+A save is atomic: every rank writes into `step_N.partial/` and fsyncs what it wrote; only when all have,
+rank 0 renames the folder to `step_N/` and then points `latest` at it. A job killed at any moment leaves
+the previous checkpoint intact and named by `latest`; a leftover `.partial` folder is never loaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
+import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+PARTIAL = ".partial"
 
 
 @dataclass(frozen=True)
@@ -45,41 +53,93 @@ def read_state(run_dir: Path, tag: str) -> TrainState:
     return TrainState(**json.loads((checkpoints_dir(run_dir) / tag / "train_state.json").read_text()))
 
 
-def save(engine, run_dir: Path, state: TrainState, rank_state: dict | None = None) -> Path:
-    """Collective: every rank calls it. `rank_state`: this rank's own data position (streaming mode).
-    Returns the checkpoint folder."""
+def save(engine, run_dir: Path, state: TrainState, stream_state: dict | None, keep_last: int,
+         keep_every: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder."""
     root = checkpoints_dir(run_dir)
     tag = f"step_{state.step:08d}"
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    if rank_state is not None:
-        _write_atomic(root / tag / f"data_state_rank{dist.get_rank()}.json", json.dumps(rank_state))
-    dist.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
+    partial = root / (tag + PARTIAL)
+    if dist.get_rank() == 0 and partial.exists():
+        shutil.rmtree(partial)  # left by a save that was killed
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
+    torch.save({"rng": _rng_states(), "stream": stream_state}, partial / f"rank{dist.get_rank()}.pt")
+    _fsync_tree(partial)  # each rank flushes what it wrote, also on a shared filesystem
+    dist.barrier()
     if dist.get_rank() == 0:
-        _write_atomic(root / tag / "train_state.json", json.dumps(asdict(state), indent=2))
-        shutil.copyfile(run_dir / "config.yaml", root / tag / "config.yaml")
-        _write_atomic(root / LATEST, tag)
+        _write_durable(partial / "train_state.json", json.dumps(asdict(state), indent=2))
+        shutil.copyfile(run_dir / "config.yaml", partial / "config.yaml")
+        _fsync_tree(partial)
+        if (root / tag).exists():  # a checkpoint of this step saved before a crash and a resume
+            shutil.rmtree(root / tag)
+        os.rename(partial, root / tag)
+        _write_durable(root / LATEST, tag)
+        _apply_retention(root, keep_last, keep_every)
     dist.barrier()
     return root / tag
 
 
 def load(engine, run_dir: Path) -> TrainState | None:
-    """Restore the engine from the newest checkpoint; None when the run has none yet."""
+    """Restore the engine and this rank's RNG from the newest checkpoint; None when the run has none yet."""
     tag = latest_tag(run_dir)
     if tag is None:
         return None
     engine.load_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
+    _set_rng_states(_rank_file(run_dir, tag)["rng"])
     return read_state(run_dir, tag)
 
 
-def read_rank_state(run_dir: Path, rank: int) -> dict:
-    tag = latest_tag(run_dir)
-    return json.loads((checkpoints_dir(run_dir) / tag / f"data_state_rank{rank}.json").read_text())
+def read_stream_state(run_dir: Path) -> dict:
+    return _rank_file(run_dir, latest_tag(run_dir))["stream"]
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _rank_file(run_dir: Path, tag: str) -> dict:
+    return torch.load(checkpoints_dir(run_dir) / tag / f"rank{dist.get_rank()}.pt", weights_only=False)
+
+
+def _apply_retention(root: Path, keep_last: int, keep_every: int) -> None:
+    """Keep the newest `keep_last` checkpoints and every `keep_every`-th step's as a milestone."""
+    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL))
+    for old in tags[:-keep_last]:
+        if not (keep_every and int(old.removeprefix("step_")) % keep_every == 0):
+            shutil.rmtree(root / old)
+
+
+def _rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    """Write to a temporary name, fsync, rename over `path`, fsync the folder: all or nothing, and on disk."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)

@@ -54,6 +54,8 @@ class TrainSection(Section):
 
 class CheckpointSection(Section):
     every: int = Field(0, ge=0)  # steps between checkpoints; 0: only at the end
+    keep_last: int = Field(3, ge=1)  # the newest checkpoints kept; older ones are deleted after each save
+    keep_every: int = Field(0, ge=0)  # also keep every checkpoint whose step is a multiple of this (milestones)
 
 
 class ZeroSection(Section):

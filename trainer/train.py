@@ -34,7 +34,7 @@ def train(cfg: Config, resume: bool) -> None:
     stream_state = None
     if state.step:
         log.info(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)")
-        stream_state = checkpoint.read_rank_state(cfg.run_dir, rank.rank) if cfg.data.mode == "streaming" else None
+        stream_state = checkpoint.read_stream_state(cfg.run_dir) if cfg.data.mode == "streaming" else None
     batches = train_batches(cfg, data, rank, state.consumed_samples, stream_state)
     # Streaming data has no held-out split to validate on (see the README).
     validation = Validation(cfg, data.manifest, rank) if data.manifest else None
@@ -86,7 +86,8 @@ def _run(cfg, engine, batches, validation, mixture, metrics, state, rank) -> Non
             metrics.log(step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50)), **per_source})
             window.exclude_since_last()
         if step == t.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            checkpoint.save(engine, cfg.run_dir, state, batches.stream.state_dict() if batches.stream else None)
+            checkpoint.save(engine, cfg.run_dir, state, batches.stream.state_dict() if batches.stream else None,
+                            cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
             window.exclude_since_last()
     if rank.is_main and logged_loss is not None:
         _write_summary(cfg, state, logged_loss, val_loss, window)
