@@ -40,11 +40,13 @@ def _train(args) -> int:
 
     from launcher.local import launch_local
     from trainer.data import corpus
+    from trainer.model import model_config
     from trainer.validation import validation_batch_counts
 
     overrides = args.set + ([f"launch.nproc_per_node={args.nproc}"] if args.nproc else [])
     cfg = load_config(args.config, overrides, cuda_available=torch.cuda.is_available())
     data = corpus(cfg)
+    model_config(cfg.model, data.vocab_size)  # an init_from model must fit the data's vocabulary
     if data.manifest:
         validation_batch_counts(cfg, data.manifest)
     _check_resume(cfg, data.fingerprint, args.resume, args.allow_data_change)

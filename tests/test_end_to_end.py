@@ -246,3 +246,16 @@ def test_streaming_mode_trains_and_resumes_exactly(tiny_data, tmp_path):
     original, after = train_losses(run_dir), train_losses(resumed)
     assert [after[s] for s in range(5, 9)] == [original[s] for s in range(5, 9)]
     assert original[8] < original[1]
+
+
+def test_training_starts_from_an_export(tiny_run, tiny_data, tmp_path):
+    zerotrain("export", tiny_run, tmp_path / "export")
+    run_dir = tmp_path / "continued"
+    zerotrain("train", *tiny_args(run_dir, tiny_data, f"model.init_from={tmp_path / 'export'}", "model.config={}",
+                                  "train.max_steps=2", "train.eval_every=0"))
+    from_scratch, continued = train_losses(tiny_run), train_losses(run_dir)
+    assert continued[1] < from_scratch[1] - 0.4  # it starts where the exported model ended, not at random
+    assert continued[1] == pytest.approx(from_scratch[STEPS], abs=0.2)
+    wrong = zerotrain("train", *tiny_args(tmp_path / "r2", tiny_data, "model.init_from=/nonexistent",
+                                          "model.config={}"), check=False)
+    assert wrong.returncode == 2 and "model.init_from: /nonexistent is not a Hugging Face model folder" in wrong.stderr

@@ -34,6 +34,7 @@ class RunSection(Section):
 class ModelSection(Section):
     type: str = "llama"  # a transformers model_type, built with AutoConfig.for_model
     config: dict[str, Any] = {}  # fields of that transformers config; vocab_size comes from the tokenizer
+    init_from: Path | None = None  # start from this Hugging Face model folder (e.g. a zerotrain export)
 
 
 class TrainSection(Section):
@@ -142,7 +143,8 @@ def _absolutize_paths(raw: dict) -> None:
     def absolute(p: Any) -> Any:
         return str(Path(p).expanduser().absolute()) if isinstance(p, str) else p
 
-    for section, key in (("run", "output_dir"), ("data", "prepared_dir"), ("tokenizer", "path")):
+    for section, key in (("run", "output_dir"), ("data", "prepared_dir"), ("tokenizer", "path"),
+                         ("model", "init_from")):
         if isinstance(raw.get(section), dict) and raw[section].get(key) is not None:
             raw[section][key] = absolute(raw[section][key])
     data = raw.get("data")
@@ -199,6 +201,13 @@ def _check_streaming(cfg: Config) -> None:
 
 def _check_model_fields(model: ModelSection) -> None:
     from transformers import AutoConfig  # imported here: a second of start-up only where needed
+
+    if model.init_from is not None:
+        if not (model.init_from / "config.json").is_file():
+            raise ConfigError(f"model.init_from: {model.init_from} is not a Hugging Face model folder (no config.json)")
+        if model.config:
+            raise ConfigError("model.config: the architecture comes from model.init_from; leave model.config empty")
+        return
 
     try:
         defaults = AutoConfig.for_model(model.type)

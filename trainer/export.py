@@ -6,12 +6,13 @@ from pathlib import Path
 
 from accelerate import init_empty_weights
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from transformers import AutoModelForCausalLM
 
 from data_pipeline import load_tokenizer
 from trainer import checkpoint
 from trainer.config import ConfigError, load_config
 from trainer.data import corpus
-from trainer.model import build_model
+from trainer.model import model_config
 
 
 def export(run_dir: Path, out_dir: Path, tag: str | None = None) -> Path:
@@ -26,8 +27,8 @@ def export(run_dir: Path, out_dir: Path, tag: str | None = None) -> Path:
     data = corpus(cfg)
     tokenizer = load_tokenizer(data.tokenizer_dir)
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=tag)
-    with init_empty_weights():  # no throw-away random initialisation of a large model
-        model = build_model(cfg.model, data.vocab_size)
+    with init_empty_weights():  # no throw-away initialisation of a large model
+        model = AutoModelForCausalLM.from_config(model_config(cfg.model, data.vocab_size))
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.tie_weights()
     model.generation_config.eos_token_id = tokenizer.eos_token_id

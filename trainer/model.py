@@ -1,18 +1,32 @@
-"""Build any transformers causal language model from the config's `model` section."""
+"""Build any transformers causal language model from the config's `model` section, and its loss."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from trainer.config import ModelSection
+from trainer.config import ConfigError, ModelSection
+
+
+def model_config(section: ModelSection, vocab_size: int) -> PretrainedConfig:
+    """The architecture: from `init_from`'s folder, or `type` + `config`, with the data's vocabulary."""
+    if section.init_from is None:
+        return AutoConfig.for_model(section.type, **section.config, vocab_size=vocab_size)
+    config = AutoConfig.from_pretrained(section.init_from)
+    if config.vocab_size != vocab_size:
+        raise ConfigError(f"model.init_from: the model's vocabulary ({config.vocab_size}) is not the data's "
+                          f"tokenizer's ({vocab_size}); prepare the data with tokenizer.path: {section.init_from}")
+    return config
 
 
 def build_model(section: ModelSection, vocab_size: int) -> PreTrainedModel:
-    """A freshly initialised model; its vocabulary is the prepared data's tokenizer's."""
-    hf_config = AutoConfig.for_model(section.type, **section.config, vocab_size=vocab_size)
-    return AutoModelForCausalLM.from_config(hf_config)
+    """The model to train: the weights of `init_from`, or a fresh initialisation."""
+    config = model_config(section, vocab_size)
+    if section.init_from is not None:
+        # fp32 like a fresh model: DeepSpeed makes its own bf16/fp16 copy and keeps fp32 master weights
+        return AutoModelForCausalLM.from_pretrained(section.init_from, config=config).float()
+    return AutoModelForCausalLM.from_config(config)
 
 
 def count_parameters(model: PreTrainedModel) -> int:
