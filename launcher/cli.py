@@ -36,11 +36,14 @@ def _prepare(args) -> None:
 
 def _train(args) -> int:
     import torch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from launcher.local import launch_local
+    from trainer import checkpoint
     from trainer.data import corpus
     from trainer.model import model_config
+    from trainer.train import EXIT_SAVED
     from trainer.validation import validation_batch_counts
 
     overrides = args.set + ([f"launch.nproc_per_node={args.nproc}"] if args.nproc else [])
@@ -54,8 +57,16 @@ def _train(args) -> int:
     config_file = cfg.run_dir / "config.yaml"
     config_file.write_text(cfg.to_yaml())
     print(f"zerotrain: run {cfg.run.name}: {cfg.world_size} rank(s), logs in {cfg.run_dir / 'logs'}", flush=True)
+    saved_before = checkpoint.latest_tag(cfg.run_dir)
     try:
-        launch_local(config_file, cfg.world_size, args.resume, cfg.run_dir / "logs")
+        launch_local(config_file, cfg.world_size, args.resume, cfg.run_dir / "logs", cfg.launch.stop_timeout)
+    except SignalException as e:
+        saved = checkpoint.latest_tag(cfg.run_dir)
+        if saved == saved_before:
+            print(f"zerotrain: stopped by {e.sigval.name} before a checkpoint was saved", file=sys.stderr)
+            return 1
+        print(f"zerotrain: stopped by {e.sigval.name}; saved {saved}: continue with --resume auto", file=sys.stderr)
+        return EXIT_SAVED
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         # The error file holds {"message": "Type: text", "extraInfo": {traceback...}}; the rank has already

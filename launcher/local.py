@@ -17,8 +17,8 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 
-def launch_local(config_file: Path, nproc: int, resume: str, logs_dir: Path) -> None:
-    """Raises torch's ChildFailedError when a rank fails."""
+def launch_local(config_file: Path, nproc: int, resume: str, logs_dir: Path, stop_timeout: int) -> None:
+    """Raises torch's ChildFailedError when a rank fails, SignalException when the launcher is signalled."""
     # On CPU each rank's BLAS threads share the cores: oversubscription slows every rank down.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # Tell DeepSpeed the device this machine has, rather than letting every rank probe and warn.
@@ -34,5 +34,9 @@ def launch_local(config_file: Path, nproc: int, resume: str, logs_dir: Path) -> 
         monitor_interval=0.5,
         start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=str(logs_dir / "agent")),
+        # On these the agent passes the signal to the ranks, which save and leave (trainer.train.StopRequest);
+        # it waits stop_timeout seconds for that before killing them.
+        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        shutdown_timeout=stop_timeout,
     )
     elastic_launch(launch, sys.executable)("-m", "trainer.main", str(config_file), "--resume", resume)

@@ -259,3 +259,28 @@ def test_training_starts_from_an_export(tiny_run, tiny_data, tmp_path):
     wrong = zerotrain("train", *tiny_args(tmp_path / "r2", tiny_data, "model.init_from=/nonexistent",
                                           "model.config={}"), check=False)
     assert wrong.returncode == 2 and "model.init_from: /nonexistent is not a Hugging Face model folder" in wrong.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_saves_and_exits_with_code_3_then_resumes(sig, tiny_data, tmp_path):
+    run_dir = tmp_path / "stopped"
+    args = tiny_args(run_dir, tiny_data, "train.max_steps=100000", "checkpoint.every=0", "train.eval_every=0")
+    launcher = subprocess.Popen([sys.executable, "-m", "launcher.cli", "train", *args], cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 3, launcher)
+        launcher.send_signal(sig)  # as Slurm signals the job step before preemption or the time limit
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 3, stderr[-3000:]
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    assert f"stopped by {sig.name}; saved {tag}" in stderr
+    saved_step = json.loads((run_dir / "checkpoints" / tag / "train_state.json").read_text())["step"]
+    assert saved_step >= 3 and max(train_losses(run_dir)) > 0
+    assert _rank_pids(run_dir) == {}
+    if sig == signal.SIGTERM:  # the saved run continues from where it stopped
+        zerotrain("train", *tiny_args(run_dir, tiny_data, f"train.max_steps={saved_step + 1}", "checkpoint.every=0",
+                                      "train.eval_every=0"), "--resume", "auto")
+        assert saved_step + 1 in train_losses(run_dir)

@@ -67,6 +67,7 @@ class ZeroSection(Section):
 
 class LaunchSection(Section):
     nproc_per_node: int = Field(1, ge=1)
+    stop_timeout: int = Field(300, ge=1)  # seconds the ranks get to save after a stop signal before being killed
 
 
 class Config(Section):

@@ -7,6 +7,7 @@ fingerprint) in either mode; `train_batches()` gives the rank's micro-batches.
 from __future__ import annotations
 
 import hashlib
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +60,15 @@ def train_batches(cfg: Config, data: Corpus, rank, consumed_samples: int, stream
     sampler = GlobalBatchSampler(order, t.global_batch_size, t.micro_batch_size, rank.rank, rank.world_size,
                                  consumed_samples)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=rank.device.type == "cuda")
+                        pin_memory=rank.device.type == "cuda", worker_init_fn=_ignore_stop_signals)
     return TrainBatches(iter(loader), order, None)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A stop signal reaches the rank's whole process group; the rank decides when to stop, and its loader
+    workers must live on to serve the steps up to the save."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class Mixture:

@@ -22,17 +22,17 @@ warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprec
 
 
 @record  # a failing rank's traceback reaches the launcher, which shows it
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.main", description=__doc__)
     parser.add_argument("config", help="the resolved config.yaml in the run directory")
     parser.add_argument("--resume", choices=["auto", "none"], default="none")
     args = parser.parse_args(argv)
-    train(load_config(args.config), resume=args.resume == "auto")
+    return train(load_config(args.config), resume=args.resume == "auto")
 
 
 if __name__ == "__main__":
-    main()
+    code = main()
     # Leave without running interpreter teardown: gloo/DeepSpeed threads can abort it (ZeRO-3 exit crash).
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
 from trainer import checkpoint, distributed
@@ -22,9 +24,12 @@ from trainer.optim import param_groups, warmup_cosine
 from trainer.validation import Validation
 
 log = logging.getLogger("zerotrain")
+EXIT_SAVED = 3  # a rank's (and the launcher's) exit code after saving on a stop signal
 
 
-def train(cfg: Config, resume: bool) -> None:
+def train(cfg: Config, resume: bool) -> int:
+    """Returns the rank's exit code: 0 when max_steps is reached, EXIT_SAVED when stopped by a signal."""
+    stop = StopRequest()  # first: a signal during start-up must not kill the rank
     rank = distributed.init()
     _setup_logging(cfg.run_dir, rank)
     data = corpus(cfg)
@@ -42,9 +47,10 @@ def train(cfg: Config, resume: bool) -> None:
     metrics.text("config", cfg.to_yaml())
     sources = data.manifest.sources if data.manifest else []
     mixture = Mixture(sources, batches.order) if len(sources) > 1 else None
-    _run(cfg, engine, batches, validation, mixture, metrics, state, rank)
+    code = _run(cfg, engine, batches, validation, mixture, metrics, state, rank, stop)
     metrics.close()
     distributed.shutdown()
+    return code
 
 
 def _build_engine(cfg: Config, vocab_size: int):
@@ -63,7 +69,7 @@ def _build_engine(cfg: Config, vocab_size: int):
     return engine
 
 
-def _run(cfg, engine, batches, validation, mixture, metrics, state, rank) -> None:
+def _run(cfg, engine, batches, validation, mixture, metrics, state, rank, stop) -> int:
     t = cfg.train
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     window = Window(engine.device)
@@ -85,12 +91,40 @@ def _run(cfg, engine, batches, validation, mixture, metrics, state, rank) -> Non
             val_loss, per_source = validation.run(engine)
             metrics.log(step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50)), **per_source})
             window.exclude_since_last()
-        if step == t.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        stopping = stop.agreed(engine.device)
+        if stopping or step == t.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             checkpoint.save(engine, cfg.run_dir, state, batches.stream.state_dict() if batches.stream else None,
                             cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
             window.exclude_since_last()
+        if stopping:
+            log.warning(f"{stop.name} received: saved step {step}; continue with --resume auto")
+            return EXIT_SAVED
     if rank.is_main and logged_loss is not None:
         _write_summary(cfg, state, logged_loss, val_loss, window)
+    return 0
+
+
+class StopRequest:
+    """SIGTERM (a scheduler's or the launcher's stop) or SIGUSR1 (Slurm's warning before a time limit): the
+    rank finishes its step, and once every rank has been told, they save together and leave."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.name = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.name = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        """Collective: true on every rank as soon as any rank was signalled (they must save together)."""
+        flag = torch.tensor([float(self.name is not None)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.name is None:
+            self.name = "a stop signal (to another rank)"
+        return bool(flag.item())
 
 
 def _train_step(engine, batches, grad_accum: int) -> torch.Tensor:
