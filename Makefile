@@ -7,8 +7,11 @@ SHAKESPEARE := data/shakespeare
 DEMO_RUN := runs/demo
 # Pure-Python DeepSpeed: its C++ ops are JIT-compiled on first use (cached in ~/.cache/torch_extensions).
 export DS_BUILD_OPS := 0
+# The demo and tests read local files only: never let datasets/transformers try the Hub.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup data demo test test-fast lock clean
+.PHONY: setup data demo test test-fast lock clean bench-data
 
 setup: $(VENV)/.installed
 data: $(SHAKESPEARE)/.fetched
@@ -54,3 +57,7 @@ lock: setup
 
 clean:
 	rm -rf $(VENV) data runs
+
+# Real English text (about 53 MB) for the data-pipeline benchmarks, in data/bench-corpus: see bench/fetch_corpus.py.
+bench-data: setup
+	$(PY) bench/fetch_corpus.py
