@@ -46,7 +46,7 @@ def source_units(source: SourceConfig) -> list[Unit]:
     if not files:
         raise DataError(f"data.sources: {source.path!r} matches no file (nor a save_to_disk folder)")
     for file in files:
-        _builder(file)  # an unreadable type fails now, not after the tokenizer has been trained
+        builder_for(file)  # an unreadable type fails now, not after the tokenizer has been trained
     return [Unit("file", str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
@@ -67,7 +67,7 @@ def iter_texts(units: list[Unit], source: SourceConfig, text_field: str) -> Iter
 def _read_groups(units: list[Unit]) -> Iterator[list[Unit]]:
     """Plain text files are read many per `load_dataset` call: per call costs ~0.1 s, a whole play's worth.
     Files with rows are read one per call, so an error can name its file."""
-    texts = [u for u in units if u.kind == "file" and _builder(Path(u.location))[0] == "text"]
+    texts = [u for u in units if u.kind == "file" and builder_for(Path(u.location))[0] == "text"]
     if texts:
         yield texts
     yield from ([u] for u in units if u not in texts)
@@ -85,13 +85,17 @@ def _open(units: list[Unit], source: SourceConfig, text_field: str):
             return saved.to_iterable_dataset(), text_field
     except (OSError, ValueError, KeyError, ConnectionError) as e:
         raise DataError(f"data.sources: cannot read {unit.location!r} ({str(e).splitlines()[0]})") from None
-    builder, options = _builder(Path(unit.location))
-    rows = datasets.load_dataset(builder, data_files=[u.location for u in units], split="train", streaming=True,
-                                 **options)
-    return rows, ("text" if builder == "text" else text_field)
+    builder, _ = builder_for(Path(unit.location))
+    return stream_files([u.location for u in units]), ("text" if builder == "text" else text_field)
 
 
-def _builder(file: Path) -> tuple[str, dict]:
+def stream_files(locations: list[str]) -> datasets.IterableDataset:
+    """Local files of one type as one `datasets` stream."""
+    builder, options = builder_for(Path(locations[0]))
+    return datasets.load_dataset(builder, data_files=locations, split="train", streaming=True, **options)
+
+
+def builder_for(file: Path) -> tuple[str, dict]:
     try:
         return BUILDERS[file.suffix.lower()]
     except KeyError:

@@ -31,14 +31,13 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 from datasets.table import CastError
 
 from data_pipeline.errors import DataError
-from data_pipeline.sources import _builder
+from data_pipeline.sources import builder_for, stream_files
 from data_pipeline.tokenizer import load_tokenizer
 
 # On resume datasets warns that a shuffle buffer restarts empty. Ours (buffer_size=1) is empty between examples,
@@ -58,15 +57,15 @@ class StreamingPackedDataset(torch.utils.data.IterableDataset):
                  rank: int, world_size: int, seed: int, shuffle_buffer: int = 1000):
         if not files:
             raise DataError("data.sources: no files to stream")
-        if len({_builder(f)[0] for f in files}) > 1:
+        if len({builder_for(f)[0] for f in files}) > 1:
             raise DataError(f"data.sources: streaming reads one type of file, got {sorted({f.suffix for f in files})}")
         self.files = files
-        self.text_field = "text" if _builder(files[0])[0] == "text" else text_field
+        self.text_field = "text" if builder_for(files[0])[0] == "text" else text_field
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         # buffer_size=1 keeps only the file shuffle and interleaving: documents are shuffled in resumable blocks.
-        self.source = _load(files).shuffle(seed=seed, buffer_size=1)
+        self.source = stream_files([str(f) for f in files]).shuffle(seed=seed, buffer_size=1)
         self._tokens = np.empty(0, dtype=np.int64)
         self._start_epoch(0)
 
@@ -146,15 +145,10 @@ class StreamingPackedDataset(torch.utils.data.IterableDataset):
         return text
 
 
-def _load(files: list[Path]) -> datasets.IterableDataset:
-    builder, options = _builder(files[0])
-    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **options)
-
-
 def _file_without(files: list[Path], field: str) -> DataError | None:
     """The stream does not say which file a row came from: on a bad row, name the first file lacking the field."""
     for file in files:
-        row = next(iter(_load([file])), None)
+        row = next(iter(stream_files([str(file)])), None)
         if row is not None and not isinstance(row.get(field), str):
             return DataError(f"{file}: has no {field!r} text field (data.text_field); its fields: {sorted(row)}")
     return None

@@ -43,7 +43,6 @@ def _train(args) -> int:
     from trainer import checkpoint
     from trainer.data import corpus
     from trainer.model import model_config
-    from trainer.train import EXIT_SAVED
     from trainer.validation import validation_batch_counts
 
     overrides = args.set + ([f"launch.nproc_per_node={args.nproc}"] if args.nproc else [])
@@ -66,7 +65,7 @@ def _train(args) -> int:
             print(f"zerotrain: stopped by {e.sigval.name} before a checkpoint was saved", file=sys.stderr)
             return 1
         print(f"zerotrain: stopped by {e.sigval.name}; saved {saved}: continue with --resume auto", file=sys.stderr)
-        return EXIT_SAVED
+        return checkpoint.EXIT_SAVED
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         # The error file holds {"message": "Type: text", "extraInfo": {traceback...}}; the rank has already

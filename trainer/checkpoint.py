@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 LATEST = "latest"
 PARTIAL = ".partial"
+EXIT_SAVED = 3  # a rank's (and the launcher's) exit code when a stop signal ended the run after a save
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,10 @@ from trainer.optim import param_groups, warmup_cosine
 from trainer.validation import Validation
 
 log = logging.getLogger("zerotrain")
-EXIT_SAVED = 3  # a rank's (and the launcher's) exit code after saving on a stop signal
 
 
 def train(cfg: Config, resume: bool) -> int:
-    """Returns the rank's exit code: 0 when max_steps is reached, EXIT_SAVED when stopped by a signal."""
+    """Returns the rank's exit code: 0 when max_steps is reached, checkpoint.EXIT_SAVED when stopped by a signal."""
     stop = StopRequest()  # first: a signal during start-up must not kill the rank
     rank = distributed.init()
     _setup_logging(cfg.run_dir, rank)
@@ -98,7 +97,7 @@ def _run(cfg, engine, batches, validation, mixture, metrics, state, rank, stop) 
             window.exclude_since_last()
         if stopping:
             log.warning(f"{stop.name} received: saved step {step}; continue with --resume auto")
-            return EXIT_SAVED
+            return checkpoint.EXIT_SAVED
     if rank.is_main and logged_loss is not None:
         _write_summary(cfg, state, logged_loss, val_loss, window)
     return 0
