@@ -83,12 +83,18 @@ def _check_resume(cfg, data_fingerprint: str, resume: str, allow_data_change: bo
     """Never overwrite a run by accident, and refuse resuming what cannot continue exactly."""
     from trainer import checkpoint
 
-    tag = checkpoint.latest_tag(cfg.run_dir)
-    if tag is None:
+    tags = checkpoint.saved_tags(checkpoint.checkpoints_dir(cfg.run_dir))
+    if not tags:
         return
     if resume == "none":
-        raise ConfigError(f"run.output_dir: {cfg.run_dir} already holds checkpoints (latest {tag}); "
+        raise ConfigError(f"run.output_dir: {cfg.run_dir} already holds checkpoints (latest {tags[-1]}); "
                           "pass --resume auto to continue it, or choose another run.output_dir")
+    tag, damaged = checkpoint.newest_intact(cfg.run_dir, checksums=False)  # the ranks verify checksums too
+    for problem in damaged:
+        print(f"zerotrain: checkpoint {problem}; falling back to an older one", file=sys.stderr)
+    if tag is None:
+        raise ConfigError(f"run.output_dir: no intact checkpoint in {checkpoint.checkpoints_dir(cfg.run_dir)} "
+                          "to resume from")
     state = checkpoint.read_state(cfg.run_dir, tag)
     if state.data_fingerprint != data_fingerprint and not allow_data_change:
         raise DataError(f"data.prepared_dir: checkpoint {tag} was trained on other prepared data (corpus or "

@@ -284,3 +284,23 @@ def test_a_stop_signal_saves_and_exits_with_code_3_then_resumes(sig, tiny_data, 
         zerotrain("train", *tiny_args(run_dir, tiny_data, f"train.max_steps={saved_step + 1}", "checkpoint.every=0",
                                       "train.eval_every=0"), "--resume", "auto")
         assert saved_step + 1 in train_losses(run_dir)
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(damage, tiny_run, tiny_data, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tiny_run, resumed)
+    shard = resumed / "checkpoints" / "step_00000012" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with open(shard, "r+b") as f:
+        if damage == "truncated":
+            f.truncate(shard.stat().st_size - 100)
+        else:
+            f.seek(1000)
+            byte = f.read(1)
+            f.seek(1000)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    result = zerotrain("train", *tiny_args(resumed, tiny_data), "--resume", "auto")
+    problem = "fails its checksum" if damage == "flipped byte" else "bytes, expected"
+    assert f"step_00000012 is damaged ({shard} " in result.stderr and problem in result.stderr
+    original, after = train_losses(tiny_run), train_losses(resumed)
+    assert [after[s] for s in range(7, STEPS + 1)] == [original[s] for s in range(7, STEPS + 1)]

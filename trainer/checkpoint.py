@@ -5,12 +5,15 @@ consumed, data fingerprint), `config.yaml` (the config it was trained with) and 
 RNG states, and its stream position in streaming mode); RUN_DIR/checkpoints/latest names the newest one.
 
 A save is atomic: every rank writes into `step_N.partial/` and fsyncs what it wrote; only when all have,
-rank 0 renames the folder to `step_N/` and then points `latest` at it. A job killed at any moment leaves
-the previous checkpoint intact and named by `latest`; a leftover `.partial` folder is never loaded.
+rank 0 writes `manifest.json` (each file's size and SHA-256, hashed by all ranks in parallel), renames the
+folder to `step_N/` and then points `latest` at it. A job killed at any moment leaves the previous
+checkpoint intact; a leftover `.partial` folder is never loaded. Resuming takes the newest checkpoint that
+matches its manifest, saying which newer ones are damaged and why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -24,6 +27,7 @@ import torch.distributed as dist
 
 LATEST = "latest"
 PARTIAL = ".partial"
+MANIFEST = "manifest.json"  # every file of the checkpoint with its size and SHA-256
 EXIT_SAVED = 3  # a rank's (and the launcher's) exit code when a stop signal ended the run after a save
 
 
@@ -67,9 +71,14 @@ def save(engine, run_dir: Path, state: TrainState, stream_state: dict | None, ke
     torch.save({"rng": _rng_states(), "stream": stream_state}, partial / f"rank{dist.get_rank()}.pt")
     _fsync_tree(partial)  # each rank flushes what it wrote, also on a shared filesystem
     dist.barrier()
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, _digests(partial, dist.get_rank(), dist.get_world_size()))
     if dist.get_rank() == 0:
         _write_durable(partial / "train_state.json", json.dumps(asdict(state), indent=2))
         shutil.copyfile(run_dir / "config.yaml", partial / "config.yaml")
+        files = {name: d for part in digests for name, d in part.items()}
+        files.update({name: _digest(partial / name) for name in ("train_state.json", "config.yaml")})
+        _write_durable(partial / MANIFEST, json.dumps(files, indent=1, sort_keys=True))
         _fsync_tree(partial)
         if (root / tag).exists():  # a checkpoint of this step saved before a crash and a resume
             shutil.rmtree(root / tag)
@@ -80,28 +89,69 @@ def save(engine, run_dir: Path, state: TrainState, stream_state: dict | None, ke
     return root / tag
 
 
-def load(engine, run_dir: Path) -> TrainState | None:
-    """Restore the engine and this rank's RNG from the newest checkpoint; None when the run has none yet."""
-    tag = latest_tag(run_dir)
+def load(engine, run_dir: Path, log) -> tuple[TrainState, dict | None] | None:
+    """Restore the engine and this rank's RNG from the newest intact checkpoint, which rank 0 chooses by
+    verifying checksums. Returns the run's position and this rank's stream state; None without checkpoints."""
+    choice = [newest_intact(run_dir, checksums=True) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    tag, damaged = choice[0]
+    for problem in damaged:
+        log(f"checkpoint {problem}: falling back to an older one")
     if tag is None:
         return None
     engine.load_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
-    _set_rng_states(_rank_file(run_dir, tag)["rng"])
-    return read_state(run_dir, tag)
+    own = torch.load(checkpoints_dir(run_dir) / tag / f"rank{dist.get_rank()}.pt", weights_only=False)
+    _set_rng_states(own["rng"])
+    return read_state(run_dir, tag), own["stream"]
 
 
-def read_stream_state(run_dir: Path) -> dict:
-    return _rank_file(run_dir, latest_tag(run_dir))["stream"]
+def newest_intact(run_dir: Path, checksums: bool) -> tuple[str | None, list[str]]:
+    """The newest checkpoint whose files match its manifest, and what is wrong with the newer ones."""
+    damaged = []
+    for tag in sorted(saved_tags(checkpoints_dir(run_dir)), reverse=True):
+        problem = verify(checkpoints_dir(run_dir) / tag, checksums)
+        if problem is None:
+            return tag, damaged
+        damaged.append(f"{tag} is damaged ({problem})")
+    return None, damaged
 
 
-def _rank_file(run_dir: Path, tag: str) -> dict:
-    return torch.load(checkpoints_dir(run_dir) / tag / f"rank{dist.get_rank()}.pt", weights_only=False)
+def verify(folder: Path, checksums: bool) -> str | None:
+    """None when every file of the manifest is there with its size (and checksum); else the first problem."""
+    if not (folder / MANIFEST).is_file():
+        return f"{folder / MANIFEST} is missing"
+    for name, expected in json.loads((folder / MANIFEST).read_text()).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, expected {expected['bytes']}"
+        if checksums and _digest(path)["sha256"] != expected["sha256"]:
+            return f"{path} fails its checksum"
+    return None
+
+
+def saved_tags(root: Path) -> list[str]:
+    return sorted(p.name for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL))
+
+
+def _digests(folder: Path, rank: int, world_size: int) -> dict:
+    """This rank's share of the checksums: every world_size-th file, so all ranks hash in parallel."""
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    return {name: _digest(folder / name) for name in names[rank::world_size]}
+
+
+def _digest(path: Path) -> dict:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 * 2**20):
+            sha.update(block)
+    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}
 
 
 def _apply_retention(root: Path, keep_last: int, keep_every: int) -> None:
     """Keep the newest `keep_last` checkpoints and every `keep_every`-th step's as a milestone."""
-    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL))
-    for old in tags[:-keep_last]:
+    for old in saved_tags(root)[:-keep_last]:
         if not (keep_every and int(old.removeprefix("step_")) % keep_every == 0):
             shutil.rmtree(root / old)
 

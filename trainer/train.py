@@ -33,12 +33,10 @@ def train(cfg: Config, resume: bool) -> int:
     _setup_logging(cfg.run_dir, rank)
     data = corpus(cfg)
     engine = _build_engine(cfg, data.vocab_size)
-    state = (checkpoint.load(engine, cfg.run_dir) if resume else None) or checkpoint.TrainState(
-        data_fingerprint=data.fingerprint)
-    stream_state = None
-    if state.step:
+    restored = checkpoint.load(engine, cfg.run_dir, log.warning) if resume else None
+    state, stream_state = restored or (checkpoint.TrainState(data_fingerprint=data.fingerprint), None)
+    if restored:
         log.info(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)")
-        stream_state = checkpoint.read_stream_state(cfg.run_dir) if cfg.data.mode == "streaming" else None
     batches = train_batches(cfg, data, rank, state.consumed_samples, stream_state)
     # Streaming data has no held-out split to validate on (see the README).
     validation = Validation(cfg, data.manifest, rank) if data.manifest else None
