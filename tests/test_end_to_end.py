@@ -229,6 +229,8 @@ def test_changed_data_is_refused_on_resume_unless_allowed(tiny_run, mixture_data
     assert refused.returncode == 2 and "corpus or tokenizer changed" in refused.stderr
     zerotrain("train", *args, "--resume", "auto", "--allow-data-change")
     assert train_losses(resumed)[13] > 0
+    # The checkpoint now records the data it was trained on: continuing needs no override.
+    zerotrain("train", *tiny_args(resumed, prepared, f"data.sources={sources}", "train.max_steps=14"), "--resume", "auto")
 
 
 def test_streaming_mode_trains_and_resumes_exactly(tiny_data, tmp_path):

@@ -7,6 +7,7 @@ import logging
 import math
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import deepspeed
@@ -34,7 +35,9 @@ def train(cfg: Config, resume: bool) -> int:
     data = corpus(cfg)
     engine = _build_engine(cfg, data.vocab_size)
     restored = checkpoint.load(engine, cfg.run_dir, log.warning) if resume else None
-    state, stream_state = restored or (checkpoint.TrainState(data_fingerprint=data.fingerprint), None)
+    state, stream_state = restored or (checkpoint.TrainState(), None)
+    # The data trained on from here: the launcher checked it against the checkpoint's, or was told to allow it.
+    state = replace(state, data_fingerprint=data.fingerprint)
     if restored:
         log.info(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)")
     batches = train_batches(cfg, data, rank, state.consumed_samples, stream_state)
