@@ -124,8 +124,9 @@ def test_existing_run_is_never_overwritten(tiny_run, tiny_data):
     result = zerotrain("train", *tiny_args(tiny_run, tiny_data), check=False)
     assert result.returncode == 2
     assert "already holds checkpoints" in result.stderr and "--resume auto" in result.stderr
-    result = zerotrain("train", *tiny_args(tiny_run, tiny_data), "--nproc", "1", "--resume", "auto", check=False)
-    assert result.returncode == 2 and "launch.nproc_per_node" in result.stderr
+    result = zerotrain("train", *tiny_args(tiny_run, tiny_data, "zero.stage=3"), "--nproc", "1", "--resume", "auto",
+                       check=False)
+    assert result.returncode == 2 and "supported for zero.stage 1 and 2 only" in result.stderr
     assert (tiny_run / "metrics.jsonl").read_bytes() == before
 
 
@@ -306,3 +307,21 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(damage, tiny_run, tin
     assert f"step_00000012 is damaged ({shard} " in result.stderr and problem in result.stderr
     original, after = train_losses(tiny_run), train_losses(resumed)
     assert [after[s] for s in range(7, STEPS + 1)] == [original[s] for s in range(7, STEPS + 1)]
+
+
+@pytest.mark.parametrize("stage,ranks", [(2, 1), (1, 3)])
+def test_resume_on_another_number_of_ranks(stage, ranks, tiny_data, tmp_path):
+    """Saved by 2 ranks, resumed by 1 or 3: universal checkpoint, same global batch, data continues exactly."""
+    settings = [f"zero.stage={stage}", "train.global_batch_size=24", "train.max_steps=8", "checkpoint.every=4",
+                "train.eval_every=0"]  # 24 = 2 x 4 x 3 = 1 x 4 x 6 = 3 x 4 x 2
+    original = tmp_path / "original"
+    zerotrain("train", *tiny_args(original, tiny_data, *settings))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(original, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000008")
+    result = zerotrain("train", *tiny_args(resumed, tiny_data, *settings), "--nproc", str(ranks), "--resume", "auto")
+    assert f"saved by 2 ranks; converting it to a universal checkpoint for {ranks}" in result.stdout
+    expected, got = train_losses(original), train_losses(resumed)
+    assert [got[s] for s in range(5, 9)] == pytest.approx([expected[s] for s in range(5, 9)], abs=1e-5)
+    assert json.loads((resumed / "checkpoints" / "step_00000008" / "train_state.json").read_text())[
+        "consumed_samples"] == 8 * 24

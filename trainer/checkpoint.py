@@ -17,7 +17,10 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import torch.distributed as dist
 
 LATEST = "latest"
 PARTIAL = ".partial"
+UNIVERSAL = ".universal"
 MANIFEST = "manifest.json"  # every file of the checkpoint with its size and SHA-256
 EXIT_SAVED = 3  # a rank's (and the launcher's) exit code when a stop signal ended the run after a save
 
@@ -89,9 +93,16 @@ def save(engine, run_dir: Path, state: TrainState, stream_state: dict | None, ke
     return root / tag
 
 
-def load(engine, run_dir: Path, log) -> tuple[TrainState, dict | None] | None:
-    """Restore the engine and this rank's RNG from the newest intact checkpoint, which rank 0 chooses by
-    verifying checksums. Returns the run's position and this rank's stream state; None without checkpoints."""
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a resumed run starts from, chosen by rank 0 before the engine is built."""
+
+    tag: str
+    universal: bool  # saved by another number of ranks: load its universal (world-size free) conversion
+
+
+def choose(run_dir: Path, log) -> Resume | None:
+    """Collective. The newest checkpoint that rank 0 finds intact (checksums verified); None without one."""
     choice = [newest_intact(run_dir, checksums=True) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(choice, src=0)
     tag, damaged = choice[0]
@@ -99,10 +110,37 @@ def load(engine, run_dir: Path, log) -> tuple[TrainState, dict | None] | None:
         log(f"checkpoint {problem}: falling back to an older one")
     if tag is None:
         return None
-    engine.load_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
-    own = torch.load(checkpoints_dir(run_dir) / tag / f"rank{dist.get_rank()}.pt", weights_only=False)
+    return Resume(tag, saved_world_size(run_dir, tag) != dist.get_world_size())
+
+
+def load(engine, run_dir: Path, resume: Resume) -> tuple[TrainState, dict | None]:
+    """Restore the engine, and this rank's RNG when the ranks are the same ones. Returns the run's position
+    and this rank's stream state."""
+    root = checkpoints_dir(run_dir)
+    engine.load_checkpoint(str(root), tag=resume.tag + UNIVERSAL if resume.universal else resume.tag)
+    if resume.universal:  # other ranks: their RNG and stream states do not map onto these
+        return read_state(run_dir, resume.tag), None
+    own = torch.load(root / resume.tag / f"rank{dist.get_rank()}.pt", weights_only=False)
     _set_rng_states(own["rng"])
-    return read_state(run_dir, tag), own["stream"]
+    return read_state(run_dir, resume.tag), own["stream"]
+
+
+def saved_world_size(run_dir: Path, tag: str) -> int:
+    return len(list((checkpoints_dir(run_dir) / tag).glob("rank*.pt")))
+
+
+def convert_to_universal(run_dir: Path, tag: str) -> Path:
+    """DeepSpeed's universal checkpoint of `tag`, which loads on any number of ranks (made once, beside it)."""
+    root = checkpoints_dir(run_dir)
+    out = root / (tag + UNIVERSAL)
+    if not out.exists():
+        tmp = root / (tag + UNIVERSAL + PARTIAL)
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(root / tag), "--output_folder", str(tmp), "--inject_missing_state"],
+                       check=True, capture_output=True)
+        os.rename(tmp, out)
+    return out
 
 
 def newest_intact(run_dir: Path, checksums: bool) -> tuple[str | None, list[str]]:
@@ -132,7 +170,7 @@ def verify(folder: Path, checksums: bool) -> str | None:
 
 
 def saved_tags(root: Path) -> list[str]:
-    return sorted(p.name for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL))
+    return sorted(p.name for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name))
 
 
 def _digests(folder: Path, rank: int, world_size: int) -> dict:
@@ -154,6 +192,7 @@ def _apply_retention(root: Path, keep_last: int, keep_every: int) -> None:
     for old in saved_tags(root)[:-keep_last]:
         if not (keep_every and int(old.removeprefix("step_")) % keep_every == 0):
             shutil.rmtree(root / old)
+            shutil.rmtree(root / (old + UNIVERSAL), ignore_errors=True)
 
 
 def _rng_states() -> dict:

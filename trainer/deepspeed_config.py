@@ -8,7 +8,8 @@ from trainer.config import Config
 MIN_BUCKET, MAX_BUCKET = 1_000_000, 500_000_000
 
 
-def deepspeed_config(cfg: Config, num_parameters: int) -> dict:
+def deepspeed_config(cfg: Config, num_parameters: int, load_universal: bool = False) -> dict:
+    """`load_universal`: the run resumes from a universal checkpoint (saved by another number of ranks)."""
     t, z = cfg.train, cfg.zero
     bucket = max(MIN_BUCKET, min(MAX_BUCKET, num_parameters))
     zero = {
@@ -38,6 +39,7 @@ def deepspeed_config(cfg: Config, num_parameters: int) -> dict:
             "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "torch_adam": True},
         },
         "zero_optimization": zero,
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2**31 - 1,  # zerotrain logs its own metrics
         "wall_clock_breakdown": False,
     }

@@ -33,8 +33,9 @@ def train(cfg: Config, resume: bool) -> int:
     rank = distributed.init()
     _setup_logging(cfg.run_dir, rank)
     data = corpus(cfg)
-    engine = _build_engine(cfg, data.vocab_size)
-    restored = checkpoint.load(engine, cfg.run_dir, log.warning) if resume else None
+    start = checkpoint.choose(cfg.run_dir, log.warning) if resume else None
+    engine = _build_engine(cfg, data.vocab_size, load_universal=bool(start and start.universal))
+    restored = checkpoint.load(engine, cfg.run_dir, start) if start else None
     state, stream_state = restored or (checkpoint.TrainState(), None)
     # The data trained on from here: the launcher checked it against the checkpoint's, or was told to allow it.
     state = replace(state, data_fingerprint=data.fingerprint)
@@ -53,7 +54,7 @@ def train(cfg: Config, resume: bool) -> int:
     return code
 
 
-def _build_engine(cfg: Config, vocab_size: int):
+def _build_engine(cfg: Config, vocab_size: int, load_universal: bool):
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, vocab_size)
     n_params = count_parameters(model)
@@ -64,7 +65,7 @@ def _build_engine(cfg: Config, vocab_size: int):
         model=model,
         model_parameters=param_groups(model, cfg.train.weight_decay),
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
-        config=deepspeed_config(cfg, n_params),
+        config=deepspeed_config(cfg, n_params, load_universal),
     )
     return engine
 
