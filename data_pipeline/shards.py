@@ -58,6 +58,15 @@ class ShardWriter:
         self.fill, self.doc_starts = 0, []
 
 
+def file_sha256(path: Path) -> str:
+    """Read sequentially in blocks (not through a random-access map): fast, and flat in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(VERIFY_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_atomic(path: Path, write) -> None:
     """A reader sees the whole file or none: an interrupted prepare leaves only a .tmp behind."""
     tmp = path.with_name(path.name + ".tmp")
@@ -95,11 +104,7 @@ class TokenStore:
     def verify(self) -> None:
         for i, record in enumerate(self.records):
             self._shard(i)  # the size check
-            digest = hashlib.sha256()
-            with open(self.dir / record["file"], "rb") as f:  # read sequentially, not through the random-access map
-                while block := f.read(VERIFY_BLOCK):
-                    digest.update(block)
-            if digest.hexdigest() != record["sha256"]:
+            if file_sha256(self.dir / record["file"]) != record["sha256"]:
                 raise DataError(f"{self.dir / record['file']}: checksum mismatch, the shard is corrupt")
 
     def _shard(self, i: int) -> np.ndarray:

@@ -13,7 +13,6 @@ matches its manifest, saying which newer ones are damaged and why.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -27,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from data_pipeline.shards import file_sha256
 
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -180,11 +181,7 @@ def _digests(folder: Path, rank: int, world_size: int) -> dict:
 
 
 def _digest(path: Path) -> dict:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 * 2**20):
-            sha.update(block)
-    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _apply_retention(root: Path, keep_last: int, keep_every: int) -> None:
