@@ -104,16 +104,12 @@ def _check_resume(cfg, data_fingerprint: str, resume: str, allow_data_change: bo
         if cfg.data.mode == "streaming":
             raise ConfigError(f"launch.nproc_per_node: checkpoint {tag} was saved by {saved_ranks} ranks; streaming "
                               "data resumes on as many ranks only (prepared data resumes on any number)")
-        if cfg.zero.stage not in (1, 2):
-            # Measured: a ZeRO-3 universal checkpoint restores the weights but not Adam's state exactly (loss
-            # drift 4e-3 three steps after resuming), and stage 0 was not verified: refuse rather than drift.
-            raise ConfigError(f"launch.nproc_per_node: checkpoint {tag} was saved by {saved_ranks} ranks; resuming "
-                              f"on another number is supported for zero.stage 1 and 2 only (this run: stage "
-                              f"{cfg.zero.stage})")
-        print(f"zerotrain: checkpoint {tag} was saved by {saved_ranks} ranks; converting it to a universal "
-              f"checkpoint for {cfg.world_size} (global batch {cfg.train.global_batch_size} kept, gradient "
-              f"accumulation {cfg.grad_accum})", flush=True)
-        checkpoint.convert_to_universal(cfg.run_dir, tag)
+        print(f"zerotrain: checkpoint {tag} was saved by {saved_ranks} ranks; resuming on {cfg.world_size} "
+              f"(global batch {cfg.train.global_batch_size} kept, gradient accumulation {cfg.grad_accum})",
+              flush=True)
+        if checkpoint.partitioned(cfg.run_dir, tag):
+            print("zerotrain: converting its ZeRO partitions to a universal checkpoint", flush=True)
+            checkpoint.convert_to_universal(cfg.run_dir, tag)
 
 
 def _export(args) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "shakespeare"
 TINY = REPO / "configs" / "tiny.yaml"
+STEPS = 12  # configs/tiny.yaml: max_steps 12, checkpoint and validation every 6, log every step
 
 
 def zerotrain(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
@@ -46,3 +48,31 @@ def tiny_args(run_dir: Path, prepared: Path, *overrides: str) -> list[str]:
     """CLI arguments for a tiny run writing into run_dir."""
     sets = [f"run.output_dir={run_dir}", f"data.prepared_dir={prepared}", *overrides]
     return [str(TINY)] + [a for s in sets for a in ("--set", s)]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """configs/tiny.yaml trained from start to end on 2 ranks, uninterrupted: what other runs compare with."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    zerotrain("train", *tiny_args(run_dir, tiny_data))
+    return run_dir
+
+
+MIXTURE = "[{{path: '{c}/[a-p]*_gut.txt', name: early, weight: 3}}, {{path: '{c}/[q-z]*_gut.txt', name: late, weight: 1}}]"
+
+
+@pytest.fixture(scope="session")
+def mixture_data(corpus, tmp_path_factory) -> tuple[str, Path]:
+    """Two weighted sources (plays a-p 3 : plays q-z 1), prepared; returns (data.sources value, prepared_dir)."""
+    sources = MIXTURE.format(c=corpus)
+    prepared = tmp_path_factory.mktemp("prepared") / "mixture"
+    zerotrain("prepare", TINY, "--set", f"data.sources={sources}", "--set", f"data.prepared_dir={prepared}")
+    return sources, prepared
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}

@@ -18,6 +18,7 @@ from data_pipeline import GlobalBatchSampler, GlobalOrder, Manifest, load_tokeni
 from data_pipeline.sources import source_units
 from data_pipeline.streaming import StreamingPackedDataset
 from trainer.config import Config
+from trainer.distributed import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,14 @@ def train_batches(cfg: Config, data: Corpus, rank, consumed_samples: int, stream
     sampler = GlobalBatchSampler(order, t.global_batch_size, t.micro_batch_size, rank.rank, rank.world_size,
                                  consumed_samples)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=rank.device.type == "cuda", worker_init_fn=_ignore_stop_signals)
+                        pin_memory=rank.device.type == "cuda", worker_init_fn=_init_worker)
     return TrainBatches(iter(loader), order, None)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
     """A stop signal reaches the rank's whole process group; the rank decides when to stop, and its loader
-    workers must live on to serve the steps up to the save."""
+    workers must live on to serve the steps up to the save - but not past the rank's death."""
+    die_with_parent()
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 

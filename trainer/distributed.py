@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -24,6 +27,14 @@ class Rank:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def die_with_parent() -> None:
+    """A rank must not outlive its launcher (SIGKILLed, or its session lost), nor a loader worker its rank: an
+    orphan would go on writing into the run directory beside the restarted job. Linux only (elsewhere a no-op)."""
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def init() -> Rank:

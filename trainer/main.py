@@ -14,6 +14,7 @@ import warnings
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from trainer.config import load_config
+from trainer.distributed import die_with_parent
 from trainer.train import train
 
 
@@ -23,6 +24,7 @@ warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprec
 
 @record  # a failing rank's traceback reaches the launcher, which shows it
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     parser = argparse.ArgumentParser(prog="python -m trainer.main", description=__doc__)
     parser.add_argument("config", help="the resolved config.yaml in the run directory")
     parser.add_argument("--resume", choices=["auto", "none"], default="none")

@@ -94,8 +94,12 @@ def _run(cfg, engine, batches, validation, mixture, metrics, state, rank, stop) 
             window.exclude_since_last()
         stopping = stop.agreed(engine.device)
         if stopping or step == t.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            checkpoint.save(engine, cfg.run_dir, state, batches.stream.state_dict() if batches.stream else None,
-                            cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+            started = time.perf_counter()
+            folder = checkpoint.save(engine, cfg.run_dir, state, batches.stream.state_dict() if batches.stream
+                                     else None, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+            seconds = time.perf_counter() - started  # training stands still meanwhile
+            log.info(f"saved {folder} in {seconds:.2f} s")
+            metrics.log(step, {"perf/checkpoint_s": seconds})
             window.exclude_since_last()
         if stopping:
             log.warning(f"{stop.name} received: saved step {step}; continue with --resume auto")
