@@ -48,7 +48,7 @@ def rank_main(config_path: str, out: str) -> None:
     folder = checkpoint.save(engine, cfg.run_dir, state, None, keep_last=1, keep_every=0)
     save_s = time.perf_counter() - start
     start = time.perf_counter()
-    checkpoint.load(engine, cfg.run_dir, checkpoint.Resume(folder.name, universal=False))
+    checkpoint.load(engine, cfg.run_dir, checkpoint.Resume(folder.name, other_ranks=False, universal=False))
     dist.barrier()
     load_s = time.perf_counter() - start
     if rank.is_main:
