@@ -7,6 +7,7 @@ or a run directory that would be overwritten ends the command with one line and 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -36,29 +37,82 @@ def _prepare(args) -> None:
 
 def _train(args) -> int:
     import torch
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from launcher.local import launch_local
-    from trainer import checkpoint
+    from launcher.environment import detect
+
+    layout = detect()  # ranks started by srun, mpirun or torchrun: this process is one of them
+    cfg = load_config(args.config, args.set + _launch_overrides(args, layout),
+                      cuda_available=torch.cuda.is_available())
+    notes = _check_run(cfg, args.resume, args.allow_data_change)
+    if layout is None or layout.rank == 0:
+        for note in notes:
+            print(f"zerotrain: {note}", flush=True)
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(cfg.run_dir / "config.yaml", cfg.to_yaml())  # every node's launcher may write it
+        print(f"zerotrain: run {cfg.run.name}: {cfg.world_size} rank(s), logs in {cfg.run_dir / 'logs'}", flush=True)
+    if layout:
+        _train_as_rank(cfg, layout, args.resume)
+    return _train_with_agent(cfg, args)
+
+
+def _launch_overrides(args, layout) -> list[str]:
+    """The launch section as the command line or the scheduler's environment sets it."""
+    if layout:
+        if layout.nnodes * layout.local_world_size != layout.world_size:
+            raise ConfigError(f"{layout.source}: {layout.world_size} ranks are not spread evenly over "
+                              f"{layout.nnodes} nodes; start as many ranks on every node")
+        return [f"launch.nnodes={layout.nnodes}", f"launch.nproc_per_node={layout.local_world_size}"]
+    flags = {"nproc_per_node": args.nproc, "nnodes": args.nnodes, "max_restarts": args.max_restarts}
+    return [f"launch.{key}={value}" for key, value in flags.items() if value is not None]
+
+
+def _check_run(cfg, resume: str, allow_data_change: bool) -> list[str]:
+    """Everything that can be checked before a rank starts; returns what the user should be told."""
     from trainer.data import corpus
     from trainer.model import model_config
     from trainer.validation import validation_batch_counts
 
-    overrides = args.set + ([f"launch.nproc_per_node={args.nproc}"] if args.nproc else [])
-    cfg = load_config(args.config, overrides, cuda_available=torch.cuda.is_available())
     data = corpus(cfg)
     model_config(cfg.model, data.vocab_size)  # an init_from model must fit the data's vocabulary
     if data.manifest:
         validation_batch_counts(cfg, data.manifest)
-    _check_resume(cfg, data.fingerprint, args.resume, args.allow_data_change)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = cfg.run_dir / "config.yaml"
-    config_file.write_text(cfg.to_yaml())
-    print(f"zerotrain: run {cfg.run.name}: {cfg.world_size} rank(s), logs in {cfg.run_dir / 'logs'}", flush=True)
+    return _check_resume(cfg, data.fingerprint, resume, allow_data_change)
+
+
+def _train_as_rank(cfg, layout, resume: str) -> None:
+    """Run this process's rank in-process (srun, mpirun, torchrun started it) and leave with its exit code."""
+    import os
+
+    from launcher.environment import set_process_defaults
+    from trainer.main import exit_now, run
+
+    os.environ.update(layout.torch_env())
+    set_process_defaults(layout.local_world_size)
+    code = run(cfg, resume == "auto")
+    if layout.source == "mpi":  # mpirun counts a rank that leaves without MPI_Finalize as failed
+        from mpi4py import MPI
+
+        MPI.Finalize()
+    exit_now(code)
+
+
+def _train_with_agent(cfg, args) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from launcher.agent import Rendezvous, launch
+    from trainer import checkpoint
+
+    nnodes = cfg.launch.nnodes
+    if nnodes > 1 and not (args.master_addr or args.rdzv_endpoint):
+        raise ConfigError(f"launch.nnodes: {nnodes} nodes need a rendezvous: --master-addr (with --node-rank) "
+                          "or --rdzv-endpoint HOST:PORT")
+    if args.node_rank >= nnodes:
+        raise ConfigError(f"--node-rank: {args.node_rank} is not below the number of nodes ({nnodes})")
+    rendezvous = Rendezvous(args.node_rank, args.master_addr, args.master_port, args.rdzv_endpoint)
     saved_before = checkpoint.latest_tag(cfg.run_dir)
     try:
-        launch_local(config_file, cfg.world_size, args.resume, cfg.run_dir / "logs", cfg.launch.stop_timeout)
+        launch(cfg.run_dir / "config.yaml", cfg, args.resume, rendezvous)
     except SignalException as e:
         saved = checkpoint.latest_tag(cfg.run_dir)
         if saved == saved_before:
@@ -79,19 +133,54 @@ def _train(args) -> int:
     return 0
 
 
-def _check_resume(cfg, data_fingerprint: str, resume: str, allow_data_change: bool) -> None:
+def _submit(args) -> int:
+    from launcher import slurm
+
+    gpus = args.gpus_per_node or 0
+    ranks = gpus or args.nproc_per_node or 1
+    overrides = [f"launch.nnodes={args.nodes}", f"launch.nproc_per_node={ranks}"]
+    overrides += [f"launch.max_restarts={args.max_restarts}"] if args.max_restarts is not None else []
+    cfg = load_config(args.config, args.set + overrides, cuda_available=True if gpus else None)
+    notes = _check_run(cfg, args.resume, args.allow_data_change)
+    request = slurm.Request(args.nodes, ranks, gpus, args.partition, args.account, args.time)
+    log_dir = cfg.run_dir / "slurm"
+    script = slurm.render(cfg, cfg.run_dir / "config.yaml", request, Path.cwd())
+    if args.dry_run:
+        print(script)
+        return 0
+    if args.partition:
+        slurm.check_partition(args.partition)
+    for note in notes:
+        print(f"zerotrain: {note}")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(cfg.run_dir / "config.yaml", cfg.to_yaml())
+    _write_atomic(log_dir / "job.sbatch", script)
+    job = slurm.submit(log_dir / "job.sbatch")
+    with open(log_dir / "jobs", "a") as jobs:
+        jobs.write(job + "\n")
+    print(f"zerotrain: submitted job {job} ({args.nodes} node(s) x {ranks} ranks); its log: "
+          f"{log_dir / f'slurm-{job}.out'}; follow it with `zerotrain status {cfg.run_dir}`")
+    return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_resume(cfg, data_fingerprint: str, resume: str, allow_data_change: bool) -> list[str]:
     """Never overwrite a run by accident, and refuse resuming what cannot continue exactly."""
     from trainer import checkpoint
 
     tags = checkpoint.saved_tags(checkpoint.checkpoints_dir(cfg.run_dir))
     if not tags:
-        return
+        return []
     if resume == "none":
         raise ConfigError(f"run.output_dir: {cfg.run_dir} already holds checkpoints (latest {tags[-1]}); "
                           "pass --resume auto to continue it, or choose another run.output_dir")
     tag, damaged = checkpoint.newest_intact(cfg.run_dir, checksums=False)  # the ranks verify checksums too
-    for problem in damaged:
-        print(f"zerotrain: checkpoint {problem}; falling back to an older one", file=sys.stderr)
+    notes = [f"checkpoint {problem}; falling back to an older one" for problem in damaged]
     if tag is None:
         raise ConfigError(f"run.output_dir: no intact checkpoint in {checkpoint.checkpoints_dir(cfg.run_dir)} "
                           "to resume from")
@@ -104,12 +193,11 @@ def _check_resume(cfg, data_fingerprint: str, resume: str, allow_data_change: bo
         if cfg.data.mode == "streaming":
             raise ConfigError(f"launch.nproc_per_node: checkpoint {tag} was saved by {saved_ranks} ranks; streaming "
                               "data resumes on as many ranks only (prepared data resumes on any number)")
-        print(f"zerotrain: checkpoint {tag} was saved by {saved_ranks} ranks; resuming on {cfg.world_size} "
-              f"(global batch {cfg.train.global_batch_size} kept, gradient accumulation {cfg.grad_accum})",
-              flush=True)
-        if checkpoint.partitioned(cfg.run_dir, tag):
-            print("zerotrain: converting its ZeRO partitions to a universal checkpoint", flush=True)
-            checkpoint.convert_to_universal(cfg.run_dir, tag)
+        notes.append(f"checkpoint {tag} was saved by {saved_ranks} ranks; resuming on {cfg.world_size} (global "
+                     f"batch {cfg.train.global_batch_size} kept, gradient accumulation {cfg.grad_accum})")
+        if checkpoint.partitioned(cfg.run_dir, tag):  # rank 0 converts it before loading
+            notes.append("its ZeRO partitions will load through a universal checkpoint")
+    return notes
 
 
 def _export(args) -> None:
@@ -159,16 +247,43 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--part", type=_part, default=(0, 1), metavar="I/N",
                    help="prepare only part I of N (1-based) of the chunks, e.g. one part per node sharing "
                         "data.prepared_dir; the part finishing last writes the manifest")
-    p = command("train", _train, "Train on this machine with N ranks (DeepSpeed ZeRO), writing the run "
-                "directory run.output_dir.")
+    p = command("train", _train, "Train with DeepSpeed ZeRO, writing the run directory run.output_dir: N ranks "
+                "on this machine, or this node's ranks of a multi-node job (run it on every node), or - under "
+                "srun, mpirun or torchrun - one rank per process.")
     p.add_argument("--nproc", type=_positive, metavar="N", help="ranks on this machine (default: "
                    "launch.nproc_per_node)")
+    p.add_argument("--nnodes", type=_positive, help="nodes of the job, each running this command (default: "
+                   "launch.nnodes)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's place, 0 to nnodes-1 (static "
+                   "rendezvous)")
+    p.add_argument("--master-addr", help="address of node 0, which serves the static rendezvous")
+    p.add_argument("--master-port", type=_positive, default=29500)
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="a c10d rendezvous every node reaches "
+                   "(instead of --master-addr/--node-rank)")
+    p.add_argument("--max-restarts", type=int, help="restart the ranks this many times after a failure, each "
+                   "time from the last checkpoint (default: launch.max_restarts)")
     p.add_argument("--resume", choices=["auto", "none"], default="none",
                    help="auto: continue from the newest checkpoint in run.output_dir if there is one; "
                         "none (default): refuse a run directory that already holds checkpoints")
     p.add_argument("--allow-data-change", action="store_true",
                    help="resume although the prepared data differs from the checkpoint's (its position in "
                         "the new data's order is kept; samples may repeat or be skipped)")
+    p = command("submit", _submit, "Submit the run as a Slurm batch job (slurm/zerotrain.sbatch): one rank per "
+                "task, saved and requeued before its time limit or on USR1, resumed automatically.")
+    p.add_argument("--nodes", type=_positive, default=1)
+    ranks = p.add_mutually_exclusive_group()
+    ranks.add_argument("--gpus-per-node", type=_positive, metavar="G", help="GPU nodes: one rank per GPU")
+    ranks.add_argument("--nproc-per-node", type=_positive, metavar="P", help="CPU nodes: P ranks per node "
+                       "(default 1)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--time", help="time limit per job segment, as sbatch takes it (e.g. 4:00:00)")
+    p.add_argument("--max-restarts", type=int, help="requeue after a failure at most this many times in a "
+                   "row (default: launch.max_restarts)")
+    p.add_argument("--resume", choices=["auto", "none"], default="none",
+                   help="auto: continue the checkpoints already in run.output_dir (the job's segments always do)")
+    p.add_argument("--allow-data-change", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dry-run", action="store_true", help="print the job script; submit nothing")
     p = command("export", _export, "Consolidate a run's checkpoint into a Hugging Face save_pretrained "
                 "folder (safetensors, config, tokenizer).", config=False)
     p.add_argument("run_dir", type=Path, help="the run directory (run.output_dir)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from launcher.slurm import job_state
 from trainer import checkpoint
 from trainer.config import ConfigError, load_config
 
@@ -32,6 +33,11 @@ def run_status(run_dir: Path) -> str:
     elif train:
         lines.append(f"  throughput {train[-1]['perf/tokens_per_s']:,.0f} tokens/s (last log step)")
     lines.append(f"  last checkpoint: {checkpoint.checkpoints_dir(run_dir) / tag if tag else 'none yet'}")
+    jobs_file = run_dir / "slurm" / "jobs"
+    if jobs_file.is_file():
+        job = jobs_file.read_text().split()[-1]
+        lines.append(f"  slurm job {job}: {job_state(job) or 'not known to Slurm (any more)'}   "
+                     f"log {run_dir / 'slurm' / f'slurm-{job}.out'}")
     lines.append(f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
     lines.append(f"  logs: {run_dir / 'logs'}   metrics: {run_dir / 'metrics.jsonl'}")
     return "\n".join(lines)

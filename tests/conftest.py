@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,70 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+# Processes of runs started in the background: what the kill, signal and launch tests act on.
+VICTIMS = ["rank 0", "rank 1", "every rank", "the launcher"]
+
+
+def start(*args: str) -> subprocess.Popen:
+    """`zerotrain ARGS` in the background, as a user starts it."""
+    return subprocess.Popen([sys.executable, "-m", "launcher.cli", *map(str, args)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def end(launcher: subprocess.Popen) -> None:
+    if launcher.poll() is None:
+        launcher.kill()
+        launcher.wait()
+
+
+def kill(victim: str, launcher: subprocess.Popen, run_dir: Path) -> None:
+    """SIGKILL `victim` (one of VICTIMS) of the run that `launcher` started."""
+    if victim == "the launcher":
+        pids = [launcher.pid]
+    elif victim == "every rank":
+        pids = list(rank_pids(run_dir).values())
+    else:
+        pids = [rank_pid(run_dir, int(victim.removeprefix("rank ")))]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+def last_step(run_dir: Path, since: float = 0) -> int:
+    """The last step logged (after time `since`), 0 before any."""
+    if not (run_dir / "metrics.jsonl").exists():
+        return 0
+    return max((r["step"] for r in read_metrics(run_dir) if "train/loss" in r and r["time"] > since), default=0)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 180, poll: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"exited early: {process.communicate()}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(poll)
+
+
+def rank_pids(run_dir: Path) -> dict[int, int]:
+    """rank -> pid of the live rank processes of this run (not their DataLoader workers), found in /proc."""
+    matches = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"trainer.main" not in cmdline or str(run_dir / "config.yaml").encode() not in cmdline:
+                continue
+            env = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            matches[int(proc.name)] = (int(env[b"RANK"]), parent)
+        except (OSError, ValueError, KeyError, IndexError):  # a process that ended meanwhile
+            continue
+    return {rank: pid for pid, (rank, parent) in matches.items() if parent not in matches}
+
+
+def rank_pid(run_dir: Path, rank: int) -> int:
+    pids = rank_pids(run_dir)
+    assert rank in pids, pids
+    return pids[rank]

@@ -10,15 +10,12 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, STEPS, read_metrics, tiny_args, train_losses, zerotrain
+from conftest import STEPS, VICTIMS, end, kill, last_step, rank_pid, rank_pids, read_metrics, start, tiny_args, train_losses, wait_for, zerotrain
 
 pytestmark = pytest.mark.slow
 
@@ -40,9 +37,6 @@ def test_resume_auto_continues_with_identical_losses(tiny_run, tiny_data, tmp_pa
     assert not half_written.exists() and (resumed / "checkpoints" / "step_00000012" / "rank0.pt").exists()
 
 
-VICTIMS = ["rank 0", "rank 1", "every rank", "the launcher"]
-
-
 def test_kills_at_random_points_then_resume_give_the_uninterrupted_losses(tiny_run, tiny_data, tmp_path):
     """One run killed three times (SIGKILL of a rank, of every rank, of the launcher) at random steps and resumed
     each time: its losses are the uninterrupted run's, bit for bit, and no step is logged twice."""
@@ -52,15 +46,15 @@ def test_kills_at_random_points_then_resume_give_the_uninterrupted_losses(tiny_r
     args = tiny_args(run_dir, tiny_data, "checkpoint.every=3")  # saving more often must not change a loss either
     for kill_step, victim in zip(sorted(rng.sample(range(2, STEPS), 3)), rng.sample(VICTIMS, 3)):
         started = time.time()
-        launcher = _start("train", *args, "--resume", "auto")
+        launcher = start("train", *args, "--resume", "auto")
         try:
-            _wait_for(lambda: _last_step(run_dir, since=started) >= kill_step, launcher, poll=0.005)  # noqa: B023
+            wait_for(lambda: last_step(run_dir, since=started) >= kill_step, launcher, poll=0.005)  # noqa: B023
             time.sleep(rng.uniform(0, 0.05))  # a step takes ~0.07 s: anywhere in forward, backward, update, save
-            _kill(victim, launcher, run_dir)
+            kill(victim, launcher, run_dir)
             launcher.wait(timeout=60)
         finally:
-            _end(launcher)
-        assert _rank_pids(run_dir) == {}, f"ranks outlived the kill of {victim} (seed {seed})"
+            end(launcher)
+        assert rank_pids(run_dir) == {}, f"ranks outlived the kill of {victim} (seed {seed})"
     zerotrain("train", *args, "--resume", "auto")
     assert train_losses(run_dir) == train_losses(tiny_run), f"seed {seed}"
     steps = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
@@ -80,15 +74,15 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_to_resume_from(tiny
     for trial, (victim, delay) in enumerate([("every rank", 0.0), ("the launcher", 0.1),
                                              ("every rank", 0.3)]):
         run_dir = tmp_path / f"trial{trial}"
-        launcher = _start("train", *tiny_args(run_dir, tiny_data, *BIGGER))
+        launcher = start("train", *tiny_args(run_dir, tiny_data, *BIGGER))
         partial = run_dir / "checkpoints" / "step_00000004.partial"
         try:
-            _wait_for(partial.exists, launcher, poll=0.001)
+            wait_for(partial.exists, launcher, poll=0.001)
             time.sleep(delay)
-            _kill(victim, launcher, run_dir)
+            kill(victim, launcher, run_dir)
             launcher.wait(timeout=60)
         finally:
-            _end(launcher)
+            end(launcher)
         killed_mid_save += partial.exists()
         latest = (run_dir / "checkpoints" / "latest").read_text()
         assert latest in ("step_00000002", "step_00000004"), latest  # never a half-written one
@@ -119,37 +113,37 @@ def test_a_dead_rank_ends_the_job_quickly(tiny_data, tmp_path):
     run_dir = tmp_path / "doomed"
     args = tiny_args(run_dir, tiny_data, "train.max_steps=100000", "train.warmup_steps=10", "checkpoint.every=0",
                      "train.eval_every=0")
-    launcher = _start("train", *args)
+    launcher = start("train", *args)
     try:
-        _wait_for(lambda: _last_step(run_dir) >= 3, launcher)
-        os.kill(_rank_pid(run_dir, rank=1), signal.SIGKILL)
+        wait_for(lambda: last_step(run_dir) >= 3, launcher)
+        os.kill(rank_pid(run_dir, rank=1), signal.SIGKILL)
         killed = time.monotonic()
         _, stderr = launcher.communicate(timeout=120)
         assert time.monotonic() - killed < 60
     finally:
-        _end(launcher)
+        end(launcher)
     assert launcher.returncode == 1
     assert "zerotrain: rank 1 failed" in stderr and "SIGKILL" in stderr, stderr[-2000:]
-    assert _rank_pids(run_dir) == {}  # no rank left behind
+    assert rank_pids(run_dir) == {}  # no rank left behind
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_stop_signal_saves_and_exits_with_code_3_then_resumes(sig, tiny_data, tmp_path):
     run_dir = tmp_path / "stopped"
     args = tiny_args(run_dir, tiny_data, "train.max_steps=100000", "checkpoint.every=0", "train.eval_every=0")
-    launcher = _start("train", *args)
+    launcher = start("train", *args)
     try:
-        _wait_for(lambda: _last_step(run_dir) >= 3, launcher)
+        wait_for(lambda: last_step(run_dir) >= 3, launcher)
         launcher.send_signal(sig)  # as Slurm signals the job step before preemption or the time limit
         _, stderr = launcher.communicate(timeout=120)
     finally:
-        _end(launcher)
+        end(launcher)
     assert launcher.returncode == 3, stderr[-3000:]
     tag = (run_dir / "checkpoints" / "latest").read_text()
     assert f"stopped by {sig.name}; saved {tag}" in stderr
     saved_step = json.loads((run_dir / "checkpoints" / tag / "train_state.json").read_text())["step"]
     assert saved_step >= 3 and max(train_losses(run_dir)) > 0
-    assert _rank_pids(run_dir) == {}
+    assert rank_pids(run_dir) == {}
     if sig == signal.SIGTERM:  # the saved run continues from where it stopped
         zerotrain("train", *tiny_args(run_dir, tiny_data, f"train.max_steps={saved_step + 1}", "checkpoint.every=0",
                                       "train.eval_every=0"), "--resume", "auto")
@@ -228,66 +222,3 @@ def test_streaming_mode_trains_and_resumes_exactly(tiny_data, tmp_path):
     original, after = train_losses(run_dir), train_losses(resumed)
     assert [after[s] for s in range(5, 9)] == [original[s] for s in range(5, 9)]
     assert original[8] < original[1]
-
-
-def _start(*args: str) -> subprocess.Popen:
-    """`zerotrain ARGS` in the background, as a user starts it."""
-    return subprocess.Popen([sys.executable, "-m", "launcher.cli", *map(str, args)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def _end(launcher: subprocess.Popen) -> None:
-    if launcher.poll() is None:
-        launcher.kill()
-        launcher.wait()
-
-
-def _kill(victim: str, launcher: subprocess.Popen, run_dir: Path) -> None:
-    """SIGKILL `victim` (one of VICTIMS) of the run that `launcher` started."""
-    if victim == "the launcher":
-        pids = [launcher.pid]
-    elif victim == "every rank":
-        pids = list(_rank_pids(run_dir).values())
-    else:
-        pids = [_rank_pid(run_dir, int(victim.removeprefix("rank ")))]
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-
-
-def _last_step(run_dir: Path, since: float = 0) -> int:
-    """The last step logged (after time `since`), 0 before any."""
-    if not (run_dir / "metrics.jsonl").exists():
-        return 0
-    return max((r["step"] for r in read_metrics(run_dir) if "train/loss" in r and r["time"] > since), default=0)
-
-
-def _wait_for(condition, process: subprocess.Popen, timeout: float = 180, poll: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"exited early: {process.communicate()}"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(poll)
-
-
-def _rank_pids(run_dir: Path) -> dict[int, int]:
-    """rank -> pid of the live rank processes of this run (not their DataLoader workers), found in /proc."""
-    matches = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"trainer.main" not in cmdline or str(run_dir / "config.yaml").encode() not in cmdline:
-                continue
-            env = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
-            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            matches[int(proc.name)] = (int(env[b"RANK"]), parent)
-        except (OSError, ValueError, KeyError, IndexError):  # a process that ended meanwhile
-            continue
-    return {rank: pid for pid, (rank, parent) in matches.items() if parent not in matches}
-
-
-def _rank_pid(run_dir: Path, rank: int) -> int:
-    pids = _rank_pids(run_dir)
-    assert rank in pids, pids
-    return pids[rank]

@@ -104,16 +104,21 @@ class Resume:
 
 
 def choose(run_dir: Path, log) -> Resume | None:
-    """Collective. The newest checkpoint that rank 0 finds intact (checksums verified); None without one."""
-    choice = [newest_intact(run_dir, checksums=True) if dist.get_rank() == 0 else None]
+    """Collective. The newest checkpoint that rank 0 finds intact (checksums verified); None without one.
+    Saved by another number of ranks with ZeRO partitions, rank 0 first converts it to a universal one."""
+    choice = [None]
+    if dist.get_rank() == 0:
+        tag, damaged = newest_intact(run_dir, checksums=True)
+        for problem in damaged:
+            log(f"checkpoint {problem}: falling back to an older one")
+        if tag is not None:
+            other_ranks = saved_world_size(run_dir, tag) != dist.get_world_size()
+            choice = [Resume(tag, other_ranks, other_ranks and partitioned(run_dir, tag))]
+            if choice[0].universal:
+                log(f"checkpoint {tag}: converting its ZeRO partitions to a universal checkpoint")
+                convert_to_universal(run_dir, tag)
     dist.broadcast_object_list(choice, src=0)
-    tag, damaged = choice[0]
-    for problem in damaged:
-        log(f"checkpoint {problem}: falling back to an older one")
-    if tag is None:
-        return None
-    other_ranks = saved_world_size(run_dir, tag) != dist.get_world_size()
-    return Resume(tag, other_ranks, other_ranks and partitioned(run_dir, tag))
+    return choice[0]
 
 
 def load(engine, run_dir: Path, resume: Resume) -> tuple[TrainState, dict | None]:
@@ -158,9 +163,11 @@ def convert_to_universal(run_dir: Path, tag: str) -> Path:
     if not out.exists():
         tmp = root / (tag + UNIVERSAL + PARTIAL)
         shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                        str(root / tag), "--output_folder", str(tmp), "--inject_missing_state"],
-                       check=True, capture_output=True)
+        done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(root / tag), "--output_folder", str(tmp), "--inject_missing_state"],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"ds_to_universal failed on {root / tag}:\n{done.stderr[-3000:]}")
         os.rename(tmp, out)
     return out
 

@@ -66,8 +66,10 @@ class ZeroSection(Section):
 
 
 class LaunchSection(Section):
-    nproc_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1)  # ranks per node: one per GPU on GPU nodes
     stop_timeout: int = Field(300, ge=1)  # seconds the ranks get to save after a stop signal before being killed
+    max_restarts: int = Field(0, ge=0)  # restarts after a failure (agent or Slurm requeue), each from the last save
 
 
 class Config(Section):
@@ -82,7 +84,7 @@ class Config(Section):
 
     @property
     def world_size(self) -> int:
-        return self.launch.nproc_per_node
+        return self.launch.nnodes * self.launch.nproc_per_node
 
     @property
     def grad_accum(self) -> int:

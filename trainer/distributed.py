@@ -9,7 +9,6 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -45,6 +44,8 @@ def init() -> Rank:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    import deepspeed  # here, not at the top: the CLI imports this module and needs no DeepSpeed
+
     deepspeed.init_distributed(
         dist_backend="nccl" if device.type == "cuda" else "gloo",
         auto_mpi_discovery=False,

@@ -1,7 +1,7 @@
-"""Entry point of one training rank: `python -m trainer.main RUN_DIR/config.yaml [--resume auto]`.
+"""Entry point of one training rank.
 
-The launcher validates the user's config, writes the resolved copy into the run directory and
-starts the ranks on that copy.
+`python -m trainer.main RUN_DIR/config.yaml [--resume auto]` is what the launcher's agent starts on each
+rank; under srun, mpirun or torchrun the `zerotrain train` process calls `run` itself.
 """
 
 from __future__ import annotations
@@ -13,28 +13,32 @@ import warnings
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trainer.config import load_config
+from trainer.config import Config, load_config
 from trainer.distributed import die_with_parent
 from trainer.train import train
-
 
 # DeepSpeed still calls this deprecated torch API on every step; the warning says nothing to a user.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 @record  # a failing rank's traceback reaches the launcher, which shows it
-def main(argv: list[str] | None = None) -> int:
+def run(cfg: Config, resume: bool) -> int:
     die_with_parent()
-    parser = argparse.ArgumentParser(prog="python -m trainer.main", description=__doc__)
-    parser.add_argument("config", help="the resolved config.yaml in the run directory")
-    parser.add_argument("--resume", choices=["auto", "none"], default="none")
-    args = parser.parse_args(argv)
-    return train(load_config(args.config), resume=args.resume == "auto")
+    # The agent restarting the ranks after a failure (launch.max_restarts): continue from the last save.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    return train(cfg, resume=resume or restarted)
 
 
-if __name__ == "__main__":
-    code = main()
-    # Leave without running interpreter teardown: gloo/DeepSpeed threads can abort it (ZeRO-3 exit crash).
+def exit_now(code: int) -> None:
+    """Leave without interpreter teardown: gloo/DeepSpeed threads can abort it (ZeRO-3 exit crash)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m trainer.main", description=__doc__)
+    parser.add_argument("config", help="the resolved config.yaml in the run directory")
+    parser.add_argument("--resume", choices=["auto", "none"], default="none")
+    args = parser.parse_args()
+    exit_now(run(load_config(args.config), resume=args.resume == "auto"))

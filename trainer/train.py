@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import signal
+import socket
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +33,8 @@ def train(cfg: Config, resume: bool) -> int:
     stop = StopRequest()  # first: a signal during start-up must not kill the rank
     rank = distributed.init()
     _setup_logging(cfg.run_dir, rank)
+    log.info(f"rank {rank.rank} of {rank.world_size} (local rank {rank.local_rank}) on {socket.gethostname()}, "
+             f"device {rank.device}")
     data = corpus(cfg)
     start = checkpoint.choose(cfg.run_dir, log.warning) if resume else None
     engine = _build_engine(cfg, data.vocab_size, load_universal=bool(start and start.universal))

