@@ -121,13 +121,11 @@ def _train_with_agent(cfg, args) -> int:
         print(f"zerotrain: stopped by {e.sigval.name}; saved {saved}: continue with --resume auto", file=sys.stderr)
         return checkpoint.EXIT_SAVED
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        # The error file holds {"message": "Type: text", "extraInfo": {traceback...}}; the rank has already
-        # printed the traceback, so one line names the cause here.
-        message = failure.message.get("message", failure.message) if isinstance(failure.message, dict) \
-            else failure.message
-        print(f"zerotrain: rank {rank} failed (exit code {failure.exitcode}): {message}\n"
-              f"zerotrain: its log: {cfg.run_dir / 'logs' / f'rank{rank}.log'}", file=sys.stderr)
+        # Every failed rank, one line each: the first to fail is not always the cause (a rank whose peer
+        # died fails too, with "connection closed by peer").
+        for rank, failure in sorted(e.failures.items()):
+            print(f"zerotrain: rank {rank} failed ({_exit_reason(failure.exitcode)}): {_first_line(failure)}\n"
+                  f"zerotrain: its log: {cfg.run_dir / 'logs' / f'rank{rank}.log'}", file=sys.stderr)
         return 1
     print(f"zerotrain: run {cfg.run.name} finished; `zerotrain status {cfg.run_dir}` summarises it")
     return 0
@@ -161,6 +159,21 @@ def _submit(args) -> int:
     print(f"zerotrain: submitted job {job} ({args.nodes} node(s) x {ranks} ranks); its log: "
           f"{log_dir / f'slurm-{job}.out'}; follow it with `zerotrain status {cfg.run_dir}`")
     return 0
+
+
+def _exit_reason(code: int) -> str:
+    import signal
+
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
+def _first_line(failure) -> str:
+    """The error file holds {"message": "Type: text", "extraInfo": {traceback...}}; the rank has already
+    printed the traceback, so one line names the cause here."""
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", message)
+    return str(message).strip().splitlines()[0] if str(message).strip() else "no error recorded"
 
 
 def _write_atomic(path: Path, text: str) -> None:

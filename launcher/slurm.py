@@ -71,6 +71,8 @@ def check_partition(partition: str) -> None:
 
 def submit(script: Path) -> str:
     """sbatch the script; returns the job id. A refusal (resources, account...) is one line naming the cause."""
+    # Without EnforcePartLimits Slurm queues a job that can never start; --test-only asks the scheduler first.
+    _client("sbatch", "--test-only", str(script))
     return _client("sbatch", "--parsable", str(script)).strip().split(";")[0]
 
 

@@ -21,10 +21,12 @@ TINY = REPO / "configs" / "tiny.yaml"
 STEPS = 12  # configs/tiny.yaml: max_steps 12, checkpoint and validation every 6, log every step
 
 
-def zerotrain(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+def zerotrain(*args: str, timeout: float = 600, check: bool = True, env: dict | None = None) \
+        -> subprocess.CompletedProcess:
     """Run the installed CLI in a subprocess, from the repository root, and capture its output."""
     result = subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], cwd=REPO, text=True,
-                            capture_output=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            capture_output=True, timeout=timeout,
+                            env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
     if check and result.returncode != 0:
         raise AssertionError(f"zerotrain {' '.join(map(str, args))} exited {result.returncode}:\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")

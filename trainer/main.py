@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 import warnings
 
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -41,4 +42,9 @@ if __name__ == "__main__":
     parser.add_argument("config", help="the resolved config.yaml in the run directory")
     parser.add_argument("--resume", choices=["auto", "none"], default="none")
     args = parser.parse_args()
-    exit_now(run(load_config(args.config), resume=args.resume == "auto"))
+    try:
+        code = run(load_config(args.config), resume=args.resume == "auto")
+    except Exception:  # @record has written the error file for the launcher
+        traceback.print_exc()
+        code = 1
+    exit_now(code)
