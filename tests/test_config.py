@@ -9,6 +9,7 @@ import yaml
 
 from conftest import REPO, TINY, zerotrain
 from trainer.config import ConfigError, load_config
+from trainer.model import model_config
 
 
 def test_presets_load_and_resolve_paths():
@@ -42,6 +43,7 @@ BAD = [
     (["train.precision=fp8"], "train.precision: input should be 'bf16', 'fp16' or 'fp32'"),
     (["train.global_batch_size=12"], "train.global_batch_size: 12 is not divisible by train.micro_batch_size (4) x world size (2)"),
     (["launch.nproc_per_node=3"], "train.global_batch_size: 16 is not divisible by train.micro_batch_size (4) x world size (3)"),
+    (["launch.nnodes=3"], "train.global_batch_size: 16 is not divisible by train.micro_batch_size (4) x world size (6)"),
     (["train.precision=fp16"], "train.precision: fp16 needs a CUDA GPU"),
     (["train.warmup_steps=100"], "train.warmup_steps: 100 exceeds train.max_steps (12)"),
     (["zero.offload_param=cpu"], "zero.offload_param: parameter offload needs zero.stage 3"),
@@ -68,6 +70,13 @@ def test_bad_config_names_the_key(overrides, message):
         load_config(TINY, overrides, cuda_available=False)
     assert str(err.value).lower().startswith(message.lower()), str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_transformers_own_checks_name_model_config():
+    cfg = load_config(TINY, ["model.config.num_attention_heads=3", "model.config.num_key_value_heads=3"])
+    with pytest.raises(ConfigError, match=r"^model\.config: The hidden size \(64\) is not a multiple of the "
+                                          r"number of attention heads \(3\)\.$"):
+        model_config(cfg.model, vocab_size=512)
 
 
 def test_missing_required_key(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -58,6 +59,19 @@ def test_a_signalled_job_saves_requeues_itself_and_finishes_like_an_uninterrupte
     assert "ranks ended with code 3 (segment 0)" in log and "ranks ended with code 0 (segment 1)" in log
     assert train_losses(run_dir) == train_losses(reference)
     assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == list(range(1, 81))
+
+
+def test_a_failing_job_is_requeued_at_most_max_restarts_times(cluster, tiny_data, tmp_path):
+    doomed_data = tmp_path / "data"
+    shutil.copytree(tiny_data, doomed_data)
+    run_dir = tmp_path / "crashing"
+    job = submitted(zerotrain("submit", *tiny_args(run_dir, doomed_data), *ON_BOTH_NODES, "--max-restarts", "1",
+                              env=cluster.env))
+    shutil.rmtree(doomed_data)  # gone before the ranks look: every segment fails
+    info = cluster.wait(job, timeout=300)
+    log = (run_dir / "slurm" / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1", log[-3000:]
+    assert "failure 1 of at most 1: requeueing" in log and "data.prepared_dir" in log
 
 
 class _JobProbe:

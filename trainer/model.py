@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from trainer.config import ConfigError, ModelSection
@@ -12,7 +13,11 @@ from trainer.config import ConfigError, ModelSection
 def model_config(section: ModelSection, vocab_size: int) -> PretrainedConfig:
     """The architecture: from `init_from`'s folder, or `type` + `config`, with the data's vocabulary."""
     if section.init_from is None:
-        return AutoConfig.for_model(section.type, **section.config, vocab_size=vocab_size)
+        try:
+            return AutoConfig.for_model(section.type, **section.config, vocab_size=vocab_size)
+        except (ValueError, StrictDataclassError) as e:  # transformers' own checks, e.g. heads vs hidden size
+            cause = str(e).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
+            raise ConfigError(f"model.config: {cause}") from None
     config = AutoConfig.from_pretrained(section.init_from)
     if config.vocab_size != vocab_size:
         raise ConfigError(f"model.init_from: the model's vocabulary ({config.vocab_size}) is not the data's "
