@@ -34,11 +34,11 @@ def rank_main(config_path: str, out: str) -> None:
     cfg = load_config(config_path)
     rank = distributed.init()
     manifest = Manifest.load(cfg.data.prepared_dir)
-    engine = _build_engine(cfg, manifest.vocab_size, load_universal=False)
+    engine, _ = _build_engine(cfg, manifest.vocab_size, load_universal=False)
     data = packed_sources(manifest, "train", cfg.data.seq_len)
     import torch
 
-    for step in range(2):
+    for _ in range(2):
         batch = torch.stack([data[i] for i in range(cfg.train.micro_batch_size)])
         engine.backward(lm_loss(engine, batch))
         engine.step()

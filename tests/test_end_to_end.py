@@ -26,6 +26,15 @@ def test_loss_falls_and_metrics_are_well_formed(tiny_run):
         for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "train/tokens_seen"):
             assert math.isfinite(r[key]) and r[key] >= 0, (key, r)
     assert train[-1]["train/tokens_seen"] == STEPS * 16 * 32  # global batch x seq_len per step
+    for r in train[1:]:  # step 1 includes start-up
+        assert 0 < r["perf/mfu"] <= 1 and r["mem/rss_gib"] > 0.1, r
+        assert r["perf/tokens_per_s_per_rank"] == pytest.approx(r["perf/tokens_per_s"] / 2)
+        # 6 x (147,776 weights - 32,768 of the input embedding, a lookup) + attention 12 x layers x hidden x seq
+        assert r["perf/model_tflops_per_rank"] * 1e12 == pytest.approx(
+            r["perf/tokens_per_s_per_rank"] * (6 * 115_008 + 12 * 2 * 64 * 32), rel=1e-6)
+        phases = sum(r[f"perf/{p}_s"] for p in ("data", "forward", "backward", "optimizer"))
+        assert 0.5 * r["perf/step_s"] < phases <= r["perf/step_s"], r  # the loop's own work is the rest
+        assert r["train/loss_spikes"] == r["train/nonfinite_steps"] == r["train/skipped_steps"] == 0
     losses = [r["train/loss"] for r in train]
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
     val = [r for r in records if "val/loss" in r]
@@ -71,18 +80,32 @@ def test_export_loads_in_transformers_with_the_trained_logits(tiny_run, tiny_dat
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])
-def test_every_zero_stage_trains_like_stage_2(stage, tiny_run, tiny_data, tmp_path):
+@pytest.mark.parametrize("stage,checkpointing", [(0, False), (1, False), (3, False), (2, True), (3, True)])
+def test_every_zero_stage_trains_like_stage_2(stage, checkpointing, tiny_run, tiny_data, tmp_path):
+    """Same seed and data: the same losses at every stage, with activation checkpointing or without."""
     run_dir = tmp_path / f"stage{stage}"
-    zerotrain("train", *tiny_args(run_dir, tiny_data, f"zero.stage={stage}"))
+    zerotrain("train", *tiny_args(run_dir, tiny_data, f"zero.stage={stage}",
+                                  f"model.gradient_checkpointing={checkpointing}"))
     expected, got = train_losses(tiny_run), train_losses(run_dir)
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    if stage == 3:  # per-rank parameter shards consolidate to the same model
+    if stage == 3 and not checkpointing:  # per-rank parameter shards consolidate to the same model
         zerotrain("export", run_dir, tmp_path / "export3")
         zerotrain("export", tiny_run, tmp_path / "export2")
         ids = torch.arange(1, 20).unsqueeze(0)
         logits = [AutoModelForCausalLM.from_pretrained(tmp_path / e)(input_ids=ids).logits for e in ("export3", "export2")]
         torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_loss_that_goes_nan_stops_the_run_without_saving_it(tiny_data, tmp_path):
+    run_dir = tmp_path / "diverged"  # stage 0 (no ZeRO step skipping), no clipping, an absurd lr: NaN by step 3
+    result = zerotrain("train", *tiny_args(run_dir, tiny_data, "zero.stage=0", "train.lr=1.0e+30",
+                                           "train.grad_clip=0", "train.warmup_steps=0", "checkpoint.every=1",
+                                           "train.max_nonfinite_steps=2"), check=False)
+    assert result.returncode == 1
+    assert "rank 0 failed (exit code 1): NonFiniteLoss: the loss was NaN or infinite for 2 step(s)" in result.stderr
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    nan_steps = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r and math.isnan(r["train/loss"])]
+    assert saved and nan_steps and all(int(tag.removeprefix("step_")) < nan_steps[0] for tag in saved)
 
 
 def test_weighted_mixture_logs_realised_shares_and_per_source_validation(mixture_data, tmp_path):

@@ -35,6 +35,7 @@ class ModelSection(Section):
     type: str = "llama"  # a transformers model_type, built with AutoConfig.for_model
     config: dict[str, Any] = {}  # fields of that transformers config; vocab_size comes from the tokenizer
     init_from: Path | None = None  # start from this Hugging Face model folder (e.g. a zerotrain export)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
 
 
 class TrainSection(Section):
@@ -51,6 +52,7 @@ class TrainSection(Section):
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)  # 0: validate at the end only
     eval_batches: int = Field(16, ge=1)  # validation micro-batches, over all ranks
+    max_nonfinite_steps: int = Field(3, ge=1)  # stop after this many NaN/inf losses in a row (none are saved)
 
 
 class CheckpointSection(Section):

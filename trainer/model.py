@@ -30,8 +30,13 @@ def build_model(section: ModelSection, vocab_size: int) -> PreTrainedModel:
     config = model_config(section, vocab_size)
     if section.init_from is not None:
         # fp32 like a fresh model: DeepSpeed makes its own bf16/fp16 copy and keeps fp32 master weights
-        return AutoModelForCausalLM.from_pretrained(section.init_from, config=config).float()
-    return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_pretrained(section.init_from, config=config).float()
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    if section.gradient_checkpointing:
+        # Non-reentrant: the variant that works with ZeRO-3's parameter gathering and needs no input grads.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def count_parameters(model: PreTrainedModel) -> int:

@@ -7,6 +7,7 @@ import logging
 import math
 import signal
 import socket
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from trainer.deepspeed_config import deepspeed_config
 from trainer.metrics import MetricsLogger
 from trainer.model import build_model, count_parameters, lm_loss
 from trainer.optim import param_groups, warmup_cosine
+from trainer.perf import PRECISION_DTYPES, PhaseTimer, Throughput, flops_per_token, memory_gib, peak_flops
 from trainer.validation import Validation
 
 log = logging.getLogger("zerotrain")
@@ -37,7 +39,11 @@ def train(cfg: Config, resume: bool) -> int:
              f"device {rank.device}")
     data = corpus(cfg)
     start = checkpoint.choose(cfg.run_dir, log.warning) if resume else None
-    engine = _build_engine(cfg, data.vocab_size, load_universal=bool(start and start.universal))
+    engine, per_token = _build_engine(cfg, data.vocab_size, load_universal=bool(start and start.universal))
+    peak, peak_source = peak_flops(rank.device, PRECISION_DTYPES[cfg.train.precision])
+    log.info(f"{per_token / 1e6:.1f} MFLOPs per token; MFU against {peak / 1e12:.2f} TFLOP/s per rank "
+             f"({peak_source})")
+    throughput = Throughput(cfg.train.global_batch_size, cfg.data.seq_len, rank.world_size, per_token, peak)
     restored = checkpoint.load(engine, cfg.run_dir, start) if start else None
     state, stream_state = restored or (checkpoint.TrainState(), None)
     # The data trained on from here: the launcher checked it against the checkpoint's, or was told to allow it.
@@ -49,18 +55,21 @@ def train(cfg: Config, resume: bool) -> int:
     validation = Validation(cfg, data.manifest, rank) if data.manifest else None
     metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, state.step, enabled=rank.is_main)
     metrics.text("config", cfg.to_yaml())
+    metrics.text("versions", _versions())
     sources = data.manifest.sources if data.manifest else []
     mixture = Mixture(sources, batches.order) if len(sources) > 1 else None
-    code = _run(cfg, engine, batches, validation, mixture, metrics, state, rank, stop)
+    code = _run(cfg, engine, batches, validation, mixture, metrics, state, rank, stop, throughput)
     metrics.close()
     distributed.shutdown()
     return code
 
 
 def _build_engine(cfg: Config, vocab_size: int, load_universal: bool):
+    """The DeepSpeed engine, and the model's training FLOPs per token (counted before ZeRO-3 partitions it)."""
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, vocab_size)
     n_params = count_parameters(model)
+    per_token = flops_per_token(model, cfg.data.seq_len)
     log.info(f"model: {cfg.model.type}, {n_params / 1e6:.2f}M parameters, ZeRO stage {cfg.zero.stage}, "
              f"{cfg.train.precision}, grad accumulation {cfg.grad_accum}")
     factor = warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio)
@@ -70,33 +79,56 @@ def _build_engine(cfg: Config, vocab_size: int, load_universal: bool):
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
         config=deepspeed_config(cfg, n_params, load_universal),
     )
-    return engine
+    return engine, per_token
 
 
-def _run(cfg, engine, batches, validation, mixture, metrics, state, rank, stop) -> int:
+def _versions() -> str:
+    import transformers
+
+    return "\n".join(f"{name} {module.__version__}" for name, module in
+                     (("torch", torch), ("deepspeed", deepspeed), ("transformers", transformers))) + \
+        f"\npython {sys.version.split()[0]}"
+
+
+def _run(cfg, engine, batches, validation, mixture, metrics, state, rank, stop, throughput) -> int:
     t = cfg.train
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     window = Window(engine.device)
+    phases = PhaseTimer(engine.device)
+    spikes = LossSpikes()
     logged_loss = val_loss = None
+    nonfinite_run = 0
     for step in range(state.step + 1, t.max_steps + 1):
         lr = engine.get_lr()[0]
-        window.add(_train_step(engine, batches.iterator, cfg.grad_accum))
+        step_loss = _train_step(engine, batches.iterator, cfg.grad_accum, phases)
+        window.add(step_loss)
         state = state.advanced(t.global_batch_size, tokens_per_step)
         metrics.advance(step)
+        stopping, nonfinite = stop.agreed(engine.device, step_loss)
+        nonfinite_run = nonfinite_run + 1 if nonfinite else 0
+        if nonfinite_run >= t.max_nonfinite_steps:
+            raise NonFiniteLoss(f"the loss was NaN or infinite for {nonfinite_run} step(s) in a row, up to step "
+                                f"{step} (train.max_nonfinite_steps); resume from an earlier checkpoint with a "
+                                "lower train.lr or longer train.warmup_steps, or check the data")
         if step == 1 or step % t.log_every == 0 or step == t.max_steps:
             loss, steps, seconds = window.flush()
             logged_loss = loss
             metrics.log(step, {
                 "train/loss": loss, "train/lr": lr, "train/grad_norm": _grad_norm(engine),
-                "perf/tokens_per_s": steps * tokens_per_step / seconds, "perf/step_s": seconds / steps,
-                "train/tokens_seen": state.tokens_seen, **(mixture.fractions(state.consumed_samples) if mixture else {}),
+                "train/loss_spikes": spikes.count(step, loss), "train/nonfinite_steps": nonfinite_run,
+                # steps DeepSpeed skipped for non-finite gradients (ZeRO 1-3, and fp16 loss scaling)
+                "train/skipped_steps": getattr(engine, "skipped_steps", 0),
+                "train/tokens_seen": state.tokens_seen, **throughput.metrics(steps, seconds),
+                **phases.flush(steps), **memory_gib(engine.device),
+                **(mixture.fractions(state.consumed_samples) if mixture else {}),
             })
         if validation and (step == t.max_steps or (t.eval_every and step % t.eval_every == 0)):
             val_loss, per_source = validation.run(engine)
             metrics.log(step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50)), **per_source})
             window.exclude_since_last()
-        stopping = stop.agreed(engine.device)
-        if stopping or step == t.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        if nonfinite:  # never make a checkpoint of weights a non-finite loss may have reached
+            log.warning(f"step {step}: the loss is not finite; no checkpoint until it is")
+        elif stopping or step == t.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             started = time.perf_counter()
             folder = checkpoint.save(engine, cfg.run_dir, state, batches.stream.state_dict() if batches.stream
                                      else None, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
@@ -126,23 +158,58 @@ class StopRequest:
     def _note(self, signum, frame) -> None:
         self.name = signal.Signals(signum).name
 
-    def agreed(self, device: torch.device) -> bool:
-        """Collective: true on every rank as soon as any rank was signalled (they must save together)."""
-        flag = torch.tensor([float(self.name is not None)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.name is None:
+    def agreed(self, device: torch.device, loss: torch.Tensor) -> tuple[bool, bool]:
+        """Collective, once per step: (stop now, this step's loss was not finite on some rank). True on every
+        rank as soon as any rank was signalled (they must save together). The loss check rides along: this
+        all-reduce is the step's one host sync."""
+        flags = torch.stack([torch.tensor(float(self.name is not None), device=device),
+                             (~torch.isfinite(loss)).float()])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, nonfinite = (bool(flag) for flag in flags.tolist())
+        if stop and self.name is None:
             self.name = "a stop signal (to another rank)"
-        return bool(flag.item())
+        return stop, nonfinite
 
 
-def _train_step(engine, batches, grad_accum: int) -> torch.Tensor:
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class LossSpikes:
+    """Logged losses far above the recent ones (6 standard deviations of an exponential moving window):
+    counted and warned about, for a person to look at - training goes on."""
+
+    def __init__(self, alpha: float = 0.1, sigmas: float = 6.0, warmup: int = 10):
+        self.alpha, self.sigmas, self.warmup = alpha, sigmas, warmup
+        self.mean = self.var = 0.0
+        self.seen = self.spikes = 0
+
+    def count(self, step: int, loss: float) -> int:
+        """The number of spikes so far, `loss` included."""
+        if self.seen >= self.warmup and loss > self.mean + self.sigmas * self.var**0.5:
+            self.spikes += 1
+            log.warning(f"loss spike at step {step}: {loss:.4f} against a recent {self.mean:.4f} "
+                        f"+- {self.var**0.5:.4f}")
+        delta = loss - self.mean if self.seen else 0.0
+        self.mean = self.mean + self.alpha * delta if self.seen else loss
+        self.var = (1 - self.alpha) * (self.var + self.alpha * delta**2)
+        self.seen += 1
+        return self.spikes
+
+
+def _train_step(engine, batches, grad_accum: int, phases: PhaseTimer) -> torch.Tensor:
     """One optimizer step over `grad_accum` micro-batches; returns this rank's mean loss (no host sync)."""
     total = torch.zeros((), device=engine.device)
+    phases.restart()  # the loop's own bookkeeping since the last step is no phase of this one
     for _ in range(grad_accum):
         batch = next(batches).to(engine.device, non_blocking=True)
+        phases.mark("data")
         loss = lm_loss(engine, batch)
+        phases.mark("forward")
         engine.backward(loss)
+        phases.mark("backward")
         engine.step()  # DeepSpeed only updates at the accumulation boundary
+        phases.mark("optimizer")
         total += loss.detach().float()
     return total / grad_accum
 

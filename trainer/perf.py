@@ -1,0 +1,122 @@
+"""How well a run uses its hardware: model FLOPs per token, the device's peak, MFU, step phases and memory."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import torch
+
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Dense bf16 peak per GPU (TFLOP/s, without sparsity), from the vendors' data sheets; the first name that
+# appears in torch.cuda.get_device_name() wins, so more specific names come first.
+GPU_PEAK_TFLOPS = {
+    "GB200": 2500, "B200": 2250, "H200": 989, "H100 PCIe": 756, "H100": 989, "H800": 989, "A100": 312,
+    "A800": 312, "L40S": 362, "L40": 181, "A10G": 125, "A10": 125, "L4": 121, "V100": 125, "MI300X": 1307,
+    "MI250X": 383, "T4": 65,
+}
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per weight that multiplies (forward 2, backward 4; the input embedding is
+    a lookup, not a matmul) plus attention's scores and weighted values, 12 * layers * hidden * seq_len
+    (the PaLM paper's appendix B accounting)."""
+    config = model.config
+    weights = sum(p.numel() for p in model.parameters())
+    if not getattr(config, "tie_word_embeddings", False):
+        weights -= model.get_input_embeddings().weight.numel()
+    return 6 * weights + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """FLOP/s one rank can reach at best, and where the number comes from."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12 * (0.5 if dtype == torch.float32 else 1.0), f"{name}: data sheet"
+        return _matmul_probe(device, dtype), f"{name}: not in the table, measured by a matmul probe"
+    return _matmul_probe(device, dtype), "CPU: measured by a matmul probe at start-up"
+
+
+def _matmul_probe(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
+    """The best matmul rate this rank gets with its threads (every rank probes at once, as they will train)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up: kernels chosen, threads woken
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def memory_gib(device: torch.device) -> dict[str, float]:
+    """This rank's memory: the allocator's view on a GPU, the process's resident set on CPU."""
+    gib = 2**30
+    if device.type == "cuda":
+        return {"mem/allocated_gib": torch.cuda.memory_allocated(device) / gib,
+                "mem/reserved_gib": torch.cuda.memory_reserved(device) / gib,
+                "mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib}
+    return {"mem/rss_gib": psutil.Process().memory_info().rss / gib}
+
+
+class PhaseTimer:
+    """Seconds per phase of the steps since the last flush: waiting for data, forward, backward, optimizer.
+
+    On a GPU the host runs ahead of the device, so phases are CUDA events on the stream (a gap while the
+    host waits for data shows up as the data phase); on CPU the clock is the truth.
+    """
+
+    PHASES = ("data", "forward", "backward", "optimizer")
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+        self.last = self._now()
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mark(self, phase: str) -> None:
+        """The phase that just ended."""
+        now = self._now()
+        self.marks.append((phase, self.last, now))
+        self.last = now
+
+    def restart(self) -> None:
+        """Not timed since the last mark (validation, saving, logging)."""
+        self.last = self._now()
+
+    def flush(self, steps: int) -> dict[str, float]:
+        """Mean seconds per step of each phase."""
+        totals = dict.fromkeys(self.PHASES, 0.0)
+        if self.cuda and self.marks:
+            self.marks[-1][2].synchronize()
+        for phase, start, end in self.marks:
+            totals[phase] += start.elapsed_time(end) / 1000 if self.cuda else end - start
+        self.marks.clear()
+        return {f"perf/{phase}_s": seconds / steps for phase, seconds in totals.items()}
+
+
+class Throughput:
+    """Rates of a window of steps, for the whole job and per rank, and MFU against one rank's peak."""
+
+    def __init__(self, samples_per_step: int, seq_len: int, world_size: int, flops_per_token: float, peak: float):
+        self.samples_per_step, self.seq_len, self.world_size = samples_per_step, seq_len, world_size
+        self.flops_per_token, self.peak = flops_per_token, peak
+
+    def metrics(self, steps: int, seconds: float) -> dict[str, float]:
+        samples_per_s = steps * self.samples_per_step / seconds
+        tokens_per_s = samples_per_s * self.seq_len
+        rank_flops = tokens_per_s * self.flops_per_token / self.world_size
+        return {"perf/tokens_per_s": tokens_per_s, "perf/tokens_per_s_per_rank": tokens_per_s / self.world_size,
+                "perf/samples_per_s": samples_per_s, "perf/step_s": seconds / steps,
+                "perf/model_tflops_per_rank": rank_flops / 1e12, "perf/mfu": rank_flops / self.peak}
