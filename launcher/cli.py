@@ -176,6 +176,13 @@ def _first_line(failure) -> str:
     return str(message).strip().splitlines()[0] if str(message).strip() else "no error recorded"
 
 
+def _plan(args) -> None:
+    from launcher.plan import parse_memory, plan
+
+    cfg = load_config(args.config, args.set)
+    print(plan(cfg, args.nodes, args.gpus_per_node, parse_memory(args.gpu_memory)))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(text)
@@ -297,6 +304,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: continue the checkpoints already in run.output_dir (the job's segments always do)")
     p.add_argument("--allow-data-change", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true", help="print the job script; submit nothing")
+    p = command("plan", _plan, "Before spending a cluster: parameters, FLOPs per token and per-GPU memory of "
+                "every ZeRO stage and offload for this config on N nodes x G GPUs, what fits, and a recommendation.")
+    p.add_argument("--nodes", type=_positive, default=1)
+    p.add_argument("--gpus-per-node", type=_positive, default=8)
+    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 80GB, 141GB, 24GiB")
     p = command("export", _export, "Consolidate a run's checkpoint into a Hugging Face save_pretrained "
                 "folder (safetensors, config, tokenizer).", config=False)
     p.add_argument("run_dir", type=Path, help="the run directory (run.output_dir)")
