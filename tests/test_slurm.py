@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from cluster import NetnsHosts, SlurmCluster
-from conftest import REPO, end, last_step, read_metrics, tiny_args, train_losses, wait_for, zerotrain
+from conftest import REPO, all_succeed, last_step, read_metrics, tiny_args, train_losses, wait_for, zerotrain
 from test_launch import ranks_seen
 
 pytestmark = pytest.mark.slow
@@ -113,12 +113,7 @@ def test_two_hosts_with_their_own_addresses_train_together(tiny_run, tiny_data, 
                                  "--master-addr", hosts.ip(1), "--master-port", "29511"],
                              env={**os.environ, "GLOO_SOCKET_IFNAME": hosts.ifname(i)}, cwd=REPO, text=True,
                              stdout=-1, stderr=-1) for i in (1, 2)]
-        try:
-            for node in nodes:
-                assert node.wait(timeout=300) == 0, node.communicate()
-        finally:
-            for node in nodes:
-                end(node)
+        all_succeed(nodes)
     hosts_seen = {re.search(r"\) on (\S+),", (run_dir / "logs" / f"rank{r}.log").read_text())[1] for r in (0, 1)}
     assert hosts_seen == {"h1", "h2"}
     assert train_losses(run_dir) == train_losses(tiny_run)
