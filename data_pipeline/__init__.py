@@ -1,7 +1,9 @@
-"""Data layer: source files -> tokenizer + token shards (prepare), then packed samples in a global, resumable order."""
+"""Data layer: source files -> tokenizer + token shards (prepare), then packed samples in a global, resumable order;
+labelled rows -> label ids and padded token arrays for classification."""
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.dataset import PackedDataset, packed_sources
 from data_pipeline.errors import DataError
+from data_pipeline.labelled import LabelledData, LabelledSplit, prepare_labelled
 from data_pipeline.manifest import Manifest
 from data_pipeline.prepare import prepare
 from data_pipeline.sampler import GlobalBatchSampler, GlobalOrder, eval_batches
@@ -12,6 +14,8 @@ __all__ = [
     "DataError",
     "GlobalBatchSampler",
     "GlobalOrder",
+    "LabelledData",
+    "LabelledSplit",
     "Manifest",
     "PackedDataset",
     "SourceConfig",
@@ -20,6 +24,7 @@ __all__ = [
     "packed_sources",
     "load_tokenizer",
     "prepare",
+    "prepare_labelled",
     "tokenizer_fingerprint",
     "train_bpe",
 ]

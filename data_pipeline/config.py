@@ -50,6 +50,18 @@ class DataConfig(BaseModel):
     validation_fraction: float = Field(0.05, gt=0, lt=0.5)  # of documents, chosen by hashing their key
     shard_tokens: int = Field(128 * 2**20, ge=1024)  # tokens per shard file (256 MiB at uint16)
     num_workers: int = Field(1, ge=0)  # DataLoader worker processes per rank
+    # Labelled data (model.task: classification). Each text is one example, padded/truncated to seq_len tokens.
+    label_field: str = "label"  # column holding the label (strings, or ints standing for themselves)
+    labels: list[str] | None = Field(None, min_length=2)  # the labels to train on, in id order; rows with
+    # other labels are left out (and counted). Unset: every label of the training split, sorted.
+    validation: SourceConfig | None = None  # given validation split; unset: validation_fraction of the train source
+    test: SourceConfig | None = None  # given test split; unset: test_fraction of the train source
+    test_fraction: float = Field(0.1, ge=0, lt=0.5)  # of labelled train rows held out for the final test
+
+    @field_validator("validation", "test", mode="before")
+    @classmethod
+    def _plain_path(cls, source):
+        return {"path": source} if isinstance(source, str) else source
 
     @field_validator("sources", mode="before")
     @classmethod

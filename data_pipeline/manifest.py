@@ -12,6 +12,21 @@ FORMAT = 2
 SPLITS = ("train", "validation")
 
 
+def read_record(prepared_dir: str | Path, name: str, format: int, what: str) -> dict:
+    """The JSON record that prepare writes last into prepared_dir: its presence means the data is complete."""
+    path = Path(prepared_dir) / name
+    if not path.exists():
+        raise DataError(f"data.prepared_dir: no {what} at {prepared_dir} ({name} missing); run `zerotrain prepare CONFIG`")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if record.get("format") != format:
+        raise DataError(f"{path}: format {record.get('format')!r}, this zerotrain reads format {format}; "
+                        "prepare the data again")
+    return record
+
+
 @dataclass(frozen=True)
 class Manifest:
     dir: Path
@@ -19,20 +34,7 @@ class Manifest:
 
     @classmethod
     def load(cls, prepared_dir: str | Path) -> "Manifest":
-        path = Path(prepared_dir) / "manifest.json"
-        if not path.exists():
-            raise DataError(
-                f"data.prepared_dir: no prepared data at {prepared_dir} (manifest.json missing); "
-                "run `zerotrain prepare CONFIG`"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-        if data.get("format") != FORMAT:
-            raise DataError(f"{path}: manifest format {data.get('format')!r}, this zerotrain reads format {FORMAT}; "
-                            "prepare the data again")
-        return cls(Path(prepared_dir), data)
+        return cls(Path(prepared_dir), read_record(prepared_dir, "manifest.json", FORMAT, "prepared data"))
 
     @property
     def fingerprint(self) -> str:

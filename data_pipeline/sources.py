@@ -22,6 +22,7 @@ BUILDERS = {
     ".parquet": ("parquet", {}),
     ".csv": ("csv", {}),
 }
+COMPRESSIONS = (".bz2", ".gz", ".xz", ".zst")  # `datasets` decompresses these itself: data.csv.bz2 is a csv
 SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json")  # what `save_to_disk` leaves in a folder
 
 
@@ -64,6 +65,15 @@ def iter_texts(units: list[Unit], source: SourceConfig, text_field: str) -> Iter
                 yield text
 
 
+def iter_rows(source: SourceConfig) -> Iterator[tuple[str, int, dict]]:
+    """Every row of a source with columns (csv, json, parquet, a save_to_disk folder, the Hub), with where it
+    comes from: (file or dataset, row number, row)."""
+    for unit in source_units(source):
+        rows, _ = _open([unit], source, "")
+        for i, row in enumerate(rows):
+            yield unit.location, i, row
+
+
 def _read_groups(units: list[Unit]) -> Iterator[list[Unit]]:
     """Plain text files are read many per `load_dataset` call: per call costs ~0.1 s, a whole play's worth.
     Files with rows are read one per call, so an error can name its file."""
@@ -96,7 +106,11 @@ def stream_files(locations: list[str]) -> datasets.IterableDataset:
 
 
 def builder_for(file: Path) -> tuple[str, dict]:
+    kind = file.suffix.lower()
+    if kind in COMPRESSIONS:
+        kind = Path(file.stem).suffix.lower()
     try:
-        return BUILDERS[file.suffix.lower()]
+        return BUILDERS[kind]
     except KeyError:
-        raise DataError(f"{file}: unsupported file type (use one of {', '.join(BUILDERS)})") from None
+        raise DataError(f"{file}: unsupported file type (use one of {', '.join(BUILDERS)}, optionally "
+                        f"compressed: {', '.join(COMPRESSIONS)})") from None

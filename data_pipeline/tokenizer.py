@@ -25,7 +25,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT, pad_token=EOT)
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+def load_tokenizer(path: str | Path, require_eos: bool = True) -> PreTrainedTokenizerFast:
+    """`require_eos`: packing documents for pretraining needs a separator; classification does not."""
     if not Path(path).is_dir():
         raise DataError(f"{path}: no such tokenizer folder")
     try:
@@ -34,7 +35,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         raise DataError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from e
     if not isinstance(tok, PreTrainedTokenizerFast):
         raise DataError(f"{path}: not a fast (tokenizers-backed) tokenizer: {type(tok).__name__}")
-    if tok.eos_token_id is None:
+    if require_eos and tok.eos_token_id is None:
         raise DataError(f"{path}: tokenizer has no eos token, needed to separate documents")
     return tok
 

@@ -1,4 +1,4 @@
-"""The `zerotrain` command: prepare data, train, export, generate, status.
+"""The `zerotrain` command: prepare data, train, submit, plan, export, generate, predict, status, report.
 
 Everything a run needs is checked here, before any rank starts: a bad config, a missing dataset
 or a run directory that would be overwritten ends the command with one line and exit code 2.
@@ -27,12 +27,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prepare(args) -> None:
-    from data_pipeline import prepare
+    from data_pipeline import prepare, prepare_labelled
 
     cfg = load_config(args.config, args.set)
     if cfg.data.mode == "streaming":
         raise ConfigError("data.mode: streaming data is read as it is by `zerotrain train`; nothing to prepare")
-    prepare(cfg.data, cfg.tokenizer, part=args.part)
+    if cfg.model.task == "classification":
+        prepare_labelled(cfg.data, cfg.tokenizer.path)
+    else:
+        prepare(cfg.data, cfg.tokenizer, part=args.part)
 
 
 def _train(args) -> int:
@@ -44,6 +47,10 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.set + _launch_overrides(args, layout),
                       cuda_available=torch.cuda.is_available())
     notes = _check_run(cfg, args.resume, args.allow_data_change)
+    if "nvme" in (cfg.zero.offload_optimizer, cfg.zero.offload_param):
+        from trainer.deepspeed_config import check_nvme_offload
+
+        check_nvme_offload(cfg)  # on the machine that trains: zero.nvme_path writable, DeepSpeed's async_io op built
     if layout is None or layout.rank == 0:
         for note in notes:
             print(f"zerotrain: {note}", flush=True)
@@ -73,7 +80,8 @@ def _check_run(cfg, resume: str, allow_data_change: bool) -> list[str]:
     from trainer.validation import validation_batch_counts
 
     data = corpus(cfg)
-    model_config(cfg.model, data.vocab_size)  # an init_from model must fit the data's vocabulary
+    # an init_from model must fit the data's vocabulary
+    model_config(cfg.model, data.vocab_size, data.labelled.labels if data.labelled else None, data.pad_token_id)
     if data.manifest:
         validation_batch_counts(cfg, data.manifest)
     return _check_resume(cfg, data.fingerprint, resume, allow_data_change)
@@ -208,6 +216,9 @@ def _check_resume(cfg, data_fingerprint: str, resume: str, allow_data_change: bo
     if state.data_fingerprint != data_fingerprint and not allow_data_change:
         raise DataError(f"data.prepared_dir: checkpoint {tag} was trained on other prepared data (corpus or "
                         "tokenizer changed); resume with the data it was trained on, or pass --allow-data-change")
+    if cfg.zero.offload_optimizer == "nvme":
+        notes.append(f"checkpoint {tag}: DeepSpeed 0.19 does not load an NVMe-offloaded optimizer's state; the run "
+                     "continues from the saved weights with fresh Adam moments (not an exact resume)")
     saved_ranks = checkpoint.saved_world_size(cfg.run_dir, tag)
     if saved_ranks != cfg.world_size:
         if cfg.data.mode == "streaming":
@@ -223,8 +234,8 @@ def _check_resume(cfg, data_fingerprint: str, resume: str, allow_data_change: bo
 def _export(args) -> None:
     from trainer.export import export
 
-    out = export(args.run_dir.absolute(), args.out_dir.absolute(), args.tag)
-    print(f"zerotrain: exported to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    out, auto = export(args.run_dir.absolute(), args.out_dir.absolute(), args.tag)
+    print(f"zerotrain: exported to {out} (load it with {auto}.from_pretrained)")
 
 
 def _generate(args) -> None:
@@ -237,10 +248,30 @@ def _generate(args) -> None:
         print(f"--- sample ---\n{text}\n")
 
 
+def _predict(args) -> None:
+    from launcher.predict import predict
+
+    lines = sys.stdin if str(args.input) == "-" else _read_lines(args.input)
+    for label, score, text in predict(args.model_dir, (line.rstrip("\n") for line in lines), args.batch_size):
+        print(f"{label}\t{score:.4f}\t{text}", flush=True)
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise ConfigError(f"--input: {path}: no such file")
+    return path.read_text().splitlines()
+
+
 def _status(args) -> None:
     from launcher.status import run_status
 
     print(run_status(args.run_dir.absolute()))
+
+
+def _report(args) -> None:
+    from trainer.report import render
+
+    print(render(args.run_dir.absolute(), args.output))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -313,7 +344,8 @@ def _parser() -> argparse.ArgumentParser:
                 "folder (safetensors, config, tokenizer).", config=False)
     p.add_argument("run_dir", type=Path, help="the run directory (run.output_dir)")
     p.add_argument("out_dir", type=Path, help="where to write the model; must not exist or be empty")
-    p.add_argument("--tag", help="checkpoint to export, e.g. step_00000100 (default: the latest)")
+    p.add_argument("--tag", help="checkpoint to export: step_00000100, best (the best validation result, "
+                   "train.best_metric) or latest (default)")
     p = command("generate", _generate, "Sample text from an exported model with plain transformers.",
                 config=False)
     p.add_argument("model_dir", type=Path, help="a folder written by `zerotrain export`")
@@ -321,9 +353,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive, default=50)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
+    p = command("predict", _predict, "Label texts, one per line, with a classifier exported by `zerotrain "
+                "export`; prints label, its probability and the text, tab-separated.", config=False)
+    p.add_argument("model_dir", type=Path, help="a folder written by `zerotrain export` (model.task: "
+                   "classification)")
+    p.add_argument("--input", type=Path, required=True, metavar="FILE", help="texts, one per line; - reads stdin")
+    p.add_argument("--batch-size", type=_positive, default=32)
     p = command("status", _status, "Show where a run stands: step, losses, throughput, checkpoints.",
                 config=False)
     p.add_argument("run_dir", type=Path, help="the run directory (run.output_dir)")
+    p = command("report", _report, "Draw a run's curves (loss and validation loss, learning rate, tokens/s, "
+                "MFU, memory, gradient norm) from its metrics.jsonl to a PNG; prints the file's path.",
+                config=False)
+    p.add_argument("run_dir", type=Path, help="the run directory (run.output_dir)")
+    p.add_argument("--output", type=Path, metavar="PNG", help="where to write the picture (default: "
+                   "RUN_DIR/report.png)")
     return parser
 
 

@@ -37,6 +37,9 @@ import re
 from dataclasses import dataclass
 
 from trainer.config import Config, ConfigError, ZeroSection
+from trainer.model import Architecture, model_config
+from trainer.model import architecture as model_architecture
+from trainer.perf import flops_per_token
 
 GiB = 2**30
 MARGIN = 0.10  # of GPU memory left free for the CUDA context, NCCL's buffers and allocator fragmentation
@@ -62,28 +65,6 @@ def parse_memory(text: str) -> float:
 # the model
 
 
-@dataclass(frozen=True)
-class Architecture:
-    params: int
-    embedding: int  # input embedding parameters
-    lm_head: int  # output layer parameters; 0 when tied to the input embedding
-    largest_layer: int  # most parameters held directly by one module (DeepSpeed's stage-3 estimator unit)
-    sizes: tuple[int, ...]  # every parameter's numel, in model order (stage 3 keeps the small ones whole)
-    layers: int
-    hidden: int
-    heads: int
-    kv_dim: int  # key/value heads x head dim
-    intermediate: int
-    gated_mlp: bool
-    vocab: int
-    attention: str  # the attention implementation transformers chose: sdpa, eager, flash_attention_2, ...
-
-    @property
-    def multiplying(self) -> int:
-        """Parameters that take part in matmuls: an untied input embedding is only a lookup."""
-        return self.params - (self.embedding if self.lm_head else 0)
-
-
 def vocab_size_of(cfg: Config) -> int:
     """The vocabulary the run will have: init_from's, the tokenizer folder's, or the BPE prepare trains."""
     if cfg.model.init_from is not None:
@@ -101,42 +82,10 @@ def vocab_size_of(cfg: Config) -> int:
 
 
 def architecture(cfg: Config, vocab_size: int | None = None) -> Architecture:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from trainer.model import model_config
-
-    config = model_config(cfg.model, vocab_size or vocab_size_of(cfg))
-    with init_empty_weights():  # meta tensors: shapes without memory, so a 70B model builds in seconds
-        model = AutoModelForCausalLM.from_config(config)
-    model.tie_weights()  # under init_empty_weights transformers 5 leaves tied embeddings as two parameters
-    params = list(model.parameters())  # a tied (shared) parameter is listed once
-    embedding = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return Architecture(
-        params=sum(p.numel() for p in params),
-        embedding=embedding.numel(),
-        lm_head=0 if head is None or head.weight is embedding else head.weight.numel(),
-        largest_layer=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
-        sizes=tuple(p.numel() for p in params),
-        layers=config.num_hidden_layers,
-        hidden=config.hidden_size,
-        heads=heads,
-        kv_dim=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
-        intermediate=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-        or 4 * config.hidden_size,
-        gated_mlp=any(name.rsplit(".", 1)[-1] in ("gate_proj", "w1", "gate_up_proj")
-                      for name, _ in model.named_modules()),
-        vocab=config.vocab_size,
-        attention=getattr(config, "_attn_implementation", None) or "sdpa",
-    )
-
-
-def flops_per_token(arch: Architecture, seq_len: int) -> int:
-    """Forward + backward: 6 FLOPs per multiplying parameter, plus 12·L·h·s for the attention scores."""
-    return 6 * arch.multiplying + 12 * arch.layers * arch.hidden * seq_len
+    """The run's model on the meta device. A classification head's label count comes from the data, which
+    a plan does not read: two labels stand in (the head is labels x hidden, nothing beside the encoder)."""
+    labels = ["0", "1"] if cfg.model.task == "classification" else None
+    return model_architecture(cfg.model, model_config(cfg.model, vocab_size or vocab_size_of(cfg), labels))
 
 
 def element_bytes(precision: str) -> int:

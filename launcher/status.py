@@ -26,8 +26,14 @@ def run_status(run_dir: Path) -> str:
         lines.append(f"  step {last['step']}/{cfg.train.max_steps}   loss {first['train/loss']:.3f} at step "
                      f"{first['step']} -> {last['train/loss']:.3f} at step {last['step']}")
     if val:
-        lines.append(f"  validation loss {val[-1]['val/loss']:.3f}   perplexity {val[-1]['val/ppl']:.1f}"
+        scores = ("perplexity", "val/ppl", ".1f") if "val/ppl" in val[-1] else ("accuracy", "val/accuracy", ".3f")
+        lines.append(f"  validation loss {val[-1]['val/loss']:.3f}   {scores[0]} {val[-1][scores[1]]:{scores[2]}}"
                      f"   (step {val[-1]['step']})")
+    if "test_accuracy" in summary:
+        lines.append(f"  test accuracy {summary['test_accuracy']:.3f}   macro-F1 {summary['test_macro_f1']:.3f}"
+                     f"   (weights of step {summary['test_step']}, the best by {cfg.train.best_metric})")
+    if summary.get("best_checkpoint"):
+        lines.append(f"  best checkpoint: {summary['best_checkpoint']}")
     if summary.get("tokens_per_s"):
         lines.append(f"  throughput {summary['tokens_per_s']:,.0f} tokens/s over {cfg.world_size} ranks")
     elif train:
@@ -38,6 +44,8 @@ def run_status(run_dir: Path) -> str:
         job = jobs_file.read_text().split()[-1]
         lines.append(f"  slurm job {job}: {job_state(job) or 'not known to Slurm (any more)'}   "
                      f"log {run_dir / 'slurm' / f'slurm-{job}.out'}")
+    if (run_dir / "report.png").is_file():
+        lines.append(f"  curves: {run_dir / 'report.png'}")
     lines.append(f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
     lines.append(f"  logs: {run_dir / 'logs'}   metrics: {run_dir / 'metrics.jsonl'}")
     return "\n".join(lines)

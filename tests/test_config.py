@@ -9,14 +9,16 @@ import yaml
 
 from conftest import REPO, TINY, zerotrain
 from trainer.config import ConfigError, load_config
+from trainer.deepspeed_config import check_nvme_offload, deepspeed_config
 from trainer.model import model_config
 
 
 def test_presets_load_and_resolve_paths():
-    for name in ("demo.yaml", "tiny.yaml"):
+    for name in ("demo.yaml", "tiny.yaml", "finetune_sentiment.yaml"):
         cfg = load_config(REPO / "configs" / name, cuda_available=False)
         assert cfg.run_dir.is_absolute() and cfg.data.prepared_dir.is_absolute()
         assert all(Path(s.path).is_absolute() for s in cfg.data.sources)
+    assert cfg.tokenizer.path == cfg.model.init_from  # a classifier reads with its own model's tokenizer
     tiny = load_config(TINY)
     assert tiny.grad_accum == tiny.train.global_batch_size // (tiny.train.micro_batch_size * tiny.world_size)
 
@@ -60,6 +62,12 @@ BAD = [
     (["data.sources=[{path: a.txt, hub: org/x}]"], "data.sources.0: value error, give exactly one of `path`"),
     (["data.sources=[{path: a.txt, weight: 2}, b.txt]"], "data.sources: value error, give every source a `weight`, or none"),
     (["train"], "--set 'train': expected KEY=VALUE"),
+    (["train.early_stopping=2"], "train.early_stopping: needs train.best_metric"),
+    (["train.best_metric=val/accuracy"], "train.best_metric: val/accuracy is a classification metric"),
+    (["model.task=classification"], "tokenizer.path: classification tokenizes with the model's own tokenizer"),
+    (["model.task=classification", "tokenizer.path=/tmp/tok", "train.best_metric=val/ppl"],
+     "train.best_metric: val/ppl is a language-model metric"),
+    (["data.labels=[one]"], "data.labels: list should have at least 2 items"),
     (["run.name.first=x"], "--set run.name.first: run.name is not a section"),
 ]
 
@@ -122,7 +130,7 @@ def test_cli_refuses_missing_sources(tmp_path):
     assert "data.sources" in result.stderr and "matches no file" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["", "prepare", "train", "export", "generate", "status"])
+@pytest.mark.parametrize("command", ["", "prepare", "train", "export", "generate", "predict", "status", "report"])
 def test_help(command):
     result = zerotrain(*([command] if command else []), "--help")
     assert "usage: zerotrain" in result.stdout
@@ -136,3 +144,60 @@ def test_cli_refuses_a_validation_split_too_small_for_the_ranks(tiny_data, tmp_p
     assert result.returncode == 2
     assert result.stderr.startswith("zerotrain: error: train.eval_batches: the validation split holds fewer micro-batches")
     assert not (tmp_path / "run").exists()
+
+
+NVME = ["zero.stage=3", "zero.offload_optimizer=nvme", "zero.offload_param=nvme", "zero.nvme_path=swap"]
+BAD_OFFLOAD = [
+    (["zero.stage=2", "zero.offload_optimizer=nvme", "zero.nvme_path=/tmp/s"],
+     "zero.offload_optimizer: nvme offload needs zero.stage 3 (got stage 2)"),
+    (["zero.stage=3", "zero.offload_optimizer=nvme"], "zero.nvme_path: required with nvme offload"),
+    (["zero.stage=3", "zero.offload_param=nvme"], "zero.nvme_path: required with nvme offload"),
+    (["zero.offload_param=nvme", "zero.nvme_path=/tmp/s"], "zero.offload_param: parameter offload needs zero.stage 3"),
+    (["zero.offload_optimizer=disk"], "zero.offload_optimizer: input should be 'none', 'cpu' or 'nvme'"),
+    (NVME + ["zero.partitioned_init=false"], "zero.partitioned_init: fp32 parameter offload to nvme on CPU needs"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_OFFLOAD, ids=[" ".join(b[0][:2]) for b in BAD_OFFLOAD])
+def test_bad_offload_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides, cuda_available=False)
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_nvme_offload_becomes_deepspeed_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(TINY, NVME, cuda_available=False)
+    assert cfg.zero.nvme_path == tmp_path / "swap"  # relative to where the command runs, like every path
+    assert load_config(TINY, NVME + ["train.precision=bf16", "zero.partitioned_init=false"], cuda_available=False)
+    assert load_config(TINY, NVME, cuda_available=True)  # the bf16 swap buffers are a CPU-only DeepSpeed quirk
+    ds = deepspeed_config(cfg, 6_000_000, largest_parameter=1_048_577)
+    zero, folder = ds["zero_optimization"], str(tmp_path / "swap" / "tiny")  # a folder per run name
+    assert zero["offload_optimizer"] == {"device": "nvme", "nvme_path": folder, "buffer_count": 4}
+    # One rank's share of the largest parameter (rounded up) fits a swap buffer; nothing kept in memory.
+    assert zero["offload_param"] == {"device": "nvme", "nvme_path": folder, "buffer_count": 5,
+                                     "buffer_size": 524_289, "max_in_cpu": 0}
+    assert zero["stage3_max_reuse_distance"] == 0 and ds["aio"]["block_size"] == 1024**2
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    DeepSpeedZeroConfig(**zero)  # DeepSpeed accepts it
+    cpu = deepspeed_config(load_config(TINY, ["zero.stage=3", "zero.offload_optimizer=cpu"]), 6_000_000)
+    assert cpu["zero_optimization"]["offload_optimizer"] == {"device": "cpu"} and "aio" not in cpu
+
+
+def test_nvme_preflight_needs_a_writable_folder_and_libaio(tmp_path, monkeypatch):
+    cfg = load_config(TINY, NVME[:-1] + [f"zero.nvme_path={tmp_path / 'new' / 'swap'}"], cuda_available=False)
+    monkeypatch.setattr("trainer.deepspeed_config.async_io_available", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        check_nvme_offload(cfg)
+    assert str(err.value).startswith("zero.offload_optimizer: nvme offload needs DeepSpeed's async_io op, which "
+                                     "needs libaio")
+    assert (tmp_path / "new" / "swap" / "tiny").is_dir()  # a missing folder is created first
+    (tmp_path / "file").write_text("")
+    cfg = load_config(TINY, NVME[:-1] + [f"zero.nvme_path={tmp_path / 'file'}"], cuda_available=False)
+    with pytest.raises(ConfigError) as err:
+        check_nvme_offload(cfg)
+    assert str(err.value) == f"zero.nvme_path: cannot write swap files in {tmp_path / 'file' / 'tiny'} " \
+        "(Not a directory)"
+    check_nvme_offload(load_config(TINY, ["zero.stage=3", "zero.offload_param=cpu"]))  # nothing to check

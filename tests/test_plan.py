@@ -70,14 +70,14 @@ def peak_model_states(cfg) -> int:
     import deepspeed
 
     from trainer.deepspeed_config import deepspeed_config
-    from trainer.model import build_model, count_parameters, lm_loss
+    from trainer.model import build_model, lm_loss, model_config
     from trainer.optim import param_groups
 
     torch.manual_seed(0)
     storages = NewStorages()
-    model = build_model(cfg.model, VOCAB)
+    model = build_model(cfg.model, model_config(cfg.model, VOCAB))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-                                      config=deepspeed_config(cfg, count_parameters(model)))
+                                      config=deepspeed_config(cfg, sum(p.numel() for p in model.parameters())))
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch AdamW DeepSpeed steps
     batch = torch.randint(0, VOCAB, (cfg.train.micro_batch_size, cfg.data.seq_len + 1))
     engine.backward(lm_loss(engine, batch))

@@ -2,7 +2,8 @@
 
 Layout: RUN_DIR/checkpoints/step_00000100/ holds the DeepSpeed shards, `train_state.json` (step, samples
 consumed, data fingerprint), `config.yaml` (the config it was trained with) and `rank{R}.pt` (each rank's
-RNG states, and its stream position in streaming mode); RUN_DIR/checkpoints/latest names the newest one.
+RNG states, and its stream position in streaming mode); RUN_DIR/checkpoints/latest names the newest one, and RUN_DIR/checkpoints/best the one with the best
+validation result (`train.best_metric`), which retention keeps.
 
 A save is atomic: every rank writes into `step_N.partial/` and fsyncs what it wrote; only when all have,
 rank 0 writes `manifest.json` (each file's size and SHA-256, hashed by all ranks in parallel), renames the
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from data_pipeline.shards import file_sha256
 
 LATEST = "latest"
+BEST = "best"
 PARTIAL = ".partial"
 UNIVERSAL = ".universal"
 MANIFEST = "manifest.json"  # every file of the checkpoint with its size and SHA-256
@@ -44,6 +46,9 @@ class TrainState:
     consumed_samples: int = 0  # global, world-size independent position in the data order
     tokens_seen: int = 0
     data_fingerprint: str = ""
+    best_value: float | None = None  # of train.best_metric, at best_step
+    best_step: int = 0
+    evals_since_best: int = 0  # validations without improvement (early stopping counts them)
 
     def advanced(self, samples: int, tokens: int) -> "TrainState":
         return replace(self, step=self.step + 1, consumed_samples=self.consumed_samples + samples,
@@ -54,9 +59,26 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def tag_of(step: int) -> str:
+    return f"step_{step:08d}"
+
+
 def latest_tag(run_dir: Path) -> str | None:
-    pointer = checkpoints_dir(run_dir) / LATEST
+    return _pointer(run_dir, LATEST)
+
+
+def best_tag(run_dir: Path) -> str | None:
+    return _pointer(run_dir, BEST)
+
+
+def _pointer(run_dir: Path, name: str) -> str | None:
+    pointer = checkpoints_dir(run_dir) / name
     return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def mark_best(run_dir: Path, tag: str) -> None:
+    """Rank 0, after `tag` was saved: it holds the best validation result so far."""
+    _write_durable(checkpoints_dir(run_dir) / BEST, tag)
 
 
 def read_state(run_dir: Path, tag: str) -> TrainState:
@@ -67,7 +89,7 @@ def save(engine, run_dir: Path, state: TrainState, stream_state: dict | None, ke
          keep_every: int) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder."""
     root = checkpoints_dir(run_dir)
-    tag = f"step_{state.step:08d}"
+    tag = tag_of(state.step)
     partial = root / (tag + PARTIAL)
     if dist.get_rank() == 0 and partial.exists():
         shutil.rmtree(partial)  # left by a save that was killed
@@ -89,7 +111,7 @@ def save(engine, run_dir: Path, state: TrainState, stream_state: dict | None, ke
             shutil.rmtree(root / tag)
         os.rename(partial, root / tag)
         _write_durable(root / LATEST, tag)
-        _apply_retention(root, keep_last, keep_every)
+        _apply_retention(root, keep_last, keep_every, best_tag(run_dir))
     dist.barrier()
     return root / tag
 
@@ -212,10 +234,10 @@ def _digest(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def _apply_retention(root: Path, keep_last: int, keep_every: int) -> None:
-    """Keep the newest `keep_last` checkpoints and every `keep_every`-th step's as a milestone."""
+def _apply_retention(root: Path, keep_last: int, keep_every: int, best: str | None) -> None:
+    """Keep the newest `keep_last` checkpoints, every `keep_every`-th step's as a milestone, and the best."""
     for old in saved_tags(root)[:-keep_last]:
-        if not (keep_every and int(old.removeprefix("step_")) % keep_every == 0):
+        if old != best and not (keep_every and int(old.removeprefix("step_")) % keep_every == 0):
             shutil.rmtree(root / old)
             shutil.rmtree(root / (old + UNIVERSAL), ignore_errors=True)
 

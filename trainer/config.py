@@ -32,6 +32,9 @@ class RunSection(Section):
 
 
 class ModelSection(Section):
+    # causal_lm: pretraining / next-token fine-tuning; classification: a label per text, a linear head on the
+    # encoder's pooled output (AutoModelForSequenceClassification)
+    task: Literal["causal_lm", "classification"] = "causal_lm"
     type: str = "llama"  # a transformers model_type, built with AutoConfig.for_model
     config: dict[str, Any] = {}  # fields of that transformers config; vocab_size comes from the tokenizer
     init_from: Path | None = None  # start from this Hugging Face model folder (e.g. a zerotrain export)
@@ -53,6 +56,10 @@ class TrainSection(Section):
     eval_every: int = Field(0, ge=0)  # 0: validate at the end only
     eval_batches: int = Field(16, ge=1)  # validation micro-batches, over all ranks
     max_nonfinite_steps: int = Field(3, ge=1)  # stop after this many NaN/inf losses in a row (none are saved)
+    # Keep the checkpoint with the best value of this validation metric (checkpoints/best; `export --tag best`):
+    # val/loss or val/ppl (lower is better), val/accuracy or val/macro_f1 (classification; higher is better).
+    best_metric: Literal["val/loss", "val/ppl", "val/accuracy", "val/macro_f1"] | None = None
+    early_stopping: int = Field(0, ge=0)  # stop after this many validations without a better best_metric; 0: off
 
 
 class CheckpointSection(Section):
@@ -63,8 +70,14 @@ class CheckpointSection(Section):
 
 class ZeroSection(Section):
     stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: Literal["none", "cpu"] = "none"
-    offload_param: Literal["none", "cpu"] = "none"
+    # Stage 3: build the model already partitioned (deepspeed.zero.Init), so no rank ever holds all of it.
+    # Its random initialisation then differs from the whole-model one of stages 0-2 (same distribution).
+    partitioned_init: bool = True
+    # Where optimizer states (fp32 master, Adam moments; stage 1-3, nvme: stage 3) and parameters (stage 3) live
+    # between uses: cpu memory, or swap files in zero.nvme_path (DeepSpeed's async_io op, which needs libaio).
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: Path | None = None  # a folder on a fast local disk for the swap files (under it: run name, rank)
 
 
 class LaunchSection(Section):
@@ -106,6 +119,7 @@ def load_config(path: str | Path, overrides: list[str] = (), *, cuda_available: 
     for item in overrides:
         _apply_override(raw, item)
     _absolutize_paths(raw)
+    _default_tokenizer(raw)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
@@ -149,13 +163,27 @@ def _absolutize_paths(raw: dict) -> None:
         return str(Path(p).expanduser().absolute()) if isinstance(p, str) else p
 
     for section, key in (("run", "output_dir"), ("data", "prepared_dir"), ("tokenizer", "path"),
-                         ("model", "init_from")):
+                         ("model", "init_from"), ("zero", "nvme_path")):
         if isinstance(raw.get(section), dict) and raw[section].get(key) is not None:
             raw[section][key] = absolute(raw[section][key])
+    def source(s: Any) -> Any:
+        return {**s, "path": absolute(s.get("path"))} if isinstance(s, dict) else absolute(s)
+
     data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("sources"), list):
-        data["sources"] = [{**s, "path": absolute(s.get("path"))} if isinstance(s, dict) else absolute(s)
-                           for s in data["sources"]]
+    if isinstance(data, dict):
+        if isinstance(data.get("sources"), list):
+            data["sources"] = [source(s) for s in data["sources"]]
+        for split in ("validation", "test"):
+            if data.get(split) is not None:
+                data[split] = source(data[split])
+
+
+def _default_tokenizer(raw: dict) -> None:
+    """A classifier reads text with its own model's tokenizer unless tokenizer.path says otherwise."""
+    model, tokenizer = raw.get("model"), raw.setdefault("tokenizer", {})
+    if isinstance(model, dict) and model.get("task") == "classification" and model.get("init_from") \
+            and isinstance(tokenizer, dict) and tokenizer.get("path") is None:
+        tokenizer["path"] = model["init_from"]
 
 
 # pydantic's wording where a config user needs other words
@@ -186,13 +214,41 @@ def _check_combinations(cfg: Config, cuda_available: bool | None) -> None:
         raise ConfigError(f"zero.offload_param: parameter offload needs zero.stage 3 (got stage {z.stage})")
     if z.offload_optimizer != "none" and z.stage == 0:
         raise ConfigError("zero.offload_optimizer: optimizer offload needs zero.stage 1, 2 or 3 (got stage 0)")
+    if z.offload_optimizer == "nvme" and z.stage != 3:  # DeepSpeed would silently offload to cpu memory instead
+        raise ConfigError(f"zero.offload_optimizer: nvme offload needs zero.stage 3 (got stage {z.stage}); "
+                          "use cpu at stages 1-2")
+    if "nvme" in (z.offload_optimizer, z.offload_param) and z.nvme_path is None:
+        raise ConfigError("zero.nvme_path: required with nvme offload; give a folder on a fast local disk")
+    if z.offload_param == "nvme" and t.precision == "fp32" and not z.partitioned_init and cuda_available is False:
+        raise ConfigError("zero.partitioned_init: fp32 parameter offload to nvme on CPU needs zero.partitioned_init "
+                          "true (DeepSpeed makes the swap buffers bf16 otherwise)")
     if cuda_available is False and t.precision == "fp16":
         raise ConfigError("train.precision: fp16 needs a CUDA GPU and none is visible; use bf16 or fp32")
     if not math.isfinite(t.lr):
         raise ConfigError(f"train.lr: must be a finite number (got {t.lr})")
     if cfg.data.mode == "streaming":
         _check_streaming(cfg)
+    _check_task(cfg)
     _check_model_fields(cfg.model)
+
+
+def _check_task(cfg: Config) -> None:
+    t = cfg.train
+    if t.early_stopping and t.best_metric is None:
+        raise ConfigError("train.early_stopping: needs train.best_metric, the metric whose improvement it waits for")
+    if cfg.model.task == "causal_lm":
+        if t.best_metric in ("val/accuracy", "val/macro_f1"):
+            raise ConfigError(f"train.best_metric: {t.best_metric} is a classification metric; use val/loss or "
+                              "val/ppl for model.task causal_lm")
+        return
+    if cfg.data.mode == "streaming":
+        raise ConfigError("data.mode: classification reads prepared labelled data; use data.mode: prepared")
+    if cfg.tokenizer.path is None:
+        raise ConfigError("tokenizer.path: classification tokenizes with the model's own tokenizer; set "
+                          "model.init_from (its tokenizer is used) or tokenizer.path")
+    if t.best_metric == "val/ppl":
+        raise ConfigError("train.best_metric: val/ppl is a language-model metric; use val/loss, val/accuracy "
+                          "or val/macro_f1 for classification")
 
 
 def _check_streaming(cfg: Config) -> None:

@@ -1,7 +1,8 @@
-"""The data one rank trains on: prepared shards in the global order, or a stream (`data.mode`).
+"""The data one rank trains on: prepared shards in the global order, a stream (`data.mode`), or labelled
+examples (`model.task: classification`).
 
 `corpus()` tells the model and the checkpoints what they need to know of the data (vocabulary, tokenizer,
-fingerprint) in either mode; `train_batches()` gives the rank's micro-batches.
+fingerprint, labels) in any mode; `train_batches()` gives the rank's micro-batches.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
-from data_pipeline import GlobalBatchSampler, GlobalOrder, Manifest, load_tokenizer, packed_sources, \
+from data_pipeline import GlobalBatchSampler, GlobalOrder, LabelledData, Manifest, load_tokenizer, packed_sources, \
     tokenizer_fingerprint
 from data_pipeline.sources import source_units
 from data_pipeline.streaming import StreamingPackedDataset
@@ -26,10 +28,17 @@ class Corpus:
     vocab_size: int
     tokenizer_dir: Path
     fingerprint: str  # identity of the token stream: a checkpoint is resumed on the same one only
-    manifest: Manifest | None  # None in streaming mode
+    manifest: Manifest | None  # prepared pretraining data; None when streaming or classifying
+    labelled: LabelledData | None = None  # classification: the prepared splits and their label names
+    pad_token_id: int | None = None
 
 
 def corpus(cfg: Config) -> Corpus:
+    if cfg.model.task == "classification":
+        labelled = LabelledData.load(cfg.data.prepared_dir)
+        tokenizer = load_tokenizer(labelled.tokenizer_dir, require_eos=False)
+        return Corpus(len(tokenizer), labelled.tokenizer_dir, labelled.fingerprint, None, labelled,
+                      tokenizer.pad_token_id)
     if cfg.data.mode == "prepared":
         manifest = Manifest.load(cfg.data.prepared_dir)
         return Corpus(manifest.vocab_size, manifest.tokenizer_dir, manifest.fingerprint, manifest)
@@ -48,6 +57,9 @@ class TrainBatches:
 
 def train_batches(cfg: Config, data: Corpus, rank, consumed_samples: int, stream_state: dict | None) -> TrainBatches:
     t = cfg.train
+    if data.labelled is not None:
+        examples = data.labelled.split("train")
+        return _ordered(cfg, examples, GlobalOrder([len(examples)], [1.0], cfg.run.seed), rank, consumed_samples)
     if data.manifest is None:
         source = cfg.data.sources[0]
         stream = StreamingPackedDataset([Path(u.location) for u in source_units(source)], cfg.data.text_field_of(source),
@@ -58,11 +70,27 @@ def train_batches(cfg: Config, data: Corpus, rank, consumed_samples: int, stream
         return TrainBatches(iter(DataLoader(stream, batch_size=t.micro_batch_size, num_workers=0)), None, stream)
     dataset = packed_sources(data.manifest, "train", cfg.data.seq_len)
     order = GlobalOrder([len(d) for d in dataset.datasets], data.manifest.weights, cfg.run.seed)
+    return _ordered(cfg, dataset, order, rank, consumed_samples)
+
+
+def _ordered(cfg: Config, dataset, order: GlobalOrder, rank, consumed_samples: int) -> TrainBatches:
+    """Micro-batches of `dataset` in the global order, from `consumed_samples` on."""
+    t = cfg.train
     sampler = GlobalBatchSampler(order, t.global_batch_size, t.micro_batch_size, rank.rank, rank.world_size,
                                  consumed_samples)
+    # Its own generator: starting the workers must not draw from the global RNG, whose state a resumed run
+    # restores (dropout would then differ from the uninterrupted run's).
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=rank.device.type == "cuda", worker_init_fn=_init_worker)
+                        pin_memory=rank.device.type == "cuda", worker_init_fn=_init_worker,
+                        generator=torch.Generator().manual_seed(cfg.run.seed))
     return TrainBatches(iter(loader), order, None)
+
+
+def to_device(batch, device: torch.device):
+    """A token tensor (pretraining) or a dict of tensors (classification) on the rank's device."""
+    if isinstance(batch, dict):
+        return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+    return batch.to(device, non_blocking=True)
 
 
 def _init_worker(worker_id: int) -> None:

@@ -1,46 +1,123 @@
-"""Build any transformers causal language model from the config's `model` section, and its loss."""
+"""Build any transformers model for the config's task, describe its architecture without memory, and its loss.
+
+Tasks: `causal_lm` (AutoModelForCausalLM, next-token prediction) and `classification`
+(AutoModelForSequenceClassification: a linear head on the encoder's pooled output, cross-entropy on labels).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig, \
+    PreTrainedModel
 
 from trainer.config import ConfigError, ModelSection
 
+AUTO_MODELS = {"causal_lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification}
 
-def model_config(section: ModelSection, vocab_size: int) -> PretrainedConfig:
-    """The architecture: from `init_from`'s folder, or `type` + `config`, with the data's vocabulary."""
+
+def model_config(section: ModelSection, vocab_size: int, labels: list[str] | None = None,
+                 pad_token_id: int | None = None) -> PretrainedConfig:
+    """The architecture: from `init_from`'s folder, or `type` + `config`, with the data's vocabulary; for
+    classification also the label names (saved with the model: an export knows what its outputs mean)."""
     if section.init_from is None:
         try:
-            return AutoConfig.for_model(section.type, **section.config, vocab_size=vocab_size)
+            config = AutoConfig.for_model(section.type, **section.config, vocab_size=vocab_size)
         except (ValueError, StrictDataclassError) as e:  # transformers' own checks, e.g. heads vs hidden size
             cause = str(e).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
             raise ConfigError(f"model.config: {cause}") from None
-    config = AutoConfig.from_pretrained(section.init_from)
-    if config.vocab_size != vocab_size:
-        raise ConfigError(f"model.init_from: the model's vocabulary ({config.vocab_size}) is not the data's "
-                          f"tokenizer's ({vocab_size}); prepare the data with tokenizer.path: {section.init_from}")
+    else:
+        try:
+            config = AutoConfig.from_pretrained(section.init_from)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.init_from: {section.init_from}: {str(e).splitlines()[0]}") from None
+        if config.vocab_size != vocab_size:
+            raise ConfigError(f"model.init_from: the model's vocabulary ({config.vocab_size}) is not the data's "
+                              f"tokenizer's ({vocab_size}); prepare the data with tokenizer.path: {section.init_from}")
+    if section.task == "classification":
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
+        if getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = pad_token_id  # decoder models classify from the last token before padding
     return config
 
 
-def build_model(section: ModelSection, vocab_size: int) -> PreTrainedModel:
-    """The model to train: the weights of `init_from`, or a fresh initialisation."""
-    config = model_config(section, vocab_size)
+def build_model(section: ModelSection, config: PretrainedConfig) -> PreTrainedModel:
+    """The model to train: the weights of `init_from` (a fresh head for classification), or a fresh
+    initialisation. Under a live `HfDeepSpeedConfig` of stage 3, transformers builds it partitioned."""
+    auto = AUTO_MODELS[section.task]
     if section.init_from is not None:
-        # fp32 like a fresh model: DeepSpeed makes its own bf16/fp16 copy and keeps fp32 master weights
-        model = AutoModelForCausalLM.from_pretrained(section.init_from, config=config).float()
+        # fp32 like a fresh model: DeepSpeed makes its own bf16/fp16 copy and keeps fp32 master weights.
+        # A head of another label count (fine-tuning a fine-tuned model) is replaced.
+        model = auto.from_pretrained(section.init_from, config=config, dtype=torch.float32,
+                                     ignore_mismatched_sizes=section.task == "classification")
     else:
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto.from_config(config)
     if section.gradient_checkpointing:
         # Non-reentrant: the variant that works with ZeRO-3's parameter gathering and needs no input grads.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
-def count_parameters(model: PreTrainedModel) -> int:
-    return sum(p.numel() for p in model.parameters())
+@dataclass(frozen=True)
+class Architecture:
+    """The model's shape, from a build on the meta device: what FLOPs, bucket sizes and memory plans need."""
+
+    params: int
+    embedding: int  # input embedding parameters
+    lm_head: int  # output layer parameters; 0 when tied to the input embedding, or none (classification)
+    tied: bool  # the output layer is the input embedding: it multiplies there
+    largest_layer: int  # most parameters held directly by one module (DeepSpeed's stage-3 estimator unit)
+    sizes: tuple[int, ...]  # every parameter's numel, in model order (stage 3 keeps the small ones whole)
+    layers: int
+    hidden: int
+    heads: int
+    kv_dim: int  # key/value heads x head dim
+    intermediate: int
+    gated_mlp: bool
+    vocab: int
+    attention: str  # the attention implementation transformers chose: sdpa, eager, flash_attention_2, ...
+
+    @property
+    def multiplying(self) -> int:
+        """Parameters that take part in matmuls: the input embedding is only a lookup, unless it is tied to
+        the output layer."""
+        return self.params - (0 if self.tied else self.embedding)
+
+
+def architecture(section: ModelSection, config: PretrainedConfig) -> Architecture:
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # meta tensors: shapes without memory, so a 70B model builds in seconds
+        model = AUTO_MODELS[section.task].from_config(config)
+    model.tie_weights()  # under init_empty_weights transformers 5 leaves tied embeddings as two parameters
+    params = list(model.parameters())  # a tied (shared) parameter is listed once
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return Architecture(
+        params=sum(p.numel() for p in params),
+        embedding=embedding.numel(),
+        lm_head=0 if head is None or head.weight is embedding else head.weight.numel(),
+        tied=head is not None and head.weight is embedding,
+        largest_layer=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
+        sizes=tuple(p.numel() for p in params),
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        heads=heads,
+        kv_dim=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
+        intermediate=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+        or 4 * config.hidden_size,
+        gated_mlp=any(name.rsplit(".", 1)[-1] in ("gate_proj", "w1", "gate_up_proj")
+                      for name, _ in model.named_modules()),
+        vocab=config.vocab_size,
+        attention=getattr(config, "_attn_implementation", None) or "sdpa",
+    )
 
 
 def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
@@ -48,3 +125,12 @@ def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     inputs, labels = batch[:, :-1], batch[:, 1:]
     logits = model(input_ids=inputs).logits
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+def classification_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the head's logits against the labels."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits.float(), batch["labels"])
+
+
+LOSSES = {"causal_lm": lm_loss, "classification": classification_loss}

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
+
+if TYPE_CHECKING:
+    from trainer.model import Architecture
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -18,15 +22,11 @@ GPU_PEAK_TFLOPS = {
 }
 
 
-def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+def flops_per_token(arch: Architecture, seq_len: int) -> int:
     """Training FLOPs per token: 6 per weight that multiplies (forward 2, backward 4; the input embedding is
     a lookup, not a matmul) plus attention's scores and weighted values, 12 * layers * hidden * seq_len
-    (the PaLM paper's appendix B accounting)."""
-    config = model.config
-    weights = sum(p.numel() for p in model.parameters())
-    if not getattr(config, "tie_word_embeddings", False):
-        weights -= model.get_input_embeddings().weight.numel()
-    return 6 * weights + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+    (the PaLM paper's appendix B accounting; like it, the whole s x s score matrix counts)."""
+    return 6 * arch.multiplying + 12 * arch.layers * arch.hidden * seq_len
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:

@@ -1,10 +1,9 @@
-"""The training loop of one rank: DeepSpeed engine, packed token batches, logging, validation, checkpoints."""
+"""The training loop of one rank: DeepSpeed engine, batches, logging, validation, best and last checkpoints."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import socket
 import sys
@@ -16,16 +15,18 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
+from transformers.integrations import HfDeepSpeedConfig
 
 from trainer import checkpoint, distributed
 from trainer.config import Config
-from trainer.data import Mixture, corpus, train_batches
+from trainer.data import Corpus, Mixture, corpus, to_device, train_batches
 from trainer.deepspeed_config import deepspeed_config
 from trainer.metrics import MetricsLogger
-from trainer.model import build_model, count_parameters, lm_loss
+from trainer.model import LOSSES, architecture, build_model, model_config
 from trainer.optim import param_groups, warmup_cosine
 from trainer.perf import PRECISION_DTYPES, PhaseTimer, Throughput, flops_per_token, memory_gib, peak_flops
-from trainer.validation import Validation
+from trainer.report import render
+from trainer.validation import ClassifierValidation, Validation
 
 log = logging.getLogger("zerotrain")
 
@@ -39,7 +40,7 @@ def train(cfg: Config, resume: bool) -> int:
              f"device {rank.device}")
     data = corpus(cfg)
     start = checkpoint.choose(cfg.run_dir, log.warning) if resume else None
-    engine, per_token = _build_engine(cfg, data.vocab_size, load_universal=bool(start and start.universal))
+    engine, per_token = _build_engine(cfg, data, load_universal=bool(start and start.universal))
     peak, peak_source = peak_flops(rank.device, PRECISION_DTYPES[cfg.train.precision])
     log.info(f"{per_token / 1e6:.1f} MFLOPs per token; MFU against {peak / 1e12:.2f} TFLOP/s per rank "
              f"({peak_source})")
@@ -51,8 +52,7 @@ def train(cfg: Config, resume: bool) -> int:
     if restored:
         log.info(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)")
     batches = train_batches(cfg, data, rank, state.consumed_samples, stream_state)
-    # Streaming data has no held-out split to validate on (see the README).
-    validation = Validation(cfg, data.manifest, rank) if data.manifest else None
+    validation = _validation(cfg, data, rank)
     metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, state.step, enabled=rank.is_main)
     metrics.text("config", cfg.to_yaml())
     metrics.text("versions", _versions())
@@ -60,26 +60,46 @@ def train(cfg: Config, resume: bool) -> int:
     mixture = Mixture(sources, batches.order) if len(sources) > 1 else None
     code = _run(cfg, engine, batches, validation, mixture, metrics, state, rank, stop, throughput)
     metrics.close()
+    if rank.is_main and code == 0:
+        log.info(f"curves drawn in {render(cfg.run_dir)}")
     distributed.shutdown()
     return code
 
 
-def _build_engine(cfg: Config, vocab_size: int, load_universal: bool):
-    """The DeepSpeed engine, and the model's training FLOPs per token (counted before ZeRO-3 partitions it)."""
+def _build_engine(cfg: Config, data: Corpus, load_universal: bool):
+    """The DeepSpeed engine, and the model's training FLOPs per token. The model's shape comes from a build on
+    the meta device first: bucket sizes follow its parameter count, and at stage 3 it is then built
+    partitioned (`deepspeed.zero.Init`, unless zero.partitioned_init is off): no rank ever holds all of it."""
+    config = model_config(cfg.model, data.vocab_size, data.labelled.labels if data.labelled else None,
+                          data.pad_token_id)
+    arch = architecture(cfg.model, config)
+    ds_config = deepspeed_config(cfg, arch.params, load_universal, largest_parameter=max(arch.sizes))
+    log.info(f"model: {config.model_type} ({cfg.model.task}), {arch.params / 1e6:.2f}M parameters, ZeRO stage "
+             f"{cfg.zero.stage}, {cfg.train.precision}, grad accumulation {cfg.grad_accum}")
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, vocab_size)
-    n_params = count_parameters(model)
-    per_token = flops_per_token(model, cfg.data.seq_len)
-    log.info(f"model: {cfg.model.type}, {n_params / 1e6:.2f}M parameters, ZeRO stage {cfg.zero.stage}, "
-             f"{cfg.train.precision}, grad accumulation {cfg.grad_accum}")
+    # While this object lives, transformers builds (and loads) models inside deepspeed.zero.Init.
+    zero_init = HfDeepSpeedConfig(ds_config) if cfg.zero.stage == 3 and cfg.zero.partitioned_init else None
+    model = build_model(cfg.model, config)
+    if zero_init:
+        held = sum(p.ds_tensor.numel() for p in model.parameters())
+        log.info(f"model built partitioned (deepspeed.zero.Init): this rank holds {held / 1e6:.2f}M of "
+                 f"{arch.params / 1e6:.2f}M parameters")
     factor = warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.train.weight_decay),
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
-        config=deepspeed_config(cfg, n_params, load_universal),
+        config=ds_config,
     )
-    return engine, per_token
+    del zero_init
+    return engine, flops_per_token(arch, cfg.data.seq_len)
+
+
+def _validation(cfg: Config, data: Corpus, rank: distributed.Rank):
+    if data.labelled:
+        return ClassifierValidation(cfg, data.labelled, rank)
+    # Streaming data has no held-out split to validate on (see the README).
+    return Validation(cfg, data.manifest, rank) if data.manifest else None
 
 
 def _versions() -> str:
@@ -96,11 +116,12 @@ def _run(cfg, engine, batches, validation, mixture, metrics, state, rank, stop, 
     window = Window(engine.device)
     phases = PhaseTimer(engine.device)
     spikes = LossSpikes()
-    logged_loss = val_loss = None
+    loss_fn = LOSSES[cfg.model.task]
+    logged_loss, validated = None, {}
     nonfinite_run = 0
     for step in range(state.step + 1, t.max_steps + 1):
         lr = engine.get_lr()[0]
-        step_loss = _train_step(engine, batches.iterator, cfg.grad_accum, phases)
+        step_loss = _train_step(engine, batches.iterator, loss_fn, cfg.grad_accum, phases)
         window.add(step_loss)
         state = state.advanced(t.global_batch_size, tokens_per_step)
         metrics.advance(step)
@@ -122,26 +143,68 @@ def _run(cfg, engine, batches, validation, mixture, metrics, state, rank, stop, 
                 **phases.flush(steps), **memory_gib(engine.device),
                 **(mixture.fractions(state.consumed_samples) if mixture else {}),
             })
+        improved = False
         if validation and (step == t.max_steps or (t.eval_every and step % t.eval_every == 0)):
-            val_loss, per_source = validation.run(engine)
-            metrics.log(step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50)), **per_source})
+            validated = validation.run(engine)
+            metrics.log(step, validated)
+            state, improved = _track_best(t, state, validated)
             window.exclude_since_last()
+        early_stop = bool(t.early_stopping) and state.evals_since_best >= t.early_stopping
         if nonfinite:  # never make a checkpoint of weights a non-finite loss may have reached
             log.warning(f"step {step}: the loss is not finite; no checkpoint until it is")
-        elif stopping or step == t.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        elif stopping or step == t.max_steps or improved or early_stop or \
+                (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             started = time.perf_counter()
             folder = checkpoint.save(engine, cfg.run_dir, state, batches.stream.state_dict() if batches.stream
                                      else None, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
             seconds = time.perf_counter() - started  # training stands still meanwhile
             log.info(f"saved {folder} in {seconds:.2f} s")
             metrics.log(step, {"perf/checkpoint_s": seconds})
+            if improved and rank.is_main:
+                checkpoint.mark_best(cfg.run_dir, folder.name)
             window.exclude_since_last()
         if stopping:
             log.warning(f"{stop.name} received: saved step {step}; continue with --resume auto")
             return checkpoint.EXIT_SAVED
+        if early_stop:
+            log.info(f"early stopping at step {step}: {t.best_metric} not better than {state.best_value:.4f} "
+                     f"(step {state.best_step}) in {state.evals_since_best} validations (train.early_stopping)")
+            break
+    if isinstance(validation, ClassifierValidation):
+        validated = {**validated, **_final_test(cfg, engine, validation, metrics, state)}
     if rank.is_main and logged_loss is not None:
-        _write_summary(cfg, state, logged_loss, val_loss, window)
+        _write_summary(cfg, state, logged_loss, validated, window)
     return 0
+
+
+def _track_best(t, state: checkpoint.TrainState, results: dict[str, float]):
+    """The state with train.best_metric's best value so far, and whether this validation improved on it."""
+    if t.best_metric is None:
+        return state, False
+    value = results[t.best_metric]
+    lower_is_better = t.best_metric in ("val/loss", "val/ppl")
+    if state.best_value is None or (value < state.best_value if lower_is_better else value > state.best_value):
+        return replace(state, best_value=value, best_step=state.step, evals_since_best=0), True
+    return replace(state, evals_since_best=state.evals_since_best + 1), False
+
+
+def _final_test(cfg: Config, engine, validation: ClassifierValidation, metrics: MetricsLogger,
+                state: checkpoint.TrainState) -> dict:
+    """Classification: the scores of the best checkpoint (the final weights without train.best_metric) on the
+    test split (the validation split if there is none), and its confusion matrix."""
+    evaluated = state.best_step or state.step
+    if evaluated != state.step:
+        engine.load_checkpoint(str(checkpoint.checkpoints_dir(cfg.run_dir)), tag=checkpoint.tag_of(evaluated),
+                               load_module_only=True, load_optimizer_states=False, load_lr_scheduler_states=False)
+    split = "test" if validation.has("test") else "validation"
+    results = validation.run(engine, split)
+    table = validation.confusion_text()
+    metrics.log(state.step, results)
+    metrics.text(f"{split}_confusion_matrix", table)
+    log.info(f"{split} split, weights of step {evaluated}: " +
+             ", ".join(f"{name} {value:.4f}" for name, value in results.items()) + f"\n{table}")
+    prefix = next(iter(results)).split("/")[0]
+    return {**results, f"{prefix}/confusion_matrix": validation.confusion.int().tolist(), f"{prefix}/step": evaluated}
 
 
 class StopRequest:
@@ -197,14 +260,14 @@ class LossSpikes:
         return self.spikes
 
 
-def _train_step(engine, batches, grad_accum: int, phases: PhaseTimer) -> torch.Tensor:
+def _train_step(engine, batches, loss_fn, grad_accum: int, phases: PhaseTimer) -> torch.Tensor:
     """One optimizer step over `grad_accum` micro-batches; returns this rank's mean loss (no host sync)."""
     total = torch.zeros((), device=engine.device)
     phases.restart()  # the loop's own bookkeeping since the last step is no phase of this one
     for _ in range(grad_accum):
-        batch = next(batches).to(engine.device, non_blocking=True)
+        batch = to_device(next(batches), engine.device)
         phases.mark("data")
-        loss = lm_loss(engine, batch)
+        loss = loss_fn(engine, batch)
         phases.mark("forward")
         engine.backward(loss)
         phases.mark("backward")
@@ -251,15 +314,16 @@ class Window:
         self.start = time.perf_counter()
 
 
-def _write_summary(cfg: Config, state, final_loss: float, val_loss: float, window: Window) -> None:
+def _write_summary(cfg: Config, state, final_loss: float, validated: dict, window: Window) -> None:
     """summary.json: where the run ended. Throughput covers this launch, start-up excluded."""
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     summary = {
         "step": state.step,
         "tokens_seen": state.tokens_seen,
         "final_loss": final_loss,
-        "val_loss": val_loss,
-        "val_ppl": math.exp(min(val_loss, 50)) if val_loss is not None else None,
+        **{name.replace("/", "_"): value for name, value in validated.items()},  # val_loss, test_accuracy, ...
+        "best_checkpoint": str(checkpoint.checkpoints_dir(cfg.run_dir) / checkpoint.tag_of(state.best_step))
+        if state.best_step else None,
         "tokens_per_s": window.train_steps * tokens_per_step / window.train_seconds if window.train_seconds else None,
         "checkpoint": str(checkpoint.checkpoints_dir(cfg.run_dir) / checkpoint.latest_tag(cfg.run_dir)),
         "tensorboard": str(cfg.run_dir / "tensorboard"),

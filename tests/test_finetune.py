@@ -1,0 +1,183 @@
+"""Fine-tuning (model.task: classification): real encoder, real labelled text, real ranks, real exports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import REPO, read_metrics, train_losses, zerotrain
+from data_pipeline import DataConfig, DataError, LabelledData, load_tokenizer, prepare_labelled
+
+SENTIMENT = REPO / "configs" / "finetune_sentiment.yaml"
+MINILM = REPO / "data" / "models" / "all-MiniLM-L6-v2"
+ROTTEN = REPO / "data" / "rotten_tomatoes" / "rotten_tomatoes_corpus_full.csv.bz2"
+# A BERT small enough for a rank to take a step in well under a second, read with MiniLM's real WordPiece vocabulary.
+TINY_BERT = "{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, " \
+            "max_position_embeddings: 64}"
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    if not (MINILM / "model.safetensors").is_file() or not ROTTEN.is_file():
+        pytest.fail(f"the fine-tuning model or data is missing ({MINILM}, {ROTTEN}): run `make data` (make test does)")
+    return MINILM
+
+
+@pytest.fixture(scope="session")
+def play_lines(corpus, tmp_path_factory):
+    """Real labelled text: lines of Hamlet and of Twelfth Night, labelled with their play."""
+    rows = []
+    for play in ("hamlet", "twelfth_night"):
+        lines = [line.strip() for line in (corpus / f"{play}_gut.txt").read_text().splitlines()]
+        rows += [{"text": line, "play": play} for line in lines if len(line.split()) >= 5][:400]
+    path = tmp_path_factory.mktemp("labelled") / "plays.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def plays_args(run_dir, prepared, lines, *overrides: str) -> list[str]:
+    """A tiny BERT (fresh weights) telling the plays apart: the config of the resume and stage tests."""
+    sets = [f"run.output_dir={run_dir}", "model.init_from=null", "model.type=bert", f"model.config={TINY_BERT}",
+            f"tokenizer.path={MINILM}", f"data.sources=[{lines}]", "data.label_field=play", "data.labels=null",
+            f"data.prepared_dir={prepared}", "data.seq_len=32", "data.validation_fraction=0.1",
+            "data.test_fraction=0.1", "train.micro_batch_size=8", "train.global_batch_size=32", "train.max_steps=6",
+            "train.lr=1e-3", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=3",
+            "train.precision=fp32", "checkpoint.every=3", *overrides]
+    return [str(SENTIMENT)] + [a for s in sets for a in ("--set", s)]
+
+
+@pytest.fixture(scope="session")
+def sentiment_run(minilm, tmp_path_factory):
+    """configs/finetune_sentiment.yaml, shortened: MiniLM on Rotten Tomatoes sentences, 2 ranks."""
+    root = tmp_path_factory.mktemp("sentiment")
+    sets = [f"run.output_dir={root / 'run'}", f"data.prepared_dir={root / 'prepared'}", "train.max_steps=40",
+            "train.eval_every=20", "train.warmup_steps=4", "train.lr=3e-4", "train.min_lr_ratio=0.1"]
+    args = [a for s in sets for a in ("--set", s)]
+    zerotrain("prepare", SENTIMENT, *args)
+    zerotrain("train", SENTIMENT, *args)
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_fine_tuning_learns_sentiment(sentiment_run):
+    summary = json.loads((sentiment_run / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.7 and summary["test_macro_f1"] > 0.65  # chance: 0.58 (all "fresh")
+    info = LabelledData.load(sentiment_run.parent / "prepared").info
+    confusion = np.array(summary["test_confusion_matrix"])
+    assert confusion.sum() == info["splits"]["test"]["examples"]
+    assert list(confusion.sum(1)) == list(info["splits"]["test"]["label_counts"].values())  # rows: true labels
+    assert confusion.trace() / confusion.sum() == pytest.approx(summary["test_accuracy"])
+    val = [r for r in read_metrics(sentiment_run) if "val/accuracy" in r]
+    assert [r["step"] for r in val] == [20, 40]
+    best = max(val, key=lambda r: r["val/accuracy"])  # the first of equals: only a better value moves "best"
+    assert (sentiment_run / "checkpoints" / "best").read_text() == f"step_{best['step']:08d}"
+    assert summary["test_step"] == best["step"]  # the test scores the best checkpoint
+
+
+@pytest.mark.slow
+def test_prediction_from_an_export(sentiment_run, tmp_path):
+    zerotrain("export", sentiment_run, tmp_path / "export", "--tag", "best")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["id2label"] == {"0": "rotten", "1": "fresh"}
+    reviews = tmp_path / "reviews.txt"
+    reviews.write_text("a delightful, moving film with a wonderful cast and a smart script\n\n"
+                       "a dull, tedious mess that wastes its talented cast\n")
+    out = zerotrain("predict", tmp_path / "export", "--input", reviews).stdout.splitlines()
+    assert [line.split("\t")[0] for line in out] == ["fresh", "rotten"]  # the empty line is skipped
+    assert all(0.5 < float(line.split("\t")[1]) <= 1 for line in out)
+    not_a_classifier = zerotrain("predict", tmp_path, "--input", reviews, check=False)
+    assert not_a_classifier.returncode == 2 and "not a Hugging Face model folder" in not_a_classifier.stderr
+
+
+@pytest.mark.slow
+def test_classification_is_the_same_at_every_stage_and_resumes_exactly(minilm, play_lines, tmp_path):
+    prepared = tmp_path / "prepared"
+    zerotrain("prepare", *plays_args(tmp_path / "unused", prepared, play_lines))
+    runs = {stage: tmp_path / f"stage{stage}" for stage in (0, 3)}
+    for stage, run_dir in runs.items():  # stage 3 built whole, as stage 0: the same initial weights
+        zerotrain("train", *plays_args(run_dir, prepared, play_lines, f"zero.stage={stage}",
+                                       "zero.partitioned_init=false"))
+    assert train_losses(runs[0]) == pytest.approx(train_losses(runs[3]), abs=1e-5)
+    # Resume from step 3: as if the run had stopped after that save.
+    shutil.rmtree(runs[3] / "checkpoints" / "step_00000006")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs[3], resumed, ignore=shutil.ignore_patterns("metrics.jsonl", "tensorboard", "summary.json"))
+    zerotrain("train", *plays_args(resumed, prepared, play_lines, "zero.stage=3", "zero.partitioned_init=false"),
+              "--resume", "auto")
+    assert train_losses(resumed) == {step: loss for step, loss in train_losses(runs[3]).items() if step > 3}
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_pretrained_export(tiny_run, play_lines, tmp_path):
+    """pretrain -> export -> fine-tune: the tiny Llama of tiny_run gets a classification head, at ZeRO 3 built
+    partitioned (deepspeed.zero.Init loading the export's weights), and its export labels text."""
+    zerotrain("export", tiny_run, tmp_path / "pretrained")
+    sets = [f"model.init_from={tmp_path / 'pretrained'}", "model.type=llama", "model.config={}",
+            f"tokenizer.path={tmp_path / 'pretrained'}", "zero.stage=3", "zero.partitioned_init=true"]
+    args = plays_args(tmp_path / "run", tmp_path / "prepared", play_lines, *sets)
+    zerotrain("prepare", *args)
+    zerotrain("train", *args)
+    log = (tmp_path / "run" / "logs" / "rank0.log").read_text()
+    assert "(classification)" in log and "model built partitioned" in log
+    losses = train_losses(tmp_path / "run")
+    assert all(np.isfinite(list(losses.values())))
+    zerotrain("export", tmp_path / "run", tmp_path / "classifier")
+    config = json.loads((tmp_path / "classifier" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert set(config["id2label"].values()) == {"hamlet", "twelfth_night"}
+    lines = tmp_path / "lines.txt"
+    lines.write_text("To be, or not to be, that is the question\nIf music be the food of love, play on\n")
+    out = zerotrain("predict", tmp_path / "classifier", "--input", lines).stdout.splitlines()
+    assert len(out) == 2 and all(line.split("\t")[0] in ("hamlet", "twelfth_night") for line in out)
+
+
+def test_labels_map_to_ids_and_back(minilm, tmp_path):
+    rows = [{"text": f"review number {i} says it was {word}", "stars": stars}
+            for i, (word, stars) in enumerate([("bad", 1), ("fine", 2), ("great", 10)] * 20)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = DataConfig(sources=[str(tmp_path / "rows.jsonl")], label_field="stars", prepared_dir=tmp_path / "out",
+                      seq_len=16, validation_fraction=0.2, test_fraction=0.2)
+    labelled = prepare_labelled(data, minilm, log=lambda _: None)
+    assert labelled.labels == ["1", "2", "10"]  # numbers in numeric order
+    tokenizer = load_tokenizer(labelled.tokenizer_dir, require_eos=False)
+    seen = 0
+    for split in ("train", "validation", "test"):
+        for example in labelled.split(split):
+            text = tokenizer.decode(example["input_ids"], skip_special_tokens=True)
+            name = labelled.labels[int(example["labels"])]
+            assert {"1": "bad", "2": "fine", "10": "great"}[name] in text
+            assert int(example["attention_mask"].sum()) == len(tokenizer(text)["input_ids"])
+            seen += 1
+    assert seen == len(rows)
+    assert prepare_labelled(data, minilm, log=lambda _: None).info == labelled.info  # prepared once, then reused
+
+
+@pytest.mark.parametrize("rows, settings, message", [
+    ([{"text": "a fine film", "score": 1}], {}, "has no 'label' field (data.label_field)"),
+    ([{"text": "a fine film", "label": "pos"}, {"text": "  ", "label": "neg"}], {}, "row 1: the text ('text') is empty"),
+    ([{"text": f"film {i}", "label": "pos"} for i in range(20)] + [{"text": "other", "label": "neg"}],
+     {"labels": ["pos", "meh"]}, "data.labels: 'meh' does not occur in the training split"),
+])
+def test_bad_labelled_data_is_named(minilm, tmp_path, rows, settings, message):
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = DataConfig(sources=[str(tmp_path / "rows.jsonl")], prepared_dir=tmp_path / "out", seq_len=16, **settings)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        prepare_labelled(data, minilm, log=lambda _: None)
+    assert not (tmp_path / "out" / "labelled.json").exists()
+
+
+def test_a_label_unseen_in_training_is_refused(minilm, tmp_path):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": f"line {i}", "label": ["a", "b"][i % 2]}) + "\n"
+                                                  for i in range(10)))
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": "new", "label": "c"}) + "\n")
+    args = [str(SENTIMENT), "--set", f"data.sources=[{tmp_path / 'train.jsonl'}]", "--set", "data.label_field=label",
+            "--set", "data.labels=null", "--set", f"data.validation={tmp_path / 'val.jsonl'}",
+            "--set", f"data.prepared_dir={tmp_path / 'out'}"]
+    result = zerotrain("prepare", *args, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"zerotrain: error: {tmp_path / 'val.jsonl'}: row 0: label 'c' does not occur in the training split; a model "
+        "cannot learn it (list the labels to keep in data.labels)"]

@@ -1,0 +1,126 @@
+"""A run's curves in one picture: RUN_DIR/metrics.jsonl drawn to RUN_DIR/report.png.
+
+Drawn on a bare `Figure` with the Agg canvas, not through pyplot: no display is needed (clusters, CI)
+and nothing global (the backend, the list of open figures) changes in a process that calls `render`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from trainer.config import ConfigError
+
+DPI = 100  # about 1300 x 700 pixels for six panels: readable, and a small file
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    keys: tuple[str, ...]  # metrics drawn together, as fnmatch patterns (per-source and memory keys vary)
+    ylabel: str
+    scale: float = 1.0
+    from_zero: bool = False  # amounts, not changes: a 0.1% wobble in memory should not fill the panel
+
+
+PANELS = (
+    Panel("loss", ("train/loss", "val/loss", "val/*/loss"), "loss"),
+    Panel("learning rate", ("train/lr",), "lr"),
+    Panel("throughput", ("perf/tokens_per_s",), "tokens/s", from_zero=True),
+    Panel("MFU", ("perf/mfu",), "% of peak", scale=100, from_zero=True),  # logged as a fraction
+    Panel("memory", ("mem/*_gib",), "GiB", from_zero=True),  # GPU: allocated/reserved/peak; CPU: rss
+    Panel("gradient norm", ("train/grad_norm",), "norm before clipping"),
+    Panel("fine-tuning", ("val/accuracy", "val/macro_f1"), "score"),
+)
+
+
+def render(run_dir: Path, output: Path | None = None) -> Path:
+    """Draw the run's metrics to `output` (default RUN_DIR/report.png) and return its path."""
+    records = _read_records(run_dir / "metrics.jsonl")
+    chosen = _chosen(records)
+    if not chosen:
+        raise ConfigError(f"{run_dir / 'metrics.jsonl'}: no metric that a report plots (no train/loss yet?)")
+    columns = 3 if len(chosen) > 4 else 2
+    rows = math.ceil(len(chosen) / columns)
+    figure = Figure(figsize=(4.4 * columns, 3.2 * rows + 0.4), layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.suptitle(_headline(run_dir.resolve().name, records))
+    for index, (panel, keys) in enumerate(chosen):
+        _draw(figure.add_subplot(rows, columns, index + 1), panel, keys, records)
+    output = output or run_dir / "report.png"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, format="png", dpi=DPI)
+    return output
+
+
+def panels(records: list[dict]) -> list[str]:
+    """Titles of the panels `render` draws for these records: those with at least one metric present."""
+    return [panel.title for panel, _ in _chosen(records)]
+
+
+def _read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a one-line ConfigError naming the file if it is missing, empty or corrupt."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (not a zerotrain run directory, or no step logged yet)")
+    # Each record is written as one line ending in a newline: text after the last newline is a record the
+    # run is still writing (a report of a live run), not damage.
+    lines = path.read_text().split("\n")[:-1]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: line {number} is not JSON ({e.msg}); the file is damaged") from None
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            raise ConfigError(f"{path}: line {number} is not a metrics record (no integer \"step\")")
+        records.append(record)
+    if not records:
+        raise ConfigError(f"{path}: empty (no step logged yet)")
+    return records
+
+
+def _chosen(records: list[dict]) -> list[tuple[Panel, list[str]]]:
+    present = {key for record in records for key in record}
+    chosen = [(panel, [key for pattern in panel.keys for key in sorted(fnmatch.filter(present, pattern))])
+              for panel in PANELS]
+    return [(panel, keys) for panel, keys in chosen if keys]
+
+
+def _draw(axes, panel: Panel, keys: list[str], records: list[dict]) -> None:
+    for key in keys:
+        steps, values = zip(*[(r["step"], r[key] * panel.scale) for r in records if key in r])
+        # Validation comes every eval_every steps: markers show where the few points are.
+        axes.plot(steps, values, marker="o" if key.startswith("val/") else None, markersize=3, label=key)
+    axes.set(title=panel.title, xlabel="step", ylabel=panel.ylabel)
+    top = axes.dataLim.ymax  # of the finite values; -inf when there are none
+    if panel.from_zero and math.isfinite(top) and top > 0:  # a fixed floor leaves autoscaling no headroom
+        axes.set_ylim(0, 1.1 * top)
+    axes.grid(alpha=0.3)
+    if len(keys) > 1:
+        axes.legend(fontsize="small")
+
+
+def _headline(name: str, records: list[dict]) -> str:
+    parts = [f"{name}: step {max(r['step'] for r in records)}"]
+    train = _last(records, "train/loss")
+    if train:
+        parts.append(f"loss {train['train/loss']:.3f}")
+    val = _last(records, "val/loss")
+    if val:
+        ppl = f" (ppl {val['val/ppl']:.1f})" if "val/ppl" in val else ""
+        parts.append(f"val loss {val['val/loss']:.3f}{ppl}")
+    for key, label in (("val/accuracy", "accuracy"), ("val/macro_f1", "macro-F1")):
+        last = _last(records, key)
+        if last:
+            parts.append(f"{label} {last[key]:.3f}")
+    return "   ".join(parts)
+
+
+def _last(records: list[dict], key: str) -> dict | None:
+    return next((r for r in reversed(records) if key in r), None)
