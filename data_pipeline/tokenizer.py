@@ -26,11 +26,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(path: str | Path, require_eos: bool = True) -> PreTrainedTokenizerFast:
-    """`require_eos`: packing documents for pretraining needs a separator; classification does not."""
-    if not Path(path).is_dir():
+    """A folder, or a Hub name (downloaded; needs the internet). `require_eos`: packing documents for
+    pretraining needs a separator; classification does not."""
+    if Path(path).is_absolute() and not Path(path).is_dir():  # a relative path is a Hub name
         raise DataError(f"{path}: no such tokenizer folder")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from e
     if not isinstance(tok, PreTrainedTokenizerFast):

@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import STEPS, read_metrics, tiny_args, train_losses, zerotrain
 from data_pipeline import Manifest
 from trainer.config import load_config
-from trainer.model import build_model
+from trainer.model import build_model, model_config
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +61,8 @@ def test_run_directory_layout(tiny_run):
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
     assert {"train/lr", "train/grad_norm", "perf/tokens_per_s", "val/loss"} <= set(events.Tags()["scalars"])
+    start = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["train.lr"].number_value == 3e-3  # the HPARAMS tab's columns
 
 
 def test_export_loads_in_transformers_with_the_trained_logits(tiny_run, tiny_data, tmp_path):
@@ -70,7 +73,8 @@ def test_export_loads_in_transformers_with_the_trained_logits(tiny_run, tiny_dat
     # The engine's live module weights at the last save, as DeepSpeed wrote them.
     live = torch.load(tiny_run / "checkpoints" / "step_00000012" / "mp_rank_00_model_states.pt",
                       weights_only=False)["module"]
-    reference = build_model(load_config(tiny_run / "config.yaml").model, Manifest.load(tiny_data).vocab_size)
+    section = load_config(tiny_run / "config.yaml").model
+    reference = build_model(section, model_config(section, Manifest.load(tiny_data).vocab_size))
     reference.load_state_dict(live)
     inputs = tokenizer("To be, or not to be, that is the question", return_tensors="pt")
     with torch.no_grad():
@@ -82,9 +86,10 @@ def test_export_loads_in_transformers_with_the_trained_logits(tiny_run, tiny_dat
 
 @pytest.mark.parametrize("stage,checkpointing", [(0, False), (1, False), (3, False), (2, True), (3, True)])
 def test_every_zero_stage_trains_like_stage_2(stage, checkpointing, tiny_run, tiny_data, tmp_path):
-    """Same seed and data: the same losses at every stage, with activation checkpointing or without."""
+    """Same seed and data: the same losses at every stage, with activation checkpointing or without. (Stage 3
+    builds the model whole here, as the others do: zero.Init draws other initial weights.)"""
     run_dir = tmp_path / f"stage{stage}"
-    zerotrain("train", *tiny_args(run_dir, tiny_data, f"zero.stage={stage}",
+    zerotrain("train", *tiny_args(run_dir, tiny_data, f"zero.stage={stage}", "zero.partitioned_init=false",
                                   f"model.gradient_checkpointing={checkpointing}"))
     expected, got = train_losses(tiny_run), train_losses(run_dir)
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)

@@ -92,10 +92,16 @@ def test_prediction_from_an_export(sentiment_run, tmp_path):
     assert not_a_classifier.returncode == 2 and "not a Hugging Face model folder" in not_a_classifier.stderr
 
 
+@pytest.fixture(scope="session")
+def plays_prepared(minilm, play_lines, tmp_path_factory):
+    prepared = tmp_path_factory.mktemp("plays") / "prepared"
+    zerotrain("prepare", *plays_args(prepared.parent / "unused", prepared, play_lines))
+    return prepared
+
+
 @pytest.mark.slow
-def test_classification_is_the_same_at_every_stage_and_resumes_exactly(minilm, play_lines, tmp_path):
-    prepared = tmp_path / "prepared"
-    zerotrain("prepare", *plays_args(tmp_path / "unused", prepared, play_lines))
+def test_classification_is_the_same_at_every_stage_and_resumes_exactly(plays_prepared, play_lines, tmp_path):
+    prepared = plays_prepared
     runs = {stage: tmp_path / f"stage{stage}" for stage in (0, 3)}
     for stage, run_dir in runs.items():  # stage 3 built whole, as stage 0: the same initial weights
         zerotrain("train", *plays_args(run_dir, prepared, play_lines, f"zero.stage={stage}",
@@ -108,6 +114,18 @@ def test_classification_is_the_same_at_every_stage_and_resumes_exactly(minilm, p
     zerotrain("train", *plays_args(resumed, prepared, play_lines, "zero.stage=3", "zero.partitioned_init=false"),
               "--resume", "auto")
     assert train_losses(resumed) == {step: loss for step, loss in train_losses(runs[3]).items() if step > 3}
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_a_run_that_stopped_improving(plays_prepared, play_lines, tmp_path):
+    run_dir = tmp_path / "run"
+    # A learning rate too small to change a prediction: the validation accuracy of step 3 is never beaten.
+    zerotrain("train", *plays_args(run_dir, plays_prepared, play_lines, "train.max_steps=12", "train.lr=1e-12",
+                                   "train.best_metric=val/accuracy", "train.early_stopping=2"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 9 and summary["test_step"] == 3  # validations at 3 (best), 6, 9: two without gain
+    assert (run_dir / "checkpoints" / "best").read_text() == "step_00000003"
+    assert "early stopping at step 9" in (run_dir / "logs" / "rank0.log").read_text()
 
 
 @pytest.mark.slow
@@ -181,3 +199,22 @@ def test_a_label_unseen_in_training_is_refused(minilm, tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"zerotrain: error: {tmp_path / 'val.jsonl'}: row 0: label 'c' does not occur in the training split; a model "
         "cannot learn it (list the labels to keep in data.labels)"]
+
+
+def test_a_hub_model_name_is_read_from_the_hub(tmp_path):
+    """A name that is no local folder is a Hub model (and its tokenizer): offline, one line says so."""
+    result = zerotrain("prepare", SENTIMENT, "--set", "model.init_from=prajjwal1/bert-tiny", "--set",
+                       f"data.prepared_dir={tmp_path / 'out'}", check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith("zerotrain: error: prajjwal1/bert-tiny: cannot load a tokenizer (") \
+        and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_scores_from_a_confusion_matrix():
+    import torch
+
+    from trainer.validation import scores
+
+    result = scores(torch.tensor([[3.0, 1.0], [2.0, 4.0]]), loss=0.5)  # rows: true label, columns: predicted
+    # F1 of label 0: 2*3 / (3+1 + 3+2) = 6/9; of label 1: 2*4 / (2+4 + 1+4) = 8/11
+    assert result == pytest.approx({"loss": 0.5, "accuracy": 0.7, "macro_f1": (6 / 9 + 8 / 11) / 2})

@@ -8,6 +8,7 @@ problem becomes a `ConfigError` whose message is one line naming the key path.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_pipeline.config import DataConfig, TokenizerConfig
+
+
+# A Hugging Face Hub name: 'bert-base-uncased', 'org/model-name' (a path that exists locally is a folder instead)
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 class ConfigError(ValueError):
@@ -37,7 +42,8 @@ class ModelSection(Section):
     task: Literal["causal_lm", "classification"] = "causal_lm"
     type: str = "llama"  # a transformers model_type, built with AutoConfig.for_model
     config: dict[str, Any] = {}  # fields of that transformers config; vocab_size comes from the tokenizer
-    init_from: Path | None = None  # start from this Hugging Face model folder (e.g. a zerotrain export)
+    # start from this Hugging Face model: a folder (e.g. a zerotrain export) or a Hub name (needs the internet)
+    init_from: Path | None = None
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
 
 
@@ -162,10 +168,17 @@ def _absolutize_paths(raw: dict) -> None:
     def absolute(p: Any) -> Any:
         return str(Path(p).expanduser().absolute()) if isinstance(p, str) else p
 
-    for section, key in (("run", "output_dir"), ("data", "prepared_dir"), ("tokenizer", "path"),
-                         ("model", "init_from"), ("zero", "nvme_path")):
+    def folder_or_hub(p: Any) -> Any:
+        """A model or tokenizer: a local folder, or a Hub name ('org/name'), which stays relative."""
+        hub = isinstance(p, str) and HUB_NAME.fullmatch(p) and not Path(p).expanduser().exists()
+        return p if hub else absolute(p)
+
+    for section, key, resolve in (("run", "output_dir", absolute), ("data", "prepared_dir", absolute),
+                                  ("tokenizer", "path", folder_or_hub), ("model", "init_from", folder_or_hub),
+                                  ("zero", "nvme_path", absolute)):
         if isinstance(raw.get(section), dict) and raw[section].get(key) is not None:
-            raw[section][key] = absolute(raw[section][key])
+            raw[section][key] = resolve(raw[section][key])
+
     def source(s: Any) -> Any:
         return {**s, "path": absolute(s.get("path"))} if isinstance(s, dict) else absolute(s)
 
@@ -264,7 +277,7 @@ def _check_model_fields(model: ModelSection) -> None:
     from transformers import AutoConfig  # imported here: a second of start-up only where needed
 
     if model.init_from is not None:
-        if not (model.init_from / "config.json").is_file():
+        if model.init_from.is_absolute() and not (model.init_from / "config.json").is_file():  # (else a Hub name)
             raise ConfigError(f"model.init_from: {model.init_from} is not a Hugging Face model folder (no config.json)")
         if model.config:
             raise ConfigError("model.config: the architecture comes from model.init_from; leave model.config empty")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
 log = logging.getLogger("zerotrain")
@@ -52,11 +53,32 @@ class MetricsLogger:
         if self.enabled:
             self.writer.add_text(tag, f"```\n{text}\n```")
 
+    def hparams(self, config: dict, results: dict[str, float]) -> None:
+        """The run's settings beside its final results, for TensorBoard's HPARAMS tab (comparing runs). Written
+        into the run's own event file: SummaryWriter.add_hparams would start a separate run folder."""
+        if not self.enabled:
+            return
+        flat = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                for key, value in _flatten(config).items()}
+        for summary in hparams(flat, results):
+            self.writer.file_writer.add_summary(summary)
+
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
             self.writer.close()
             self.jsonl.close()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}"""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _short(name: str) -> str:

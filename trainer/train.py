@@ -56,6 +56,10 @@ def train(cfg: Config, resume: bool) -> int:
     metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, state.step, enabled=rank.is_main)
     metrics.text("config", cfg.to_yaml())
     metrics.text("versions", _versions())
+    if data.labelled:  # class imbalance, visible before the first step
+        counts = data.labelled.info["splits"]["train"]["label_counts"]
+        log.info("training examples per label: " + ", ".join(f"{label} {n}" for label, n in counts.items()))
+        metrics.text("labels", "\n".join(f"{label}: {n} training examples" for label, n in counts.items()))
     sources = data.manifest.sources if data.manifest else []
     mixture = Mixture(sources, batches.order) if len(sources) > 1 else None
     code = _run(cfg, engine, batches, validation, mixture, metrics, state, rank, stop, throughput)
@@ -174,6 +178,8 @@ def _run(cfg, engine, batches, validation, mixture, metrics, state, rank, stop, 
         validated = {**validated, **_final_test(cfg, engine, validation, metrics, state)}
     if rank.is_main and logged_loss is not None:
         _write_summary(cfg, state, logged_loss, validated, window)
+        metrics.hparams(cfg.model_dump(mode="json"), {"train/loss": logged_loss, **{
+            name: value for name, value in validated.items() if isinstance(value, float)}})
     return 0
 
 
