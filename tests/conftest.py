@@ -127,6 +127,15 @@ def last_step(run_dir: Path, since: float = 0) -> int:
     return max((r["step"] for r in read_metrics(run_dir) if "train/loss" in r and r["time"] > since), default=0)
 
 
+def live_ranks(run_dir: Path, grace: float = 10) -> dict[int, int]:
+    """rank_pids once they are gone, or after `grace` seconds: a SIGKILLed rank is not gone at once (exiting
+    frees its memory; inside a save's fsync it dies only when the write returns)."""
+    deadline = time.monotonic() + grace
+    while (ranks := rank_pids(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return ranks
+
+
 def wait_for(condition, process: subprocess.Popen, timeout: float = 180, poll: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import STEPS, VICTIMS, end, kill, last_step, rank_pid, rank_pids, read_metrics, start, tiny_args, train_losses, wait_for, zerotrain
+from conftest import STEPS, VICTIMS, end, kill, last_step, live_ranks, rank_pid, read_metrics, start, tiny_args, train_losses, wait_for, zerotrain
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def test_kills_at_random_points_then_resume_give_the_uninterrupted_losses(tiny_r
             launcher.wait(timeout=60)
         finally:
             end(launcher)
-        assert rank_pids(run_dir) == {}, f"ranks outlived the kill of {victim} (seed {seed})"
+        assert live_ranks(run_dir) == {}, f"ranks outlived the kill of {victim} (seed {seed})"
     zerotrain("train", *args, "--resume", "auto")
     assert train_losses(run_dir) == train_losses(tiny_run), f"seed {seed}"
     steps = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
@@ -124,7 +124,7 @@ def test_a_dead_rank_ends_the_job_quickly(tiny_data, tmp_path):
         end(launcher)
     assert launcher.returncode == 1
     assert "zerotrain: rank 1 failed" in stderr and "SIGKILL" in stderr, stderr[-2000:]
-    assert rank_pids(run_dir) == {}  # no rank left behind
+    assert live_ranks(run_dir) == {}  # no rank left behind
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
@@ -143,7 +143,7 @@ def test_a_stop_signal_saves_and_exits_with_code_3_then_resumes(sig, tiny_data, 
     assert f"stopped by {sig.name}; saved {tag}" in stderr
     saved_step = json.loads((run_dir / "checkpoints" / tag / "train_state.json").read_text())["step"]
     assert saved_step >= 3 and max(train_losses(run_dir)) > 0
-    assert rank_pids(run_dir) == {}
+    assert live_ranks(run_dir) == {}
     if sig == signal.SIGTERM:  # the saved run continues from where it stopped
         zerotrain("train", *tiny_args(run_dir, tiny_data, f"train.max_steps={saved_step + 1}", "checkpoint.every=0",
                                       "train.eval_every=0"), "--resume", "auto")
