@@ -30,14 +30,14 @@ import resource
 import socket
 import sys
 import tempfile
-import warnings
-import weakref
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # live_tensors: measured as tests/test_plan.py does
+from live_tensors import NewStorages  # noqa: E402
 DEMO = REPO / "configs" / "demo.yaml"
 VOCAB = 8192
 MiB = 2**20
@@ -66,26 +66,6 @@ def run_config(args, stage: int):
 # live tensor bytes (tests/test_plan.py's method)
 
 
-def tensors() -> list[torch.Tensor]:
-    """Every tensor reachable from Python, with the gradients attached to them."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        found = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type != "meta"]
-        return found + [t.grad for t in found if t.grad is not None]
-
-
-class NewStorages:
-    """Bytes of the distinct tensor storages that appeared after this was made (by identity: an earlier
-    stage's engine, freed at some later point, must not count)."""
-
-    def __init__(self):
-        gc.collect()
-        self.before = [weakref.ref(t) for t in tensors()]
-
-    def bytes(self) -> int:
-        old = {t.untyped_storage().data_ptr() for t in (ref() for ref in self.before) if t is not None}
-        new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors()}
-        return sum(n for ptr, n in new.items() if ptr not in old)
 
 
 # ---------------------------------------------------------------------------------------------------------------

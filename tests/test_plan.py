@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import io
 import json
 import os
 import re
 import socket
 import sys
-import warnings
-import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import REPO, TINY
+from live_tensors import NewStorages
 from launcher.plan import (OPTIONS, GiB, Option, activation_bytes, architecture, deepspeed_estimate, estimate,
                            flops_per_token, parse_memory, plan, recommend)
 from trainer.config import ConfigError, load_config
@@ -38,30 +36,6 @@ def small_config(stage: int, precision: str, world: int):
 
 # ---------------------------------------------------------------------------------------------------------------
 # measured: live tensor bytes of DeepSpeed's engine on CPU
-
-
-def tensors() -> list[torch.Tensor]:
-    """Every tensor reachable from Python, with the gradients attached to them (an autograd-set .grad has no Python
-    object of its own until asked for)."""
-    with warnings.catch_warnings():  # .grad of non-leaf tensors, deprecated torch attributes met by the scan
-        warnings.simplefilter("ignore")
-        found = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type != "meta"]
-        return found + [t.grad for t in found if t.grad is not None]
-
-
-class NewStorages:
-    """Bytes of the distinct tensor storages that appeared after this was made. Tracked by identity rather than
-    by subtracting a total: DeepSpeed's engines live on in reference cycles through autograd's C++ hooks after
-    they are dropped, and are freed at some later point that must not count against the next measurement."""
-
-    def __init__(self):
-        gc.collect()
-        self.before = [weakref.ref(t) for t in tensors()]
-
-    def bytes(self) -> int:
-        old = {t.untyped_storage().data_ptr() for t in (ref() for ref in self.before) if t is not None}
-        new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors()}
-        return sum(n for ptr, n in new.items() if ptr not in old)
 
 
 def peak_model_states(cfg) -> int:
