@@ -26,16 +26,16 @@ def rank_main(config_path: str, out: str) -> None:
     import torch.distributed as dist
 
     from data_pipeline import Manifest, packed_sources
-    from trainer import checkpoint, distributed
+    from trainer import checkpoint, distributed, resume
     from trainer.config import load_config
+    from trainer.data import open_data
+    from trainer.engine import build_engine
     from trainer.model import lm_loss
-    from trainer.train import _build_engine
 
     cfg = load_config(config_path)
     rank = distributed.init()
-    manifest = Manifest.load(cfg.data.prepared_dir)
-    engine, _ = _build_engine(cfg, manifest.vocab_size, load_universal=False)
-    data = packed_sources(manifest, "train", cfg.data.seq_len)
+    engine, _ = build_engine(cfg, open_data(cfg), load_universal=False)
+    data = packed_sources(Manifest.load(cfg.data.prepared_dir), "train", cfg.data.seq_len)
     import torch
 
     for _ in range(2):
@@ -48,7 +48,7 @@ def rank_main(config_path: str, out: str) -> None:
     folder = checkpoint.save(engine, cfg.run_dir, state, None, keep_last=1, keep_every=0)
     save_s = time.perf_counter() - start
     start = time.perf_counter()
-    checkpoint.load(engine, cfg.run_dir, checkpoint.Resume(folder.name, other_ranks=False, universal=False))
+    resume.load_engine(engine, cfg.run_dir, resume.ResumePoint(folder.name, dist.get_world_size(), False, False))
     dist.barrier()
     load_s = time.perf_counter() - start
     if rank.is_main:

@@ -103,8 +103,8 @@ def train_overrides(work: Path, args, stage: int) -> list[str]:
     return [*data_overrides(work, args), *(SMOKE_MODEL if args.smoke else []), f"run.output_dir={work / f'zero{stage}'}",
             f"zero.stage={stage}", "launch.nnodes=1", "launch.nproc_per_node=1",
             f"train.micro_batch_size={args.micro_batch}", f"train.global_batch_size={args.micro_batch}",
-            f"train.max_steps={steps}", "train.warmup_steps=1", f"train.log_every={args.warmup}", "train.eval_every=0",
-            "train.eval_batches=1", "checkpoint.every=0", "checkpoint.keep_last=1"]
+            f"train.max_steps={steps}", "optim.warmup_steps=1", f"train.log_every={args.warmup}", "eval.every=0",
+            "eval.batches=1", "checkpoint.every=0", "checkpoint.keep_last=1"]
 
 
 def summarise(run_dir: Path, warmup: int) -> dict:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 def overrides(args, run_dir: Path) -> list[str]:
     return [f"run.output_dir={run_dir}", f"train.max_steps={args.steps}", f"train.log_every={args.warmup}",
-            "train.eval_every=0", "checkpoint.every=0", "train.warmup_steps=1",
+            "eval.every=0", "checkpoint.every=0", "optim.warmup_steps=1",
             f"launch.nproc_per_node={args.nproc}"]
 
 

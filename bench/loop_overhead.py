@@ -23,7 +23,7 @@ LOG_EVERY = 10  # zerotrain's first log window (step 1: start-up) is left out of
 def zerotrain_tokens_per_s(config: str, steps: int, nproc: int, workdir: Path) -> float:
     run_dir = workdir / f"run{len(list(workdir.iterdir()))}"
     sets = [f"run.output_dir={run_dir}", f"train.max_steps={steps}", f"train.log_every={LOG_EVERY}",
-            "train.eval_every=0", "checkpoint.every=0", "train.warmup_steps=1", f"launch.nproc_per_node={nproc}"]
+            "eval.every=0", "checkpoint.every=0", "optim.warmup_steps=1", f"launch.nproc_per_node={nproc}"]
     subprocess.run([sys.executable, "-m", "launcher.cli", "train", config, *[x for s in sets for x in ("--set", s)]],
                    cwd=REPO, check=True, capture_output=True)
     return json.loads((run_dir / "summary.json").read_text())["tokens_per_s"]

@@ -98,7 +98,7 @@ def engine_for(cfg, default_buckets: bool = False):
     if default_buckets:
         for key in BUCKET_KEYS:
             ds["zero_optimization"].pop(key, None)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
                                       config=ds)
     return engine, n_params
 

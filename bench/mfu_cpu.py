@@ -36,7 +36,7 @@ def main() -> None:
                 f"model.config.num_attention_heads={args.hidden // 64}",
                 f"model.config.num_key_value_heads={args.hidden // 64}", "data.seq_len=256",
                 f"train.micro_batch_size={args.micro_batch}", f"train.global_batch_size={2 * args.micro_batch}",
-                f"train.max_steps={args.steps}", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=0",
+                f"train.max_steps={args.steps}", "optim.warmup_steps=1", "train.log_every=1", "eval.every=0",
                 f"train.precision={args.precision}", "checkpoint.every=0"]
         subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(DEMO),
                         *[a for s in sets for a in ("--set", s)]], cwd=REPO, check=True, capture_output=True)

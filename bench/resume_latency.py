@@ -38,8 +38,8 @@ def step_time(run_dir: Path, step: int) -> float:
 
 
 def one_run(run_dir: Path, model: list[str]) -> dict:
-    sets = [f"run.output_dir={run_dir}", *model, "train.log_every=1", "train.eval_every=0", "checkpoint.every=2",
-            "train.warmup_steps=1"]
+    sets = [f"run.output_dir={run_dir}", *model, "train.log_every=1", "eval.every=0", "checkpoint.every=2",
+            "optim.warmup_steps=1"]
     args = [str(DEMO), *[a for s in sets for a in ("--set", s)]]
     cold_start = zerotrain("train", *args, "--set", "train.max_steps=6")
     saves = [r["perf/checkpoint_s"] for r in records(run_dir) if "perf/checkpoint_s" in r]

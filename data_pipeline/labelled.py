@@ -7,7 +7,6 @@ in two splits), tokenizes with the model's own tokenizer, padded and truncated t
 split as .npy arrays plus labelled.json (written last: its presence means the data is complete).
 `LabelledSplit` serves one split's examples as tensors; `GlobalOrder` orders them like packed samples.
 """
-import hashlib
 import json
 import shutil
 from collections import Counter
@@ -20,14 +19,14 @@ from torch.utils.data import Dataset
 
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import read_record
-from data_pipeline.shards import write_atomic
+from data_pipeline.files import file_sha256, fingerprint, write_durable
+from data_pipeline.record import DataFile, PreparedRecord
 from data_pipeline.sources import iter_rows, source_units
+from data_pipeline.splits import split_of
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-FORMAT = 1
 SPLITS = ("train", "validation", "test")
-MANIFEST = "labelled.json"
+ARRAYS = ("input_ids", "attention_mask", "labels")
 
 
 @dataclass(frozen=True)
@@ -40,10 +39,10 @@ class Example:
 def prepare_labelled(data: DataConfig, tokenizer_dir: Path, log=print) -> "LabelledData":
     out = Path(data.prepared_dir)
     tokenizer = load_tokenizer(tokenizer_dir, require_eos=False)
-    fingerprint = _inputs_fingerprint(data, tokenizer_fingerprint(tokenizer))
-    if (out / MANIFEST).is_file():
+    inputs_fingerprint = _inputs_fingerprint(data, tokenizer_fingerprint(tokenizer))
+    if (out / LabelledData.FILE).is_file():
         existing = LabelledData.load(out)
-        if existing.info["inputs_fingerprint"] != fingerprint:
+        if existing.fingerprint != inputs_fingerprint:
             raise DataError(f"data.prepared_dir: {out} holds labelled data prepared from other inputs or another "
                             "tokenizer; choose another prepared_dir or delete it")
         log(f"labelled data in {out} is up to date")
@@ -51,15 +50,15 @@ def prepare_labelled(data: DataConfig, tokenizer_dir: Path, log=print) -> "Label
     splits = _split(data)
     labels = _label_names(data, splits)
     out.mkdir(parents=True, exist_ok=True)
-    info = {"format": FORMAT, "inputs_fingerprint": fingerprint, "labels": labels, "seq_len": data.seq_len,
-            "splits": {}}
+    info = {"format": LabelledData.FORMAT, "inputs_fingerprint": inputs_fingerprint, "labels": labels,
+            "seq_len": data.seq_len, "splits": {}}
     for split, examples in splits.items():
         info["splits"][split] = _write_split(out / split, examples, labels, tokenizer, data.seq_len)
         counts = ", ".join(f"{k} {v}" for k, v in info["splits"][split]["label_counts"].items())
         log(f"{split}: {len(examples)} examples ({counts}); {info['splits'][split]['truncated']} truncated to "
             f"{data.seq_len} tokens")
     tokenizer.save_pretrained(out / "tokenizer")  # the export and `predict` use exactly this tokenizer
-    write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(info, indent=1).encode()))
+    write_durable(out / LabelledData.FILE, json.dumps(info, indent=1))
     return LabelledData(out, info)
 
 
@@ -75,20 +74,12 @@ def _split(data: DataConfig) -> dict[str, list[Example]]:
                  "test": 0 if held["test"] is not None else data.test_fraction}
     splits = {"train": [], "validation": held["validation"] or [], "test": held["test"] or []}
     for example in train:
-        splits[_bucket(example.text, fractions)].append(example)
+        splits[split_of(example.text, fractions)].append(example)
     for split in ("train", "validation"):
         if not splits[split]:
             raise DataError(f"data.sources: no {split} examples (raise data.validation_fraction, or give "
                             "data.validation)" if split == "validation" else "data.sources: no training examples")
     return splits
-
-
-def _bucket(text: str, fractions: dict[str, float]) -> str:
-    """Where a held-out row goes: a uniform number from the text's hash, so the split never depends on order."""
-    u = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
-    if u < fractions["validation"]:
-        return "validation"
-    return "test" if u < fractions["validation"] + fractions["test"] else "train"
 
 
 def _read(source: SourceConfig, data: DataConfig, key: str) -> list[Example]:
@@ -151,11 +142,14 @@ def _write_split(folder: Path, examples: list[Example], labels: list[str], token
     arrays = {"input_ids": np.asarray(encoded["input_ids"], np.int32),
               "attention_mask": np.asarray(encoded["attention_mask"], np.uint8),
               "labels": np.asarray([ids[e.label] for e in examples], np.int64)}
+    files = {}
     for name, array in arrays.items():
-        write_atomic(folder / f"{name}.npy", lambda f, a=array: np.save(f, a))
+        write_durable(folder / f"{name}.npy", lambda f, a=array: np.save(f, a))
+        path = folder / f"{name}.npy"
+        files[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     counts = Counter(e.label for e in examples)
     return {"examples": len(examples), "label_counts": {name: counts[name] for name in labels},
-            "truncated": sum(len(tokens) > seq_len for tokens in full)}
+            "truncated": sum(len(tokens) > seq_len for tokens in full), "files": files}
 
 
 def _inputs_fingerprint(data: DataConfig, tokenizer_hash: str) -> str:
@@ -163,45 +157,50 @@ def _inputs_fingerprint(data: DataConfig, tokenizer_hash: str) -> str:
     units = [[u.__dict__ for u in source_units(s)] for s in sources]
     settings = [data.text_field, data.label_field, data.labels, data.seq_len, data.validation_fraction,
                 data.test_fraction, [s.model_dump() for s in sources]]
-    return hashlib.sha256(json.dumps([units, settings, tokenizer_hash], default=str).encode()).hexdigest()
+    return fingerprint(units, settings, tokenizer_hash)
 
 
 @dataclass(frozen=True)
-class LabelledData:
-    dir: Path
-    info: dict  # the parsed labelled.json
-
-    @classmethod
-    def load(cls, prepared_dir: str | Path) -> "LabelledData":
-        return cls(Path(prepared_dir), read_record(prepared_dir, MANIFEST, FORMAT, "labelled data"))
-
+class LabelledData(PreparedRecord, file="labelled.json", format=2, what="labelled data"):
     @property
     def labels(self) -> list[str]:
-        return self.info["labels"]
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.dir / "tokenizer"
+        return self.data["labels"]
 
     @property
     def fingerprint(self) -> str:
-        return self.info["inputs_fingerprint"]
+        return self.data["inputs_fingerprint"]
+
+    def examples(self, split: str) -> int:
+        return self.data["splits"][split]["examples"]
+
+    def label_counts(self, split: str) -> dict[str, int]:
+        return self.data["splits"][split]["label_counts"]
+
+    def files(self) -> list[DataFile]:
+        return [DataFile(self.dir / split / f"{name}.npy", file["bytes"], file["sha256"])
+                for split, info in self.data["splits"].items() for name, file in info["files"].items()]
 
     def split(self, name: str) -> "LabelledSplit":
-        return LabelledSplit(self.dir / name)
+        return LabelledSplit(self.dir / name, self.examples(name))
 
 
 class LabelledSplit(Dataset):
-    """Example i as {input_ids, attention_mask, labels} tensors; arrays memory-mapped, not read whole."""
+    """Example i as {input_ids, attention_mask, labels} tensors. The arrays are memory-mapped on first use, not
+    read whole, and not pickled: a DataLoader worker receives the folder and maps them itself."""
 
-    def __init__(self, folder: Path):
-        self.arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r")
-                       for name in ("input_ids", "attention_mask", "labels")}
+    def __init__(self, folder: Path, examples: int):
+        self.folder, self.examples = folder, examples
+        self._arrays: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
-        return len(self.arrays["labels"])
+        return self.examples
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"example {i} outside [0, {len(self)})")
-        return {name: torch.as_tensor(np.asarray(array[i], np.int64)) for name, array in self.arrays.items()}
+        if self._arrays is None:
+            self._arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+        return {name: torch.as_tensor(np.asarray(array[i], np.int64)) for name, array in self._arrays.items()}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}

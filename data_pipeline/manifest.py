@@ -1,46 +1,20 @@
 """manifest.json: what prepared data holds (sources, splits, shards, tokenizer) and what it was made from."""
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from data_pipeline.errors import DataError
+from data_pipeline.files import fingerprint
+from data_pipeline.record import DataFile, PreparedRecord
 from data_pipeline.shards import TokenStore
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-FORMAT = 2
 SPLITS = ("train", "validation")
 
 
-def read_record(prepared_dir: str | Path, name: str, format: int, what: str) -> dict:
-    """The JSON record that prepare writes last into prepared_dir: its presence means the data is complete."""
-    path = Path(prepared_dir) / name
-    if not path.exists():
-        raise DataError(f"data.prepared_dir: no {what} at {prepared_dir} ({name} missing); run `zerotrain prepare CONFIG`")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if record.get("format") != format:
-        raise DataError(f"{path}: format {record.get('format')!r}, this zerotrain reads format {format}; "
-                        "prepare the data again")
-    return record
-
-
 @dataclass(frozen=True)
-class Manifest:
-    dir: Path
-    data: dict  # the parsed manifest.json
-
-    @classmethod
-    def load(cls, prepared_dir: str | Path) -> "Manifest":
-        return cls(Path(prepared_dir), read_record(prepared_dir, "manifest.json", FORMAT, "prepared data"))
-
+class Manifest(PreparedRecord, file="manifest.json", format=3, what="prepared data"):
     @property
     def fingerprint(self) -> str:
-        """Identity of the token streams (inputs and tokenizer), recorded in checkpoints."""
-        both = self.data["inputs_fingerprint"] + self.data["tokenizer"]["fingerprint"]
-        return hashlib.sha256(both.encode()).hexdigest()
+        return fingerprint(self.data["inputs_fingerprint"], self.data["tokenizer"]["fingerprint"])
 
     @property
     def vocab_size(self) -> int:
@@ -49,10 +23,6 @@ class Manifest:
     @property
     def eos_id(self) -> int:
         return self.data["tokenizer"]["eos_id"]
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.dir / self.data["tokenizer"]["path"]
 
     @property
     def sources(self) -> list[str]:
@@ -76,11 +46,13 @@ class Manifest:
             return sum(s["splits"][split]["num_tokens"] for s in self.data["sources"])
         return self._source(source)["splits"][split]["num_tokens"]
 
+    def files(self) -> list[DataFile]:
+        return [DataFile(self.dir / shard["file"], shard["bytes"], shard["sha256"])
+                for source in self.data["sources"] for split in SPLITS for shard in source["splits"][split]["shards"]]
+
     def verify(self) -> None:
         """Every shard has its recorded size and checksum, and the tokenizer is the one the shards were made with."""
-        for source in self.sources:
-            for split in SPLITS:
-                self.store(split, source).verify()
+        super().verify()
         if tokenizer_fingerprint(load_tokenizer(self.tokenizer_dir)) != self.data["tokenizer"]["fingerprint"]:
             raise DataError(f"{self.tokenizer_dir}: tokenizer differs from the one the shards were made with")
 

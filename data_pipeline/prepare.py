@@ -6,7 +6,7 @@ written last. So an interrupted prepare resumes at the first unfinished chunk, a
 split over processes or nodes (`--part I/N` takes every N-th chunk); whichever part finishes last merges
 the chunk records into manifest.json. manifest.json, written last of all, means the data is complete.
 """
-import hashlib
+import errno
 import itertools
 import json
 import os
@@ -23,9 +23,11 @@ from tokenizers import Tokenizer
 
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import FORMAT, SPLITS, Manifest
-from data_pipeline.shards import ShardWriter, token_dtype, write_atomic
+from data_pipeline.files import fingerprint, write_durable
+from data_pipeline.manifest import SPLITS, Manifest
+from data_pipeline.shards import ShardWriter, token_dtype
 from data_pipeline.sources import Unit, iter_texts, source_units
+from data_pipeline.splits import split_of
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe
 
 BATCH_CHARS = 2**18  # text per tokenizer call: enough to amortise the call, small enough to spread the work
@@ -47,13 +49,24 @@ class Chunk:
 def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print, *,
             part: tuple[int, int] = (0, 1)) -> Manifest | None:
     """Prepare this part's chunks; returns the manifest once every part's chunks are done, else None."""
+    try:
+        return _prepare(data, tokenizer, log, part)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise DataError(f"data.prepared_dir: the disk holding {data.prepared_dir} is full; free space (or choose "
+                        "another prepared_dir) and prepare again: it resumes at the first unfinished chunk") from None
+
+
+def _prepare(data: DataConfig, tokenizer: TokenizerConfig, log, part: tuple[int, int]) -> Manifest | None:
     out = Path(data.prepared_dir)
     chunks = plan_chunks(data)
     inputs = _inputs(chunks, data, tokenizer)
-    fingerprint = _hash(inputs)
-    if (out / "manifest.json").exists():
-        return _reuse(Manifest.load(out), inputs, fingerprint, log)
-    tok_dir = _tokenizer(out, chunks, data, tokenizer, fingerprint, log)
+    inputs_fingerprint = fingerprint(inputs)
+    if (out / Manifest.FILE).exists():
+        return _reuse(Manifest.load(out), inputs, inputs_fingerprint, log)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_dir = _tokenizer(out, chunks, data, tokenizer, inputs_fingerprint, log)
     index, count = part
     todo = [c for i, c in enumerate(chunks) if i % count == index and not _chunk_done(out, c)]
     if todo:
@@ -63,7 +76,7 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print, *,
         log(f"part {index + 1}/{count} done; {len(missing)} chunk(s) of other parts still to prepare "
             f"(the part finishing last writes manifest.json)")
         return None
-    return _merge(out, data, chunks, inputs, fingerprint, tok_dir, log)
+    return _merge(out, data, chunks, inputs, inputs_fingerprint, tok_dir, log)
 
 
 def plan_chunks(data: DataConfig) -> list[Chunk]:
@@ -97,8 +110,8 @@ def _inputs(chunks: list[Chunk], data: DataConfig, tokenizer: TokenizerConfig) -
     }
 
 
-def _reuse(manifest: Manifest, inputs: dict, fingerprint: str, log) -> Manifest:
-    if manifest.data["inputs_fingerprint"] != fingerprint:
+def _reuse(manifest: Manifest, inputs: dict, inputs_fingerprint: str, log) -> Manifest:
+    if manifest.data["inputs_fingerprint"] != inputs_fingerprint:
         changed = ", ".join(k for k in inputs if manifest.data["inputs"].get(k) != inputs[k])
         raise DataError(f"data.prepared_dir: {manifest.dir} holds data prepared from other inputs "
                         f"(changed: {changed}); choose another prepared_dir or delete it")
@@ -108,7 +121,7 @@ def _reuse(manifest: Manifest, inputs: dict, fingerprint: str, log) -> Manifest:
 
 
 def _tokenizer(out: Path, chunks: list[Chunk], data: DataConfig, tokenizer: TokenizerConfig,
-               fingerprint: str, log) -> Path:
+               inputs_fingerprint: str, log) -> Path:
     """The prepared tokenizer folder: made once, then shared by every part and every resumed prepare."""
     tok_dir = out / "tokenizer"
     if not tok_dir.exists():
@@ -116,7 +129,7 @@ def _tokenizer(out: Path, chunks: list[Chunk], data: DataConfig, tokenizer: Toke
         tok = load_tokenizer(tokenizer.path) if tokenizer.path else _train_tokenizer(chunks, data, tokenizer)
         tmp = out / f"tokenizer.tmp-{os.getpid()}"
         tok.save_pretrained(tmp)
-        (tmp / INPUTS_MARK).write_text(fingerprint)
+        (tmp / INPUTS_MARK).write_text(inputs_fingerprint)
         try:
             tmp.rename(tok_dir)  # atomic: a part racing us either wins or finds ours complete
             log(f"tokenizer: {len(tok)} tokens ({'given' if tokenizer.path else 'trained'}) "
@@ -124,7 +137,7 @@ def _tokenizer(out: Path, chunks: list[Chunk], data: DataConfig, tokenizer: Toke
         except OSError:
             shutil.rmtree(tmp)
     mark = tok_dir / INPUTS_MARK
-    if not mark.exists() or mark.read_text() != fingerprint:
+    if not mark.exists() or mark.read_text() != inputs_fingerprint:
         raise DataError(f"data.prepared_dir: {out} holds an unfinished prepare of other inputs; "
                         "choose another prepared_dir or delete it")
     return tok_dir
@@ -140,7 +153,7 @@ def _train_tokenizer(chunks: list[Chunk], data: DataConfig, tokenizer: Tokenizer
         budget = int(tokenizer.train_sample_bytes * shares[source.name] / sum(shares.values()))
         docs = (text for c in chunks if c.source is source
                 for text in iter_texts(list(c.units), source, data.text_field_of(source))
-                if split_of(text, data.validation_fraction) == "train")
+                if split_of(text, {"validation": data.validation_fraction}) == "train")
         return _first_bytes(docs, budget)
 
     return train_bpe(itertools.chain.from_iterable(sample(s) for s in data.sources), tokenizer.vocab_size)
@@ -166,14 +179,14 @@ def _tokenize_chunk(chunk: Chunk, out: Path, pool, workers: int, dtype, eos: int
     (out / chunk.source.name).mkdir(exist_ok=True)
     writers = {split: ShardWriter(out, f"{chunk.name}-{split}", dtype, data.shard_tokens) for split in SPLITS}
     field = data.text_field_of(chunk.source)
-    docs = ((split_of(text, data.validation_fraction), text)
+    docs = ((split_of(text, {"validation": data.validation_fraction}), text)
             for text in iter_texts(list(chunk.units), chunk.source, field))
     for splits, (flat, lengths) in _ordered_map(pool, _encode, _batches(docs), window=2 * workers, eos=eos, dtype=dtype):
         for split, ids in zip(splits, np.split(flat, np.cumsum(lengths)[:-1])):
             writers[split].add(ids)
     record = {"units": [u.__dict__ for u in chunk.units],
               "splits": {split: writer.close() for split, writer in writers.items()}}
-    write_atomic(out / f"{chunk.name}.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
+    write_durable(out / f"{chunk.name}.json", json.dumps(record, indent=1))
     return sum(s["num_tokens"] for shards in record["splits"].values() for s in shards)
 
 
@@ -225,7 +238,7 @@ def _chunk_done(out: Path, chunk: Chunk) -> bool:
     return record.exists() and json.loads(record.read_text())["units"] == [u.__dict__ for u in chunk.units]
 
 
-def _merge(out: Path, data: DataConfig, chunks: list[Chunk], inputs: dict, fingerprint: str, tok_dir: Path,
+def _merge(out: Path, data: DataConfig, chunks: list[Chunk], inputs: dict, inputs_fingerprint: str, tok_dir: Path,
            log) -> Manifest:
     tok = load_tokenizer(tok_dir)
     records = {c.name: json.loads((out / f"{c.name}.json").read_text()) for c in chunks}
@@ -237,27 +250,20 @@ def _merge(out: Path, data: DataConfig, chunks: list[Chunk], inputs: dict, finge
                                    for split in SPLITS}})
     _check_splits(sources)
     manifest = {
-        "format": FORMAT,
-        "inputs_fingerprint": fingerprint,
+        "format": Manifest.FORMAT,
+        "inputs_fingerprint": inputs_fingerprint,
         "inputs": inputs,
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tok), "vocab_size": len(tok),
-                      "eos_id": tok.eos_token_id, "path": "tokenizer"},
+                      "eos_id": tok.eos_token_id},
         "dtype": token_dtype(len(tok)).name,
         "sources": sources,
     }
-    write_atomic(out / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    write_durable(out / Manifest.FILE, json.dumps(manifest, indent=1))
     for s in sources:
         for split, info in s["splits"].items():
             log(f"{s['name']} {split}: {info['num_docs']:,} docs, {info['num_tokens']:,} tokens, "
                 f"{len(info['shards'])} shard(s)")
     return Manifest(out, manifest)
-
-
-def split_of(text: str, validation_fraction: float) -> str:
-    """By a hash of the document's text: the split does not depend on file names, order or chunking, and
-    duplicated documents land in the same split (no copy of a validation document is trained on)."""
-    u = int(hashlib.sha256(text.encode()).hexdigest()[:16], 16) / 2**64
-    return "validation" if u < validation_fraction else "train"
 
 
 def _first_bytes(texts, max_bytes: int):
@@ -283,7 +289,3 @@ def _check_splits(sources: list[dict]) -> None:
         total = sum(s["splits"]["train"]["num_docs"] for s in sources)
         raise DataError(f"data.validation_fraction: puts none of the {total} documents in the validation "
                         "split; raise it")
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()

@@ -5,14 +5,12 @@ offsets, within that shard, of the documents that start in it. Documents run acr
 """
 import hashlib
 import mmap
-import os
 from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.errors import DataError
-
-VERIFY_BLOCK = 16 * 2**20
+from data_pipeline.files import write_durable
+from data_pipeline.record import DataFile, check_size
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -46,8 +44,8 @@ class ShardWriter:
     def _flush(self) -> None:
         tokens = self.buf[: self.fill]
         name = f"{self.prefix}_{len(self.records):05d}"
-        write_atomic(self.out_dir / f"{name}.bin", tokens.tofile)
-        write_atomic(self.out_dir / f"{name}.docs.npy", lambda f: np.save(f, np.array(self.doc_starts, np.uint64)))
+        write_durable(self.out_dir / f"{name}.bin", tokens.tofile)
+        write_durable(self.out_dir / f"{name}.docs.npy", lambda f: np.save(f, np.array(self.doc_starts, np.uint64)))
         self.records.append({
             "file": f"{name}.bin",
             "num_tokens": self.fill,
@@ -56,23 +54,6 @@ class ShardWriter:
             "bytes": tokens.nbytes,
         })
         self.fill, self.doc_starts = 0, []
-
-
-def file_sha256(path: Path) -> str:
-    """Read sequentially in blocks (not through a random-access map): fast, and flat in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(VERIFY_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_atomic(path: Path, write) -> None:
-    """A reader sees the whole file or none: an interrupted prepare leaves only a .tmp behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 class TokenStore:
@@ -101,21 +82,11 @@ class TokenStore:
             pos, shard = end, shard + 1
         return out
 
-    def verify(self) -> None:
-        for i, record in enumerate(self.records):
-            self._shard(i)  # the size check
-            if file_sha256(self.dir / record["file"]) != record["sha256"]:
-                raise DataError(f"{self.dir / record['file']}: checksum mismatch, the shard is corrupt")
-
     def _shard(self, i: int) -> np.ndarray:
         if i not in self._maps:
             record = self.records[i]
             path = self.dir / record["file"]
-            expected = record["num_tokens"] * self.dtype.itemsize
-            if not path.exists():
-                raise DataError(f"{path}: shard missing")
-            if path.stat().st_size != expected:
-                raise DataError(f"{path}: truncated or wrong size ({path.stat().st_size} bytes, expected {expected})")
+            check_size(DataFile(path, record["num_tokens"] * self.dtype.itemsize, record["sha256"]))
             with open(path, "rb") as f:
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             # Training reads windows at random: without this hint every page fault reads ahead megabytes,

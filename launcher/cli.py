@@ -7,11 +7,11 @@ or a run directory that would be overwritten ends the command with one line and 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import UserError
+from data_pipeline.files import write_durable
 from trainer.config import ConfigError, load_config
 
 USAGE_ERROR = 2
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.command(args) or 0
-    except (ConfigError, DataError) as e:
+    except UserError as e:
         print(f"zerotrain: error: {e}", file=sys.stderr)
         return USAGE_ERROR
 
@@ -43,19 +43,17 @@ def _train(args) -> int:
 
     from launcher.environment import detect
 
+    from trainer.preflight import preflight
+
     layout = detect()  # ranks started by srun, mpirun or torchrun: this process is one of them
     cfg = load_config(args.config, args.set + _launch_overrides(args, layout),
                       cuda_available=torch.cuda.is_available())
-    notes = _check_run(cfg, args.resume, args.allow_data_change)
-    if "nvme" in (cfg.zero.offload_optimizer, cfg.zero.offload_param):
-        from trainer.deepspeed_config import check_nvme_offload
-
-        check_nvme_offload(cfg)  # on the machine that trains: zero.nvme_path writable, DeepSpeed's async_io op built
+    checked = preflight(cfg, args.resume, args.allow_data_change)
     if layout is None or layout.rank == 0:
-        for note in notes:
+        for note in checked.notes:
             print(f"zerotrain: {note}", flush=True)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(cfg.run_dir / "config.yaml", cfg.to_yaml())  # every node's launcher may write it
+        write_durable(cfg.run_dir / "config.yaml", cfg.to_yaml())  # every node's launcher may write it
         print(f"zerotrain: run {cfg.run.name}: {cfg.world_size} rank(s), logs in {cfg.run_dir / 'logs'}", flush=True)
     if layout:
         _train_as_rank(cfg, layout, args.resume)
@@ -71,20 +69,6 @@ def _launch_overrides(args, layout) -> list[str]:
         return [f"launch.nnodes={layout.nnodes}", f"launch.nproc_per_node={layout.local_world_size}"]
     flags = {"nproc_per_node": args.nproc, "nnodes": args.nnodes, "max_restarts": args.max_restarts}
     return [f"launch.{key}={value}" for key, value in flags.items() if value is not None]
-
-
-def _check_run(cfg, resume: str, allow_data_change: bool) -> list[str]:
-    """Everything that can be checked before a rank starts; returns what the user should be told."""
-    from trainer.data import corpus
-    from trainer.model import model_config
-    from trainer.validation import validation_batch_counts
-
-    data = corpus(cfg)
-    # an init_from model must fit the data's vocabulary
-    model_config(cfg.model, data.vocab_size, data.labelled.labels if data.labelled else None, data.pad_token_id)
-    if data.manifest:
-        validation_batch_counts(cfg, data.manifest)
-    return _check_resume(cfg, data.fingerprint, resume, allow_data_change)
 
 
 def _train_as_rank(cfg, layout, resume: str) -> None:
@@ -110,6 +94,7 @@ def _train_with_agent(cfg, args) -> int:
 
     from launcher.agent import Rendezvous, launch
     from trainer import checkpoint
+    from trainer.monitors import EXIT_SAVED
 
     nnodes = cfg.launch.nnodes
     if nnodes > 1 and not (args.master_addr or args.rdzv_endpoint):
@@ -118,16 +103,16 @@ def _train_with_agent(cfg, args) -> int:
     if args.node_rank >= nnodes:
         raise ConfigError(f"--node-rank: {args.node_rank} is not below the number of nodes ({nnodes})")
     rendezvous = Rendezvous(args.node_rank, args.master_addr, args.master_port, args.rdzv_endpoint)
-    saved_before = checkpoint.latest_tag(cfg.run_dir)
+    saved_before = checkpoint.pointer(cfg.run_dir, checkpoint.LATEST)
     try:
         launch(cfg.run_dir / "config.yaml", cfg, args.resume, rendezvous)
     except SignalException as e:
-        saved = checkpoint.latest_tag(cfg.run_dir)
+        saved = checkpoint.pointer(cfg.run_dir, checkpoint.LATEST)
         if saved == saved_before:
             print(f"zerotrain: stopped by {e.sigval.name} before a checkpoint was saved", file=sys.stderr)
             return 1
         print(f"zerotrain: stopped by {e.sigval.name}; saved {saved}: continue with --resume auto", file=sys.stderr)
-        return checkpoint.EXIT_SAVED
+        return EXIT_SAVED
     except ChildFailedError as e:
         # Every failed rank, one line each: the first to fail is not always the cause (a rank whose peer
         # died fails too, with "connection closed by peer").
@@ -141,13 +126,15 @@ def _train_with_agent(cfg, args) -> int:
 
 def _submit(args) -> int:
     from launcher import slurm
+    from trainer.preflight import preflight
 
     gpus = args.gpus_per_node or 0
     ranks = gpus or args.nproc_per_node or 1
     overrides = [f"launch.nnodes={args.nodes}", f"launch.nproc_per_node={ranks}"]
     overrides += [f"launch.max_restarts={args.max_restarts}"] if args.max_restarts is not None else []
     cfg = load_config(args.config, args.set + overrides, cuda_available=True if gpus else None)
-    notes = _check_run(cfg, args.resume, args.allow_data_change)
+    # NVMe offload's folder and op are checked where the job trains, not on the submitting machine
+    notes = preflight(cfg, args.resume, args.allow_data_change, on_training_machine=False).notes
     request = slurm.Request(args.nodes, ranks, gpus, args.partition, args.account, args.time)
     log_dir = cfg.run_dir / "slurm"
     script = slurm.render(cfg, cfg.run_dir / "config.yaml", request, Path.cwd())
@@ -159,8 +146,8 @@ def _submit(args) -> int:
     for note in notes:
         print(f"zerotrain: {note}")
     log_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(cfg.run_dir / "config.yaml", cfg.to_yaml())
-    _write_atomic(log_dir / "job.sbatch", script)
+    write_durable(cfg.run_dir / "config.yaml", cfg.to_yaml())
+    write_durable(log_dir / "job.sbatch", script)
     job = slurm.submit(log_dir / "job.sbatch")
     with open(log_dir / "jobs", "a") as jobs:
         jobs.write(job + "\n")
@@ -191,50 +178,12 @@ def _plan(args) -> None:
     print(plan(cfg, args.nodes, args.gpus_per_node, parse_memory(args.gpu_memory)))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _check_resume(cfg, data_fingerprint: str, resume: str, allow_data_change: bool) -> list[str]:
-    """Never overwrite a run by accident, and refuse resuming what cannot continue exactly."""
-    from trainer import checkpoint
-
-    tags = checkpoint.saved_tags(checkpoint.checkpoints_dir(cfg.run_dir))
-    if not tags:
-        return []
-    if resume == "none":
-        raise ConfigError(f"run.output_dir: {cfg.run_dir} already holds checkpoints (latest {tags[-1]}); "
-                          "pass --resume auto to continue it, or choose another run.output_dir")
-    tag, damaged = checkpoint.newest_intact(cfg.run_dir, checksums=False)  # the ranks verify checksums too
-    notes = [f"checkpoint {problem}; falling back to an older one" for problem in damaged]
-    if tag is None:
-        raise ConfigError(f"run.output_dir: no intact checkpoint in {checkpoint.checkpoints_dir(cfg.run_dir)} "
-                          "to resume from")
-    state = checkpoint.read_state(cfg.run_dir, tag)
-    if state.data_fingerprint != data_fingerprint and not allow_data_change:
-        raise DataError(f"data.prepared_dir: checkpoint {tag} was trained on other prepared data (corpus or "
-                        "tokenizer changed); resume with the data it was trained on, or pass --allow-data-change")
-    if cfg.zero.offload_optimizer == "nvme":
-        notes.append(f"checkpoint {tag}: DeepSpeed 0.19 does not load an NVMe-offloaded optimizer's state; the run "
-                     "continues from the saved weights with fresh Adam moments (not an exact resume)")
-    saved_ranks = checkpoint.saved_world_size(cfg.run_dir, tag)
-    if saved_ranks != cfg.world_size:
-        if cfg.data.mode == "streaming":
-            raise ConfigError(f"launch.nproc_per_node: checkpoint {tag} was saved by {saved_ranks} ranks; streaming "
-                              "data resumes on as many ranks only (prepared data resumes on any number)")
-        notes.append(f"checkpoint {tag} was saved by {saved_ranks} ranks; resuming on {cfg.world_size} (global "
-                     f"batch {cfg.train.global_batch_size} kept, gradient accumulation {cfg.grad_accum})")
-        if checkpoint.partitioned(cfg.run_dir, tag):  # rank 0 converts it before loading
-            notes.append("its ZeRO partitions will load through a universal checkpoint")
-    return notes
-
-
 def _export(args) -> None:
     from trainer.export import export
 
-    out, auto = export(args.run_dir.absolute(), args.out_dir.absolute(), args.tag)
+    out, auto, damaged = export(args.run_dir.absolute(), args.out_dir.absolute(), args.tag)
+    for problem in damaged:
+        print(f"zerotrain: checkpoint {problem}: exported an older one", file=sys.stderr)
     print(f"zerotrain: exported to {out} (load it with {auto}.from_pretrained)")
 
 
@@ -345,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="the run directory (run.output_dir)")
     p.add_argument("out_dir", type=Path, help="where to write the model; must not exist or be empty")
     p.add_argument("--tag", help="checkpoint to export: step_00000100, best (the best validation result, "
-                   "train.best_metric) or latest (default)")
+                   "eval.best_metric) or latest (default: the newest intact one)")
     p = command("generate", _generate, "Sample text from an exported model with plain transformers.",
                 config=False)
     p.add_argument("model_dir", type=Path, help="a folder written by `zerotrain export`")

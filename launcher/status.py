@@ -8,16 +8,17 @@ from pathlib import Path
 from launcher.slurm import job_state
 from trainer import checkpoint
 from trainer.config import ConfigError, load_config
+from trainer.metrics import read_records
 
 
 def run_status(run_dir: Path) -> str:
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a zerotrain run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
-    records = _read_metrics(run_dir / "metrics.jsonl")
+    records = read_records(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     train = [r for r in records if "train/loss" in r]
     val = [r for r in records if "val/loss" in r]
-    tag = checkpoint.latest_tag(run_dir)
+    found = checkpoint.find(run_dir, checksums=True)  # what a resume or an export would take
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     lines = [f"run {cfg.run.name} ({run_dir})"]
@@ -31,14 +32,18 @@ def run_status(run_dir: Path) -> str:
                      f"   (step {val[-1]['step']})")
     if "test_accuracy" in summary:
         lines.append(f"  test accuracy {summary['test_accuracy']:.3f}   macro-F1 {summary['test_macro_f1']:.3f}"
-                     f"   (weights of step {summary['test_step']}, the best by {cfg.train.best_metric})")
+                     f"   (weights of step {summary['test_step']}, the best by {cfg.eval.best_metric})")
     if summary.get("best_checkpoint"):
         lines.append(f"  best checkpoint: {summary['best_checkpoint']}")
     if summary.get("tokens_per_s"):
         lines.append(f"  throughput {summary['tokens_per_s']:,.0f} tokens/s over {cfg.world_size} ranks")
     elif train:
         lines.append(f"  throughput {train[-1]['perf/tokens_per_s']:,.0f} tokens/s (last log step)")
-    lines.append(f"  last checkpoint: {checkpoint.checkpoints_dir(run_dir) / tag if tag else 'none yet'}")
+    for problem in found.damaged:
+        lines.append(f"  checkpoint {problem}")
+    last = checkpoint.checkpoints_dir(run_dir) / found.tag if found.tag else "none intact" if found.damaged else \
+        "none yet"
+    lines.append(f"  last checkpoint: {last}")
     jobs_file = run_dir / "slurm" / "jobs"
     if jobs_file.is_file():
         job = jobs_file.read_text().split()[-1]
@@ -49,9 +54,3 @@ def run_status(run_dir: Path) -> str:
     lines.append(f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
     lines.append(f"  logs: {run_dir / 'logs'}   metrics: {run_dir / 'metrics.jsonl'}")
     return "\n".join(lines)
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

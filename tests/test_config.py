@@ -24,9 +24,9 @@ def test_presets_load_and_resolve_paths():
 
 
 def test_overrides_keep_yaml_types():
-    cfg = load_config(TINY, ["train.max_steps=20", "zero.stage=3", "train.betas=[0.8, 0.9]",
+    cfg = load_config(TINY, ["train.max_steps=20", "zero.stage=3", "optim.betas=[0.8, 0.9]",
                              "run.output_dir=/tmp/x", "checkpoint.every=5"])
-    assert (cfg.train.max_steps, cfg.zero.stage, cfg.train.betas) == (20, 3, (0.8, 0.9))
+    assert (cfg.train.max_steps, cfg.zero.stage, cfg.optim.betas) == (20, 3, (0.8, 0.9))
     assert (cfg.run_dir, cfg.checkpoint.every) == (Path("/tmp/x"), 5)
 
 
@@ -41,13 +41,13 @@ BAD = [
     (["zero.stage=4"], "zero.stage: input should be 0, 1, 2 or 3"),
     (["train.max_steps=ten"], "train.max_steps: input should be a valid integer"),
     (["train.max_steps=0"], "train.max_steps: input should be greater than or equal to 1"),
-    (["train.lr=-1"], "train.lr: input should be greater than 0"),
+    (["optim.lr=-1"], "optim.lr: input should be greater than 0"),
     (["train.precision=fp8"], "train.precision: input should be 'bf16', 'fp16' or 'fp32'"),
     (["train.global_batch_size=12"], "train.global_batch_size: 12 is not divisible by train.micro_batch_size (4) x world size (2)"),
     (["launch.nproc_per_node=3"], "train.global_batch_size: 16 is not divisible by train.micro_batch_size (4) x world size (3)"),
     (["launch.nnodes=3"], "train.global_batch_size: 16 is not divisible by train.micro_batch_size (4) x world size (6)"),
     (["train.precision=fp16"], "train.precision: fp16 needs a CUDA GPU"),
-    (["train.warmup_steps=100"], "train.warmup_steps: 100 exceeds train.max_steps (12)"),
+    (["optim.warmup_steps=100"], "optim.warmup_steps: 100 exceeds train.max_steps (12)"),
     (["zero.offload_param=cpu"], "zero.offload_param: parameter offload needs zero.stage 3"),
     (["zero.stage=0", "zero.offload_optimizer=cpu"], "zero.offload_optimizer: optimizer offload needs zero.stage 1, 2 or 3"),
     (["model.type=not_a_model"], "model.type: 'not_a_model' is not a transformers model type"),
@@ -62,11 +62,11 @@ BAD = [
     (["data.sources=[{path: a.txt, hub: org/x}]"], "data.sources.0: value error, give exactly one of `path`"),
     (["data.sources=[{path: a.txt, weight: 2}, b.txt]"], "data.sources: value error, give every source a `weight`, or none"),
     (["train"], "--set 'train': expected KEY=VALUE"),
-    (["train.early_stopping=2"], "train.early_stopping: needs train.best_metric"),
-    (["train.best_metric=val/accuracy"], "train.best_metric: val/accuracy is a classification metric"),
+    (["eval.early_stopping=2"], "eval.early_stopping: needs eval.best_metric"),
+    (["eval.best_metric=val/accuracy"], "eval.best_metric: val/accuracy is a classification metric"),
     (["model.task=classification"], "tokenizer.path: classification tokenizes with the model's own tokenizer"),
-    (["model.task=classification", "tokenizer.path=/tmp/tok", "train.best_metric=val/ppl"],
-     "train.best_metric: val/ppl is a language-model metric"),
+    (["model.task=classification", "tokenizer.path=/tmp/tok", "eval.best_metric=val/ppl"],
+     "eval.best_metric: val/ppl is a language-model metric"),
     (["data.labels=[one]"], "data.labels: list should have at least 2 items"),
     (["run.name.first=x"], "--set run.name.first: run.name is not a section"),
 ]
@@ -138,11 +138,17 @@ def test_help(command):
         assert "--nproc" in result.stdout and "--resume" in result.stdout and "--set" in result.stdout
 
 
-def test_cli_refuses_a_validation_split_too_small_for_the_ranks(tiny_data, tmp_path):
-    result = zerotrain("train", TINY, "--set", f"run.output_dir={tmp_path / 'run'}",
-                       "--set", f"data.prepared_dir={tiny_data}", "--set", "data.seq_len=50000", check=False)
+@pytest.mark.parametrize("overrides,message", [
+    (["data.seq_len=50000", "model.config.max_position_embeddings=50000"],
+     "data.validation_fraction: the validation split holds 0 micro-batch(es) of 4 x 50000 tokens, fewer than the 2 ranks"),
+    (["eval.batches=1"], "eval.batches: 1 validation micro-batches cannot be shared by the 2 ranks"),
+], ids=["split too small", "too few batches asked"])
+def test_cli_refuses_validation_the_ranks_cannot_share_naming_the_cause(overrides, message, tiny_data, tmp_path):
+    sets = [a for o in [f"run.output_dir={tmp_path / 'run'}", f"data.prepared_dir={tiny_data}", *overrides]
+            for a in ("--set", o)]
+    result = zerotrain("train", TINY, *sets, check=False)
     assert result.returncode == 2
-    assert result.stderr.startswith("zerotrain: error: train.eval_batches: the validation split holds fewer micro-batches")
+    assert result.stderr.startswith(f"zerotrain: error: {message}"), result.stderr
     assert not (tmp_path / "run").exists()
 
 

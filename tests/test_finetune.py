@@ -44,7 +44,7 @@ def plays_args(run_dir, prepared, lines, *overrides: str) -> list[str]:
             f"tokenizer.path={MINILM}", f"data.sources=[{lines}]", "data.label_field=play", "data.labels=null",
             f"data.prepared_dir={prepared}", "data.seq_len=32", "data.validation_fraction=0.1",
             "data.test_fraction=0.1", "train.micro_batch_size=8", "train.global_batch_size=32", "train.max_steps=6",
-            "train.lr=1e-3", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=3",
+            "optim.lr=1e-3", "optim.warmup_steps=1", "train.log_every=1", "eval.every=3",
             "train.precision=fp32", "checkpoint.every=3", *overrides]
     return [str(SENTIMENT)] + [a for s in sets for a in ("--set", s)]
 
@@ -54,7 +54,7 @@ def sentiment_run(minilm, tmp_path_factory):
     """configs/finetune_sentiment.yaml, shortened: MiniLM on Rotten Tomatoes sentences, 2 ranks."""
     root = tmp_path_factory.mktemp("sentiment")
     sets = [f"run.output_dir={root / 'run'}", f"data.prepared_dir={root / 'prepared'}", "train.max_steps=40",
-            "train.eval_every=20", "train.warmup_steps=4", "train.lr=3e-4", "train.min_lr_ratio=0.1"]
+            "eval.every=20", "optim.warmup_steps=4", "optim.lr=3e-4", "optim.min_lr_ratio=0.1"]
     args = [a for s in sets for a in ("--set", s)]
     zerotrain("prepare", SENTIMENT, *args)
     zerotrain("train", SENTIMENT, *args)
@@ -65,7 +65,7 @@ def sentiment_run(minilm, tmp_path_factory):
 def test_fine_tuning_learns_sentiment(sentiment_run):
     summary = json.loads((sentiment_run / "summary.json").read_text())
     assert summary["test_accuracy"] > 0.7 and summary["test_macro_f1"] > 0.65  # chance: 0.58 (all "fresh")
-    info = LabelledData.load(sentiment_run.parent / "prepared").info
+    info = LabelledData.load(sentiment_run.parent / "prepared").data
     confusion = np.array(summary["test_confusion_matrix"])
     assert confusion.sum() == info["splits"]["test"]["examples"]
     assert list(confusion.sum(1)) == list(info["splits"]["test"]["label_counts"].values())  # rows: true labels
@@ -120,8 +120,8 @@ def test_classification_is_the_same_at_every_stage_and_resumes_exactly(plays_pre
 def test_early_stopping_ends_a_run_that_stopped_improving(plays_prepared, play_lines, tmp_path):
     run_dir = tmp_path / "run"
     # A learning rate too small to change a prediction: the validation accuracy of step 3 is never beaten.
-    zerotrain("train", *plays_args(run_dir, plays_prepared, play_lines, "train.max_steps=12", "train.lr=1e-12",
-                                   "train.best_metric=val/accuracy", "train.early_stopping=2"))
+    zerotrain("train", *plays_args(run_dir, plays_prepared, play_lines, "train.max_steps=12", "optim.lr=1e-12",
+                                   "eval.best_metric=val/accuracy", "eval.early_stopping=2"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 9 and summary["test_step"] == 3  # validations at 3 (best), 6, 9: two without gain
     assert (run_dir / "checkpoints" / "best").read_text() == "step_00000003"
@@ -170,7 +170,7 @@ def test_labels_map_to_ids_and_back(minilm, tmp_path):
             assert int(example["attention_mask"].sum()) == len(tokenizer(text)["input_ids"])
             seen += 1
     assert seen == len(rows)
-    assert prepare_labelled(data, minilm, log=lambda _: None).info == labelled.info  # prepared once, then reused
+    assert prepare_labelled(data, minilm, log=lambda _: None).data == labelled.data  # prepared once, then reused
 
 
 @pytest.mark.parametrize("rows, settings, message", [

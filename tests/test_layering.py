@@ -29,3 +29,20 @@ def test_no_upward_imports(package):
     for path in files:
         wrong = imported_packages(path) & FORBIDDEN[package]
         assert not wrong, f"{path.relative_to(REPO)} imports {sorted(wrong)}"
+
+
+LONGEST = 60  # lines of a function: longer ones decide too much in one place
+ALLOWED = {("launcher/cli.py", "_parser")}  # the argparse builder: one flat list of flags
+
+
+def test_functions_are_short():
+    long = []
+    for package in ("launcher", "trainer", "data_pipeline"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            name = str(path.relative_to(REPO))
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (name, node.name) not in ALLOWED:
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > LONGEST:
+                        long.append(f"{name}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

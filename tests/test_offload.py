@@ -45,7 +45,7 @@ def test_cpu_offload_trains_like_no_offload(stage, offload, tiny_run, tiny_data,
 # Validation and a checkpoint in the middle: training goes on after a forward-only pass and a save (which copies
 # the optimizer's swap files into the checkpoint).
 NVME_MODEL = ["zero.stage=3", "model.config.hidden_size=128", "model.config.intermediate_size=8192",
-              "train.max_steps=4", "train.warmup_steps=1", "train.eval_every=2", "checkpoint.every=2"]
+              "train.max_steps=4", "optim.warmup_steps=1", "eval.every=2", "checkpoint.every=2"]
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,7 @@ def test_kills_at_random_points_then_resume_give_the_uninterrupted_losses(tiny_r
 # A model big enough that a save takes a while (~10M parameters, 160 MB of checkpoint at ZeRO 2).
 BIGGER = ["model.config.hidden_size=512", "model.config.intermediate_size=1024", "model.config.num_hidden_layers=4",
           "model.config.num_attention_heads=8", "model.config.num_key_value_heads=8", "train.max_steps=6",
-          "checkpoint.every=2", "train.eval_every=0"]
+          "checkpoint.every=2", "eval.every=0"]
 
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_to_resume_from(tiny_data, tmp_path):
@@ -96,7 +96,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_to_resume_from(tiny
 def test_retention_keeps_the_newest_and_the_milestones(tiny_data, tmp_path):
     run_dir = tmp_path / "kept"
     zerotrain("train", *tiny_args(run_dir, tiny_data, "train.max_steps=8", "checkpoint.every=2",
-                                  "checkpoint.keep_last=2", "checkpoint.keep_every=4", "train.eval_every=0"))
+                                  "checkpoint.keep_last=2", "checkpoint.keep_every=4", "eval.every=0"))
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
     assert kept == ["step_00000004", "step_00000006", "step_00000008"]
 
@@ -111,8 +111,8 @@ def test_existing_run_is_never_overwritten(tiny_run, tiny_data):
 
 def test_a_dead_rank_ends_the_job_quickly(tiny_data, tmp_path):
     run_dir = tmp_path / "doomed"
-    args = tiny_args(run_dir, tiny_data, "train.max_steps=100000", "train.warmup_steps=10", "checkpoint.every=0",
-                     "train.eval_every=0")
+    args = tiny_args(run_dir, tiny_data, "train.max_steps=100000", "optim.warmup_steps=10", "checkpoint.every=0",
+                     "eval.every=0")
     launcher = start("train", *args)
     try:
         wait_for(lambda: last_step(run_dir) >= 3, launcher)
@@ -130,7 +130,7 @@ def test_a_dead_rank_ends_the_job_quickly(tiny_data, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_stop_signal_saves_and_exits_with_code_3_then_resumes(sig, tiny_data, tmp_path):
     run_dir = tmp_path / "stopped"
-    args = tiny_args(run_dir, tiny_data, "train.max_steps=100000", "checkpoint.every=0", "train.eval_every=0")
+    args = tiny_args(run_dir, tiny_data, "train.max_steps=100000", "checkpoint.every=0", "eval.every=0")
     launcher = start("train", *args)
     try:
         wait_for(lambda: last_step(run_dir) >= 3, launcher)
@@ -146,7 +146,7 @@ def test_a_stop_signal_saves_and_exits_with_code_3_then_resumes(sig, tiny_data, 
     assert live_ranks(run_dir) == {}
     if sig == signal.SIGTERM:  # the saved run continues from where it stopped
         zerotrain("train", *tiny_args(run_dir, tiny_data, f"train.max_steps={saved_step + 1}", "checkpoint.every=0",
-                                      "train.eval_every=0"), "--resume", "auto")
+                                      "eval.every=0"), "--resume", "auto")
         assert saved_step + 1 in train_losses(run_dir)
 
 
@@ -174,7 +174,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(damage, tiny_run, tin
 def test_resume_on_another_number_of_ranks(stage, tiny_data, tmp_path):
     """Saved by 2 ranks, resumed by 1 and by 3: same global batch, optimizer state carried over, data exactly-once."""
     settings = [f"zero.stage={stage}", "train.global_batch_size=24", "train.max_steps=8", "checkpoint.every=4",
-                "train.eval_every=0"]  # 24 = 2 x 4 x 3 = 1 x 4 x 6 = 3 x 4 x 2
+                "eval.every=0"]  # 24 = 2 x 4 x 3 = 1 x 4 x 6 = 3 x 4 x 2
     original = tmp_path / "original"
     zerotrain("train", *tiny_args(original, tiny_data, *settings))
     expected = train_losses(original)

@@ -45,7 +45,7 @@ def test_a_submitted_run_trains_across_two_nodes(cluster, tiny_run, tiny_data, t
 
 
 def test_a_signalled_job_saves_requeues_itself_and_finishes_like_an_uninterrupted_run(cluster, tiny_data, tmp_path):
-    settings = ["train.max_steps=80", "checkpoint.every=0", "train.eval_every=0"]
+    settings = ["train.max_steps=80", "checkpoint.every=0", "eval.every=0"]
     reference = tmp_path / "reference"
     zerotrain("train", *tiny_args(reference, tiny_data, *settings))
     run_dir = tmp_path / "preempted"

@@ -1,8 +1,12 @@
 """The run configuration: one YAML file, typed and validated here and nowhere else.
 
-`load_config` reads the YAML, applies `--set a.b=value` overrides, validates types with pydantic
-and then the combinations pydantic cannot see (batch divisibility, precision vs. device). Every
-problem becomes a `ConfigError` whose message is one line naming the key path.
+`load_config` reads the YAML (refusing a key written twice), applies `--set a.b=value` overrides, validates
+types with pydantic and then the combinations pydantic cannot see (batch divisibility, precision vs. device).
+Every problem becomes a `ConfigError` whose message is one line naming the key path.
+
+Sections follow the components that read them: `optim` the optimizer and its schedule, `train` the loop
+(batches, steps, precision, logging, the non-finite policy), `eval` the evaluator, `checkpoint` the
+checkpointer, `zero` DeepSpeed, `launch` the launcher.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_pipeline.config import DataConfig, TokenizerConfig
+from data_pipeline.errors import UserError
 
 
 # A Hugging Face Hub name: 'bert-base-uncased', 'org/model-name' (a path that exists locally is a folder instead)
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration: the message names the key path (or file, or flag) and the problem."""
 
 
@@ -47,21 +52,29 @@ class ModelSection(Section):
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
 
 
-class TrainSection(Section):
-    micro_batch_size: int = Field(ge=1)  # sequences per rank per forward pass
-    global_batch_size: int = Field(ge=1)  # sequences per optimizer step, all ranks; fixes grad accumulation
-    max_steps: int = Field(ge=1)
+class OptimSection(Section):
+    """AdamW and its learning-rate schedule: linear warmup, then cosine decay."""
+
     lr: float = Field(gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+
+
+class TrainSection(Section):
+    micro_batch_size: int = Field(ge=1)  # sequences per rank per forward pass
+    global_batch_size: int = Field(ge=1)  # sequences per optimizer step, all ranks; fixes grad accumulation
+    max_steps: int = Field(ge=1)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     log_every: int = Field(10, ge=1)
-    eval_every: int = Field(0, ge=0)  # 0: validate at the end only
-    eval_batches: int = Field(16, ge=1)  # validation micro-batches, over all ranks
     max_nonfinite_steps: int = Field(3, ge=1)  # stop after this many NaN/inf losses in a row (none are saved)
+
+
+class EvalSection(Section):
+    every: int = Field(0, ge=0)  # steps between validations; 0: validate at the end only
+    batches: int = Field(16, ge=1)  # validation micro-batches of pretraining data, over all ranks
     # Keep the checkpoint with the best value of this validation metric (checkpoints/best; `export --tag best`):
     # val/loss or val/ppl (lower is better), val/accuracy or val/macro_f1 (classification; higher is better).
     best_metric: Literal["val/loss", "val/ppl", "val/accuracy", "val/macro_f1"] | None = None
@@ -98,7 +111,9 @@ class Config(Section):
     model: ModelSection = ModelSection()
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig
+    optim: OptimSection
     train: TrainSection
+    eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
     zero: ZeroSection = ZeroSection()
     launch: LaunchSection = LaunchSection()
@@ -115,6 +130,10 @@ class Config(Section):
     def run_dir(self) -> Path:
         return self.run.output_dir
 
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.data.seq_len
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -124,6 +143,7 @@ def load_config(path: str | Path, overrides: list[str] = (), *, cuda_available: 
     raw = _read_yaml(Path(path))
     for item in overrides:
         _apply_override(raw, item)
+    _refuse_moved_keys(raw)
     _absolutize_paths(raw)
     _default_tokenizer(raw)
     try:
@@ -138,57 +158,114 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as text ({e})") from None
+    raw = _parse_yaml(text, str(path))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (run, model, data, optim, train, ...)")
+    return raw
+
+
+def _parse_yaml(text: str, where: str):
+    """YAML, refusing a key written twice in one mapping (YAML would silently keep the later value)."""
+    try:
+        _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), where)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (run, model, data, train, ...)")
-    return raw
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}:{line} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
+def _refuse_duplicate_keys(node, where: str, path: str = "", keys=None) -> None:
+    """Compares the keys' values, as YAML reads them (`yes` and `true` are one key); `<<` merges may override."""
+    keys = keys or yaml.SafeLoader("")  # only its constructor is used: a key node to its value
+    if isinstance(node, yaml.MappingNode):
+        lines: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = keys.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else \
+                repr(key_node.value)
+            name = f"{path}.{key}" if path else str(key)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(f"{where}: {name} is written twice (lines {lines[key]} and {line}); keep one")
+            lines[key] = line
+            _refuse_duplicate_keys(value_node, where, name, keys)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, where, f"{path}.{i}", keys)
 
 
 def _apply_override(raw: dict, item: str) -> None:
     """`a.b.c=value`: value is parsed as YAML, so numbers, booleans and lists keep their types."""
     key, sep, text = item.partition("=")
     if not sep or not key:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=20")
+        raise ConfigError(f"--set {short(item)!r}: expected KEY=VALUE, e.g. train.max_steps=20")
     *parents, leaf = key.split(".")
     node = raw
     for i, part in enumerate(parents):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {'.'.join(parents[: i + 1])} is not a section")
-    node[leaf] = yaml.safe_load(text) if text else ""
+    node[leaf] = _parse_yaml(text, f"--set {key}") if text else ""
+
+
+# Keys that moved when the train section was split by component: the old name gets a one-line pointer.
+MOVED = {**{f"train.{key}": f"optim.{key}" for key in
+            ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "grad_clip")},
+         **{f"train.{old}": f"eval.{new}" for old, new in
+            (("eval_every", "every"), ("eval_batches", "batches"), ("best_metric", "best_metric"),
+             ("early_stopping", "early_stopping"))}}
+
+
+def _refuse_moved_keys(raw: dict) -> None:
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise ConfigError(f"{old}: moved to {new}")
+
+
+def short(value, limit: int = 60) -> str:
+    """A value for a one-line message: never echo a huge one."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _absolutize_paths(raw: dict) -> None:
-    """Relative paths are relative to the directory the command runs in; ranks get absolute ones."""
+    """Relative paths are relative to the directory the command runs in; ranks get absolute ones. An empty
+    path is refused: it would silently become the current directory."""
 
-    def absolute(p: Any) -> Any:
+    def absolute(p: Any, key: str) -> Any:
+        if isinstance(p, str) and not p.strip():
+            raise ConfigError(f"{key}: an empty path; give a file or folder")
         return str(Path(p).expanduser().absolute()) if isinstance(p, str) else p
 
-    def folder_or_hub(p: Any) -> Any:
+    def folder_or_hub(p: Any, key: str) -> Any:
         """A model or tokenizer: a local folder, or a Hub name ('org/name'), which stays relative."""
         hub = isinstance(p, str) and HUB_NAME.fullmatch(p) and not Path(p).expanduser().exists()
-        return p if hub else absolute(p)
+        return p if hub else absolute(p, key)
 
     for section, key, resolve in (("run", "output_dir", absolute), ("data", "prepared_dir", absolute),
                                   ("tokenizer", "path", folder_or_hub), ("model", "init_from", folder_or_hub),
                                   ("zero", "nvme_path", absolute)):
         if isinstance(raw.get(section), dict) and raw[section].get(key) is not None:
-            raw[section][key] = resolve(raw[section][key])
+            raw[section][key] = resolve(raw[section][key], f"{section}.{key}")
 
-    def source(s: Any) -> Any:
-        return {**s, "path": absolute(s.get("path"))} if isinstance(s, dict) else absolute(s)
+    def source(s: Any, key: str) -> Any:
+        if isinstance(s, dict):
+            return {**s, "path": absolute(s["path"], f"{key}.path")} if s.get("path") is not None else s
+        return absolute(s, key)
 
     data = raw.get("data")
     if isinstance(data, dict):
         if isinstance(data.get("sources"), list):
-            data["sources"] = [source(s) for s in data["sources"]]
+            data["sources"] = [source(s, f"data.sources.{i}") for i, s in enumerate(data["sources"])]
         for split in ("validation", "test"):
             if data.get(split) is not None:
-                data[split] = source(data[split])
+                data[split] = source(data[split], f"data.{split}")
 
 
 def _default_tokenizer(raw: dict) -> None:
@@ -208,7 +285,7 @@ def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     loc = ".".join(str(part) for part in first["loc"]) or "config"
     message = _MESSAGES.get(first["type"], first["msg"][0].lower() + first["msg"][1:])
-    value = "" if first["type"] == "missing" else f" (got {first['input']!r})"
+    value = "" if first["type"] == "missing" else f" (got {short(first['input'])})"
     more = error.error_count() - 1
     return f"{loc}: {message}{value}" + (f" [and {more} more problem(s)]" if more else "")
 
@@ -221,8 +298,8 @@ def _check_combinations(cfg: Config, cuda_available: bool | None) -> None:
             f"train.global_batch_size: {t.global_batch_size} is not divisible by "
             f"train.micro_batch_size ({t.micro_batch_size}) x world size ({cfg.world_size})"
         )
-    if t.warmup_steps > t.max_steps:
-        raise ConfigError(f"train.warmup_steps: {t.warmup_steps} exceeds train.max_steps ({t.max_steps})")
+    if cfg.optim.warmup_steps > t.max_steps:
+        raise ConfigError(f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps ({t.max_steps})")
     if z.offload_param != "none" and z.stage != 3:
         raise ConfigError(f"zero.offload_param: parameter offload needs zero.stage 3 (got stage {z.stage})")
     if z.offload_optimizer != "none" and z.stage == 0:
@@ -237,8 +314,8 @@ def _check_combinations(cfg: Config, cuda_available: bool | None) -> None:
                           "true (DeepSpeed makes the swap buffers bf16 otherwise)")
     if cuda_available is False and t.precision == "fp16":
         raise ConfigError("train.precision: fp16 needs a CUDA GPU and none is visible; use bf16 or fp32")
-    if not math.isfinite(t.lr):
-        raise ConfigError(f"train.lr: must be a finite number (got {t.lr})")
+    if not math.isfinite(cfg.optim.lr):
+        raise ConfigError(f"optim.lr: must be a finite number (got {cfg.optim.lr})")
     if cfg.data.mode == "streaming":
         _check_streaming(cfg)
     _check_task(cfg)
@@ -246,12 +323,12 @@ def _check_combinations(cfg: Config, cuda_available: bool | None) -> None:
 
 
 def _check_task(cfg: Config) -> None:
-    t = cfg.train
-    if t.early_stopping and t.best_metric is None:
-        raise ConfigError("train.early_stopping: needs train.best_metric, the metric whose improvement it waits for")
+    e = cfg.eval
+    if e.early_stopping and e.best_metric is None:
+        raise ConfigError("eval.early_stopping: needs eval.best_metric, the metric whose improvement it waits for")
     if cfg.model.task == "causal_lm":
-        if t.best_metric in ("val/accuracy", "val/macro_f1"):
-            raise ConfigError(f"train.best_metric: {t.best_metric} is a classification metric; use val/loss or "
+        if e.best_metric in ("val/accuracy", "val/macro_f1"):
+            raise ConfigError(f"eval.best_metric: {e.best_metric} is a classification metric; use val/loss or "
                               "val/ppl for model.task causal_lm")
         return
     if cfg.data.mode == "streaming":
@@ -259,8 +336,8 @@ def _check_task(cfg: Config) -> None:
     if cfg.tokenizer.path is None:
         raise ConfigError("tokenizer.path: classification tokenizes with the model's own tokenizer; set "
                           "model.init_from (its tokenizer is used) or tokenizer.path")
-    if t.best_metric == "val/ppl":
-        raise ConfigError("train.best_metric: val/ppl is a language-model metric; use val/loss, val/accuracy "
+    if e.best_metric == "val/ppl":
+        raise ConfigError("eval.best_metric: val/ppl is a language-model metric; use val/loss, val/accuracy "
                           "or val/macro_f1 for classification")
 
 

@@ -1,79 +1,165 @@
-"""The data one rank trains on: prepared shards in the global order, a stream (`data.mode`), or labelled
-examples (`model.task: classification`).
+"""The data one rank trains on, one object per mode, all with the same small interface: packed shards in the
+global order (`PackedShards`), a stream tokenized on the fly (`TextStream`, data.mode: streaming), or labelled
+examples (`LabelledExamples`, model.task: classification). `open_data` picks the mode; no caller asks which.
 
-`corpus()` tells the model and the checkpoints what they need to know of the data (vocabulary, tokenizer,
-fingerprint, labels) in any mode; `train_batches()` gives the rank's micro-batches.
+Each mode knows what the model needs of the data (vocabulary, labels, padding), what a checkpoint records of it
+(its fingerprint), what the pre-flight checks, the rank's training batches and its validation.
 """
 
 from __future__ import annotations
 
-import hashlib
 import signal
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from transformers import PretrainedConfig
 
 from data_pipeline import GlobalBatchSampler, GlobalOrder, LabelledData, Manifest, load_tokenizer, packed_sources, \
     tokenizer_fingerprint
+from data_pipeline.files import fingerprint
+from data_pipeline.record import PreparedRecord
 from data_pipeline.sources import source_units
 from data_pipeline.streaming import StreamingPackedDataset
-from trainer.config import Config
-from trainer.distributed import die_with_parent
-
-
-@dataclass(frozen=True)
-class Corpus:
-    vocab_size: int
-    tokenizer_dir: Path
-    fingerprint: str  # identity of the token stream: a checkpoint is resumed on the same one only
-    manifest: Manifest | None  # prepared pretraining data; None when streaming or classifying
-    labelled: LabelledData | None = None  # classification: the prepared splits and their label names
-    pad_token_id: int | None = None
-
-
-def corpus(cfg: Config) -> Corpus:
-    if cfg.model.task == "classification":
-        labelled = LabelledData.load(cfg.data.prepared_dir)
-        tokenizer = load_tokenizer(labelled.tokenizer_dir, require_eos=False)
-        return Corpus(len(tokenizer), labelled.tokenizer_dir, labelled.fingerprint, None, labelled,
-                      tokenizer.pad_token_id)
-    if cfg.data.mode == "prepared":
-        manifest = Manifest.load(cfg.data.prepared_dir)
-        return Corpus(manifest.vocab_size, manifest.tokenizer_dir, manifest.fingerprint, manifest)
-    tokenizer = load_tokenizer(cfg.tokenizer.path)
-    files = [u.__dict__ for u in source_units(cfg.data.sources[0])]
-    identity = repr((files, tokenizer_fingerprint(tokenizer), cfg.data.text_field_of(cfg.data.sources[0])))
-    return Corpus(len(tokenizer), cfg.tokenizer.path, hashlib.sha256(identity.encode()).hexdigest(), None)
+from trainer.config import Config, ModelSection
+from trainer.distributed import Rank, die_with_parent
+from trainer.model import model_config
+from trainer.validation import ClassifierValidation, Validation, validation_batch_counts
 
 
 @dataclass
-class TrainBatches:
-    iterator: object  # this rank's micro-batches
-    order: GlobalOrder | None  # prepared mode: the global order (it knows the realised mixture)
-    stream: StreamingPackedDataset | None  # streaming mode: its per-rank state goes into checkpoints
+class Batches:
+    """A rank's micro-batches, what a checkpoint must record of their position besides the consumed samples
+    (streaming: this rank's stream state), and what to log about them."""
+
+    iterator: Iterator
+    state: Callable[[], dict | None] = lambda: None
+    metrics: Callable[[int], dict[str, float]] = field(default=lambda consumed_samples: {})
 
 
-def train_batches(cfg: Config, data: Corpus, rank, consumed_samples: int, stream_state: dict | None) -> TrainBatches:
-    t = cfg.train
-    if data.labelled is not None:
-        examples = data.labelled.split("train")
-        return _ordered(cfg, examples, GlobalOrder([len(examples)], [1.0], cfg.run.seed), rank, consumed_samples)
-    if data.manifest is None:
-        source = cfg.data.sources[0]
-        stream = StreamingPackedDataset([Path(u.location) for u in source_units(source)], cfg.data.text_field_of(source),
-                                        data.tokenizer_dir, cfg.data.seq_len, rank.rank, rank.world_size, cfg.run.seed)
+class TrainingData:
+    """The interface of every data mode."""
+
+    vocab_size: int
+    tokenizer_dir: Path
+    fingerprint: str  # identity of what is trained on: a checkpoint is resumed on the same data only
+    labels: list[str] | None = None
+    pad_token_id: int | None = None
+    record: PreparedRecord | None = None  # prepared data: its files, checked before and verified during a run
+    resumes_on_other_ranks = True
+
+    def model_config(self, model: ModelSection) -> PretrainedConfig:
+        return model_config(model, self.vocab_size, self.labels, self.pad_token_id)
+
+    def check(self, cfg: Config) -> None:
+        """Pre-flight, before any rank starts: what is cheap to check of the files and their fit to the run."""
+        if self.record is not None:
+            self.record.check_sizes()
+
+    def batches(self, cfg: Config, rank: Rank, consumed_samples: int, stream_state: dict | None) -> Batches:
+        raise NotImplementedError
+
+    def validation(self, cfg: Config, rank: Rank):
+        """An object with `run(engine) -> metrics` (and `tests`, `test(engine)`), or None without held-out data."""
+        return None
+
+    def describe(self) -> list[str]:
+        """Lines for the log and TensorBoard at start-up."""
+        return []
+
+
+class PackedShards(TrainingData):
+    def __init__(self, manifest: Manifest):
+        self.manifest = self.record = manifest
+        self.vocab_size, self.tokenizer_dir, self.fingerprint = manifest.vocab_size, manifest.tokenizer_dir, \
+            manifest.fingerprint
+
+    def check(self, cfg: Config) -> None:
+        super().check(cfg)
+        self._validation_counts(cfg)
+
+    def batches(self, cfg: Config, rank: Rank, consumed_samples: int, stream_state: dict | None) -> Batches:
+        dataset = packed_sources(self.manifest, "train", cfg.data.seq_len)
+        order = GlobalOrder([len(d) for d in dataset.datasets], self.manifest.weights, cfg.run.seed)
+        batches = Batches(_ordered(cfg, dataset, order, rank, consumed_samples))
+        if len(self.manifest.sources) > 1:  # the realised share of each source, to check the mixture's weights
+            batches.metrics = lambda consumed: {f"data/{s}_fraction": float(c) / consumed for s, c in
+                                                zip(self.manifest.sources, order.counts(consumed))}
+        return batches
+
+    def validation(self, cfg: Config, rank: Rank) -> Validation:
+        return Validation(self.manifest, self._validation_counts(cfg), cfg.train.micro_batch_size, cfg.data.seq_len,
+                          rank)
+
+    def describe(self) -> list[str]:
+        return [f"{source}: {self.manifest.num_tokens('train', source):,} training tokens, weight {weight:.3g}"
+                for source, weight in zip(self.manifest.sources, self.manifest.weights)]
+
+    def _validation_counts(self, cfg: Config) -> dict[str, int]:
+        return validation_batch_counts(self.manifest, cfg.eval.batches, cfg.train.micro_batch_size,
+                                       cfg.data.seq_len, cfg.world_size)
+
+
+class TextStream(TrainingData):
+    """No held-out split (no validation), and a per-rank position: resumes on as many ranks only."""
+
+    resumes_on_other_ranks = False
+
+    def __init__(self, cfg: Config):
+        tokenizer = load_tokenizer(cfg.tokenizer.path)
+        self.source = cfg.data.sources[0]
+        units = source_units(self.source)
+        self.files = [Path(u.location) for u in units]
+        self.text_field = cfg.data.text_field_of(self.source)
+        self.vocab_size, self.tokenizer_dir = len(tokenizer), cfg.tokenizer.path
+        self.fingerprint = fingerprint([u.__dict__ for u in units], tokenizer_fingerprint(tokenizer), self.text_field)
+
+    def batches(self, cfg: Config, rank: Rank, consumed_samples: int, stream_state: dict | None) -> Batches:
+        stream = StreamingPackedDataset(self.files, self.text_field, self.tokenizer_dir, cfg.data.seq_len, rank.rank,
+                                        rank.world_size, cfg.run.seed)
         if stream_state is not None:
             stream.load_state_dict(stream_state)
         # No workers: a worker would read ahead of what was trained on, and the stream's state must not.
-        return TrainBatches(iter(DataLoader(stream, batch_size=t.micro_batch_size, num_workers=0)), None, stream)
-    dataset = packed_sources(data.manifest, "train", cfg.data.seq_len)
-    order = GlobalOrder([len(d) for d in dataset.datasets], data.manifest.weights, cfg.run.seed)
-    return _ordered(cfg, dataset, order, rank, consumed_samples)
+        return Batches(iter(DataLoader(stream, batch_size=cfg.train.micro_batch_size, num_workers=0)),
+                       state=stream.state_dict)
+
+    def describe(self) -> list[str]:
+        return [f"streaming {len(self.files)} file(s) of {self.source.name}"]
 
 
-def _ordered(cfg: Config, dataset, order: GlobalOrder, rank, consumed_samples: int) -> TrainBatches:
+class LabelledExamples(TrainingData):
+    def __init__(self, labelled: LabelledData):
+        self.labelled = self.record = labelled
+        tokenizer = load_tokenizer(labelled.tokenizer_dir, require_eos=False)
+        self.vocab_size, self.tokenizer_dir, self.fingerprint = len(tokenizer), labelled.tokenizer_dir, \
+            labelled.fingerprint
+        self.labels, self.pad_token_id = labelled.labels, tokenizer.pad_token_id
+
+    def batches(self, cfg: Config, rank: Rank, consumed_samples: int, stream_state: dict | None) -> Batches:
+        examples = self.labelled.split("train")
+        return Batches(_ordered(cfg, examples, GlobalOrder([len(examples)], [1.0], cfg.run.seed), rank,
+                                consumed_samples))
+
+    def validation(self, cfg: Config, rank: Rank) -> ClassifierValidation:
+        return ClassifierValidation(self.labelled, cfg.train.micro_batch_size, rank)
+
+    def describe(self) -> list[str]:  # class imbalance, visible before the first step
+        counts = self.labelled.label_counts("train")
+        return ["training examples per label: " + ", ".join(f"{label} {n}" for label, n in counts.items())]
+
+
+def open_data(cfg: Config) -> TrainingData:
+    """The data of the run's mode; a one-line DataError if it is not there (not prepared, no tokenizer...)."""
+    if cfg.model.task == "classification":
+        return LabelledExamples(LabelledData.load(cfg.data.prepared_dir))
+    if cfg.data.mode == "streaming":
+        return TextStream(cfg)
+    return PackedShards(Manifest.load(cfg.data.prepared_dir))
+
+
+def _ordered(cfg: Config, dataset, order: GlobalOrder, rank: Rank, consumed_samples: int) -> Iterator:
     """Micro-batches of `dataset` in the global order, from `consumed_samples` on."""
     t = cfg.train
     sampler = GlobalBatchSampler(order, t.global_batch_size, t.micro_batch_size, rank.rank, rank.world_size,
@@ -83,30 +169,12 @@ def _ordered(cfg: Config, dataset, order: GlobalOrder, rank, consumed_samples: i
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                         pin_memory=rank.device.type == "cuda", worker_init_fn=_init_worker,
                         generator=torch.Generator().manual_seed(cfg.run.seed))
-    return TrainBatches(iter(loader), order, None)
-
-
-def to_device(batch, device: torch.device):
-    """A token tensor (pretraining) or a dict of tensors (classification) on the rank's device."""
-    if isinstance(batch, dict):
-        return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
-    return batch.to(device, non_blocking=True)
+    return iter(loader)
 
 
 def _init_worker(worker_id: int) -> None:
-    """A stop signal reaches the rank's whole process group; the rank decides when to stop, and its loader
+    """Stop signals reach the rank's whole process group; the rank decides when to stop, and its loader
     workers must live on to serve the steps up to the save - but not past the rank's death."""
     die_with_parent()
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-
-
-class Mixture:
-    """The realised share of each source in the samples consumed so far (logged to check the weights)."""
-
-    def __init__(self, sources: list[str], order: GlobalOrder):
-        self.sources, self.order = sources, order
-
-    def fractions(self, consumed_samples: int) -> dict[str, float]:
-        counts = self.order.counts(consumed_samples)
-        return {f"data/{s}_fraction": float(c) / consumed_samples for s, c in zip(self.sources, counts)}

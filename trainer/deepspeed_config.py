@@ -16,7 +16,7 @@ def deepspeed_config(cfg: Config, num_parameters: int, load_universal: bool = Fa
     """`load_universal`: the run resumes from a universal checkpoint (saved by another number of ranks).
     `largest_parameter`: the numel of the model's largest parameter; sizes the NVMe parameter swap buffers
     (without it they are sized for the whole model: always enough, but more memory)."""
-    t, z = cfg.train, cfg.zero
+    t, o, z = cfg.train, cfg.optim, cfg.zero
     bucket = max(MIN_BUCKET, min(MAX_BUCKET, num_parameters))
     zero = {
         "stage": z.stage,
@@ -39,13 +39,13 @@ def deepspeed_config(cfg: Config, num_parameters: int, load_universal: bool = Fa
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": o.grad_clip,
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16"},
         "optimizer": {
             "type": "AdamW",
             # torch's AdamW: no C++ op to compile, and DeepSpeed allows it with optimizer offload.
-            "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "torch_adam": True},
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": 1e-8, "torch_adam": True},
         },
         "zero_optimization": zero,
         "checkpoint": {"load_universal": load_universal},

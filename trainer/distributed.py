@@ -55,6 +55,13 @@ def init() -> Rank:
     return Rank(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def to_device(batch, device: torch.device):
+    """A token tensor (pretraining) or a dict of tensors (classification) on the rank's device."""
+    if isinstance(batch, dict):
+        return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+    return batch.to(device, non_blocking=True)
+
+
 def all_mean(values: list[float], device: torch.device) -> list[float]:
     """Average scalars over ranks in one collective."""
     t = torch.tensor(values, dtype=torch.float64, device=device)

@@ -10,37 +10,47 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from data_pipeline import load_tokenizer
 from trainer import checkpoint
 from trainer.config import ConfigError, load_config
-from trainer.data import corpus
-from trainer.model import AUTO_MODELS, model_config
+from trainer.data import open_data
+from trainer.model import AUTO_MODELS
 
 
-def export(run_dir: Path, out_dir: Path, tag: str | None = None) -> tuple[Path, str]:
+def choose(run_dir: Path, tag: str | None) -> checkpoint.Found:
+    """The checkpoint to export, verified like a resume verifies it: `latest` (the default) is the newest intact
+    one; `best` or a step's tag must be intact itself."""
+    if not checkpoint.checkpoints_dir(run_dir).is_dir():
+        raise ConfigError(f"{run_dir}: not a run directory with checkpoints")
+    if tag == "best":
+        tag = checkpoint.pointer(run_dir, checkpoint.BEST)
+        if tag is None:
+            raise ConfigError(f"{run_dir}: no best checkpoint (set eval.best_metric to keep one)")
+    elif tag not in (None, "latest") and not checkpoint.TAG.fullmatch(tag):
+        raise ConfigError(f"--tag: {tag!r} is not a checkpoint (step_00000100, best or latest)")
+    found = checkpoint.find(run_dir, checksums=True, tag=None if tag in (None, "latest") else tag)
+    if found.tag is None:
+        raise ConfigError(f"{run_dir}: no intact checkpoint to export" +
+                          (f" ({found.damaged[0]})" if found.damaged else ""))
+    return found
+
+
+def export(run_dir: Path, out_dir: Path, tag: str | None = None) -> tuple[Path, str, list[str]]:
     """Writes safetensors weights (fp32 master copy), config (with the label names of a classifier),
-    generation config and tokenizer. `tag`: a step's, "best" or "latest" (the default). Returns the folder
-    and the transformers Auto class that loads it."""
-    pointers = {None: checkpoint.latest_tag, "latest": checkpoint.latest_tag, "best": checkpoint.best_tag}
-    if tag in pointers:
-        named, tag = tag, pointers[tag](run_dir)
-        if tag is None and named == "best":
-            raise ConfigError(f"{run_dir}: no best checkpoint (set train.best_metric to keep one)")
-    ckpt = checkpoint.checkpoints_dir(run_dir) / (tag or "")
-    if tag is None or not (ckpt / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: no complete checkpoint{' ' + tag if tag else ''} to export")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir}: exists and is not empty; choose another export folder")
+    generation config and tokenizer. `tag`: a step's, "best" or "latest" (the default). Returns the folder,
+    the transformers Auto class that loads it, and the damaged checkpoints passed over."""
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+        raise ConfigError(f"{out_dir}: exists and is not an empty folder; choose another export folder")
+    found = choose(run_dir, tag)
+    ckpt = checkpoint.checkpoints_dir(run_dir) / found.tag
     cfg = load_config(ckpt / "config.yaml")  # the config the checkpoint was trained with
     if cfg.zero.offload_optimizer == "nvme":
         raise ConfigError(f"{ckpt}: its fp32 weights are in NVMe swap files (zero.offload_optimizer: nvme), which "
                           "DeepSpeed's consolidation cannot read; export a checkpoint of a run without NVMe "
                           "optimizer offload")
-    data = corpus(cfg)
+    data = open_data(cfg)
     tokenizer = load_tokenizer(data.tokenizer_dir, require_eos=False)
-    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=tag)
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=found.tag)
     auto = AUTO_MODELS[cfg.model.task]
-    config = model_config(cfg.model, data.vocab_size, data.labelled.labels if data.labelled else None,
-                          data.pad_token_id)
     with init_empty_weights():  # no throw-away initialisation of a large model
-        model = auto.from_config(config)
+        model = auto.from_config(data.model_config(cfg.model))
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.tie_weights()
     if model.can_generate():
@@ -48,4 +58,4 @@ def export(run_dir: Path, out_dir: Path, tag: str | None = None) -> tuple[Path, 
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return out_dir, auto.__name__
+    return out_dir, auto.__name__, found.damaged

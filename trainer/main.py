@@ -27,7 +27,7 @@ def run(cfg: Config, resume: bool) -> int:
     die_with_parent()
     # The agent restarting the ranks after a failure (launch.max_restarts): continue from the last save.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    return train(cfg, resume=resume or restarted)
+    return train(cfg, resume_run=resume or restarted)
 
 
 def exit_now(code: int) -> None:

@@ -16,6 +16,8 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
+from trainer.config import ConfigError
+
 log = logging.getLogger("zerotrain")
 
 
@@ -89,10 +91,27 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
 
 
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records. Each is written as one line ending in a newline: text after the last newline is
+    a record still being written, or one a killed run left half-written - not a record, not damage. A line
+    before it that is not a record is damage: a one-line ConfigError naming the file and the line."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (not a zerotrain run directory, or no step logged yet)")
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").split("\n")[:-1], 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: line {number} is not JSON ({e.msg}); the file is damaged") from None
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            raise ConfigError(f"{path}: line {number} is not a metrics record (no integer \"step\")")
+        records.append(record)
+    return records
+
+
 def _open_from(path: Path, start_step: int):
     """Append to metrics.jsonl, first dropping records past `start_step` (left by an interrupted run):
     a resumed run logs those steps again, as TensorBoard's purge_step does for the event files."""
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step] \
-        if path.exists() else []
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [r for r in read_records(path) if r["step"] <= start_step] if path.exists() else []
+    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
     return open(path, "a")

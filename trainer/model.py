@@ -89,12 +89,41 @@ class Architecture:
         return self.params - (0 if self.tied else self.embedding)
 
 
-def architecture(section: ModelSection, config: PretrainedConfig) -> Architecture:
+def _on_meta(section: ModelSection, config: PretrainedConfig) -> PreTrainedModel:
+    """The model with meta tensors: shapes without memory, so a 70B model builds in seconds."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights():  # meta tensors: shapes without memory, so a 70B model builds in seconds
+    with init_empty_weights():
         model = AUTO_MODELS[section.task].from_config(config)
     model.tie_weights()  # under init_empty_weights transformers 5 leaves tied embeddings as two parameters
+    return model
+
+
+def check_runs(section: ModelSection, config: PretrainedConfig, micro_batch_size: int, seq_len: int) -> None:
+    """Pre-flight: shapes transformers accepts but cannot run fail here, naming the key, not inside a rank. The
+    position limit is checked by value (a meta tensor holds no indices to overflow); everything else by running
+    the model once on the meta device at the run's shapes (no memory, no compute)."""
+    where = f"model.init_from's model ({section.init_from})" if section.init_from else "model.config"
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"data.seq_len: {seq_len} exceeds the model's position limit ({limit}, "
+                          f"max_position_embeddings of {where}); lower data.seq_len or raise the limit")
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if heads and kv_heads and heads % kv_heads:
+        raise ConfigError(f"model.config.num_key_value_heads: {kv_heads} does not divide num_attention_heads "
+                          f"({heads}): each key/value head serves a whole group of attention heads")
+    ids = torch.zeros(micro_batch_size, seq_len, dtype=torch.long, device="meta")
+    inputs = {"input_ids": ids} if section.task == "causal_lm" else {"input_ids": ids, "attention_mask": ids}
+    try:
+        with torch.no_grad():
+            _on_meta(section, config)(**inputs)
+    except Exception as e:  # noqa: BLE001 - whatever the model raises, the config is what cannot run
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}: the model cannot run {micro_batch_size} x {seq_len} tokens ({cause})") from None
+
+
+def architecture(section: ModelSection, config: PretrainedConfig) -> Architecture:
+    model = _on_meta(section, config)
     params = list(model.parameters())  # a tied (shared) parameter is listed once
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings()

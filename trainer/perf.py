@@ -1,4 +1,4 @@
-"""How well a run uses its hardware: model FLOPs per token, the device's peak, MFU, step phases and memory."""
+"""How well a run uses its hardware: model FLOPs per token, the device's peak, MFU and memory."""
 
 from __future__ import annotations
 
@@ -62,48 +62,6 @@ def memory_gib(device: torch.device) -> dict[str, float]:
                 "mem/reserved_gib": torch.cuda.memory_reserved(device) / gib,
                 "mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib}
     return {"mem/rss_gib": psutil.Process().memory_info().rss / gib}
-
-
-class PhaseTimer:
-    """Seconds per phase of the steps since the last flush: waiting for data, forward, backward, optimizer.
-
-    On a GPU the host runs ahead of the device, so phases are CUDA events on the stream (a gap while the
-    host waits for data shows up as the data phase); on CPU the clock is the truth.
-    """
-
-    PHASES = ("data", "forward", "backward", "optimizer")
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list[tuple[str, object]] = []
-        self.last = self._now()
-
-    def _now(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def mark(self, phase: str) -> None:
-        """The phase that just ended."""
-        now = self._now()
-        self.marks.append((phase, self.last, now))
-        self.last = now
-
-    def restart(self) -> None:
-        """Not timed since the last mark (validation, saving, logging)."""
-        self.last = self._now()
-
-    def flush(self, steps: int) -> dict[str, float]:
-        """Mean seconds per step of each phase."""
-        totals = dict.fromkeys(self.PHASES, 0.0)
-        if self.cuda and self.marks:
-            self.marks[-1][2].synchronize()
-        for phase, start, end in self.marks:
-            totals[phase] += start.elapsed_time(end) / 1000 if self.cuda else end - start
-        self.marks.clear()
-        return {f"perf/{phase}_s": seconds / steps for phase, seconds in totals.items()}
 
 
 class Throughput:

@@ -7,7 +7,6 @@ and nothing global (the backend, the list of open figures) changes in a process 
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from trainer.config import ConfigError
+from trainer.metrics import read_records
 
 DPI = 100  # about 1300 x 700 pixels for six panels: readable, and a small file
 
@@ -42,7 +42,9 @@ PANELS = (
 
 def render(run_dir: Path, output: Path | None = None) -> Path:
     """Draw the run's metrics to `output` (default RUN_DIR/report.png) and return its path."""
-    records = _read_records(run_dir / "metrics.jsonl")
+    records = read_records(run_dir / "metrics.jsonl")
+    if not records:
+        raise ConfigError(f"{run_dir / 'metrics.jsonl'}: empty (no step logged yet)")
     chosen = _chosen(records)
     if not chosen:
         raise ConfigError(f"{run_dir / 'metrics.jsonl'}: no metric that a report plots (no train/loss yet?)")
@@ -62,27 +64,6 @@ def render(run_dir: Path, output: Path | None = None) -> Path:
 def panels(records: list[dict]) -> list[str]:
     """Titles of the panels `render` draws for these records: those with at least one metric present."""
     return [panel.title for panel, _ in _chosen(records)]
-
-
-def _read_records(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a one-line ConfigError naming the file if it is missing, empty or corrupt."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found (not a zerotrain run directory, or no step logged yet)")
-    # Each record is written as one line ending in a newline: text after the last newline is a record the
-    # run is still writing (a report of a live run), not damage.
-    lines = path.read_text().split("\n")[:-1]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: line {number} is not JSON ({e.msg}); the file is damaged") from None
-        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
-            raise ConfigError(f"{path}: line {number} is not a metrics record (no integer \"step\")")
-        records.append(record)
-    if not records:
-        raise ConfigError(f"{path}: empty (no step logged yet)")
-    return records
 
 
 def _chosen(records: list[dict]) -> list[tuple[Panel, list[str]]]:

@@ -1,5 +1,5 @@
 """Validation on held-out data, computed on all ranks: mean next-token loss per source (pretraining), or
-loss, accuracy, macro-F1 and the confusion matrix (classification)."""
+loss, accuracy, macro-F1 and the confusion matrix of a split (classification)."""
 
 from __future__ import annotations
 
@@ -12,36 +12,40 @@ from torch.utils.data import default_collate
 
 from data_pipeline import LabelledData, Manifest, PackedDataset, eval_batches
 from trainer import distributed
-from trainer.config import Config, ConfigError
-from trainer.data import to_device
+from trainer.config import ConfigError
 from trainer.model import lm_loss
 
 
-def validation_batch_counts(cfg: Config, manifest: Manifest) -> dict[str, int]:
-    """Validation micro-batches per source, over all ranks: a multiple of the world size, since a ZeRO-3
-    forward is a collective and every rank must run as many. The launcher calls this before starting ranks."""
-    counts = {}
-    for source in manifest.sources:
-        samples = (manifest.num_tokens("validation", source) - 1) // cfg.data.seq_len
-        available = max(0, samples) // cfg.train.micro_batch_size
-        counts[source] = min(cfg.train.eval_batches, available) // cfg.world_size * cfg.world_size
+def validation_batch_counts(manifest: Manifest, batches: int, micro_batch_size: int, seq_len: int,
+                            world_size: int) -> dict[str, int]:
+    """Validation micro-batches per source, over all ranks: at most `batches` (eval.batches), and a multiple of
+    the world size, since a ZeRO-3 forward is a collective and every rank must run as many."""
+    available = {source: max(0, (manifest.num_tokens("validation", source) - 1) // seq_len) // micro_batch_size
+                 for source in manifest.sources}
+    counts = {source: min(batches, n) // world_size * world_size for source, n in available.items()}
     if not any(counts.values()):
-        raise ConfigError(f"train.eval_batches: the validation split holds fewer micro-batches of "
-                          f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens than the {cfg.world_size} "
-                          "ranks; raise data.validation_fraction")
+        if max(available.values()) >= world_size:  # the split is big enough: too few batches were asked for
+            raise ConfigError(f"eval.batches: {batches} validation micro-batches cannot be shared by the {world_size} "
+                              f"ranks (each must run as many); raise it to at least {world_size}")
+        raise ConfigError(f"data.validation_fraction: the validation split holds {max(available.values())} "
+                          f"micro-batch(es) of {micro_batch_size} x {seq_len} tokens, fewer than the {world_size} "
+                          "ranks; raise it (and prepare again), or lower train.micro_batch_size or data.seq_len")
     return {source: count for source, count in counts.items() if count}
 
 
 class Validation:
-    """Over the first `train.eval_batches` validation micro-batches of each source. With several sources,
-    the overall loss weights them as the training mixture does."""
+    """Over the first `eval.batches` validation micro-batches of each source. With several sources, the overall
+    loss weights them as the training mixture does. Pretraining data has no test split."""
 
-    def __init__(self, cfg: Config, manifest: Manifest, rank: distributed.Rank):
+    tests = False
+
+    def __init__(self, manifest: Manifest, counts: dict[str, int], micro_batch_size: int, seq_len: int,
+                 rank: distributed.Rank):
         self.sets = {}
-        for source, count in validation_batch_counts(cfg, manifest).items():
-            dataset = PackedDataset(manifest.store("validation", source), cfg.data.seq_len)
-            self.sets[source] = (dataset, eval_batches(len(dataset), cfg.train.micro_batch_size, rank.rank,
-                                                       rank.world_size, count))
+        for source, count in counts.items():
+            dataset = PackedDataset(manifest.store("validation", source), seq_len)
+            self.sets[source] = (dataset, eval_batches(len(dataset), micro_batch_size, rank.rank, rank.world_size,
+                                                       count))
         weights = dict(zip(manifest.sources, manifest.weights))
         self.weights = {source: weights[source] for source in self.sets}
         self.device = rank.device
@@ -63,23 +67,31 @@ class ClassifierValidation:
     """Every example of a split, in micro-batches dealt round-robin to the ranks. A ZeRO-3 forward is a
     collective, so every rank runs as many: the last rounds are filled with example 0, weighted 0."""
 
-    def __init__(self, cfg: Config, labelled: LabelledData, rank: distributed.Rank):
-        self.labelled, self.rank = labelled, rank
-        self.micro_batch_size = cfg.train.micro_batch_size
-        self.confusion: torch.Tensor | None = None  # of the last run: rows true label, columns predicted
+    tests = True  # a final test of the best weights
 
-    def has(self, split: str) -> bool:
-        return self.labelled.info["splits"][split]["examples"] > 0
+    def __init__(self, labelled: LabelledData, micro_batch_size: int, rank: distributed.Rank):
+        self.labelled, self.rank, self.micro_batch_size = labelled, rank, micro_batch_size
+
+    def run(self, engine) -> dict[str, float]:
+        return self._scores(engine, "validation")[0]
+
+    def test(self, engine) -> tuple[dict, str]:
+        """The scores on the test split (the validation split if there is none), with the confusion matrix in
+        the results and as a table."""
+        split = "test" if self.labelled.examples("test") else "validation"
+        results, confusion = self._scores(engine, split)
+        prefix = next(iter(results)).split("/")[0]
+        return {**results, f"{prefix}/confusion_matrix": confusion.int().tolist()}, self._table(confusion)
 
     @torch.no_grad()
-    def run(self, engine, split: str = "validation") -> dict[str, float]:
+    def _scores(self, engine, split: str) -> tuple[dict[str, float], torch.Tensor]:
         examples = self.labelled.split(split)
         k = len(self.labelled.labels)
         confusion = torch.zeros(k, k, dtype=torch.float64, device=self.rank.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.rank.device)
         engine.eval()
         for indices in self._batches(len(examples)):
-            batch = to_device(default_collate([examples[max(i, 0)] for i in indices]), self.rank.device)
+            batch = distributed.to_device(default_collate([examples[max(i, 0)] for i in indices]), self.rank.device)
             real = torch.tensor([i >= 0 for i in indices], device=self.rank.device)
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             labels = batch["labels"]
@@ -88,9 +100,9 @@ class ClassifierValidation:
         engine.train()
         dist.all_reduce(confusion)
         dist.all_reduce(loss_sum)
-        self.confusion = confusion.cpu()
         prefix = {"validation": "val", "test": "test"}[split]
-        return {f"{prefix}/{name}": value for name, value in scores(self.confusion, float(loss_sum) / len(examples)).items()}
+        results = scores(confusion.cpu(), float(loss_sum) / len(examples))
+        return {f"{prefix}/{name}": value for name, value in results.items()}, confusion.cpu()
 
     def _batches(self, n: int) -> list[list[int]]:
         """This rank's micro-batches of example indices; -1 marks a filler."""
@@ -100,12 +112,12 @@ class ClassifierValidation:
         batches = [indices[i:i + self.micro_batch_size] for i in range(0, padded, self.micro_batch_size)]
         return batches[self.rank.rank::self.rank.world_size]
 
-    def confusion_text(self) -> str:
-        """The last run's confusion matrix as a table: a row per true label, a column per prediction."""
+    def _table(self, confusion: torch.Tensor) -> str:
+        """A confusion matrix as a table: a row per true label, a column per prediction."""
         labels = self.labelled.labels
         width = max(9, *(len(label) for label in labels))
         lines = [f"{'true/pred':>{width}} " + " ".join(f"{label:>{width}}" for label in labels)]
-        for label, row in zip(labels, self.confusion.tolist()):
+        for label, row in zip(labels, confusion.tolist()):
             lines.append(f"{label:>{width}} " + " ".join(f"{int(n):>{width}}" for n in row))
         return "\n".join(lines)
 

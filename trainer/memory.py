@@ -1,0 +1,210 @@
+"""The memory model of a run: what each rank holds for every ZeRO stage and offload, worked out without a GPU.
+
+`zerotrain plan` prints it for a cluster shape; the pre-flight checks the configured run against the memory
+that will hold it.
+
+The model is built on the meta device (accelerate's `init_empty_weights`: exact parameter counts, no memory).
+From it, the run config and the cluster shape (nodes x GPUs per node = the data-parallel world size N) come:
+
+- Model states per rank for every ZeRO stage and offload choice, by the ZeRO paper's mixed-precision Adam
+  accounting: per parameter 2 B 16-bit weights + 2 B gradients + 12 B optimizer states (4 B fp32 master + 8 B
+  Adam moments), the partitioned parts divided by N. fp32 training: 4 + 4 + 8 B, plus the separate 4 B fp32 master
+  partition DeepSpeed keeps at stages 1-3. What DeepSpeed 0.19 allocates on top (measured on CPU, see
+  tests/test_plan.py): an fp32 copy of the gradients for the optimizer step; at stage 3 its reduce bucket and the
+  small "persistent" parameters kept whole on every rank.
+- DeepSpeed's buffers, from the DeepSpeed config zerotrain writes (trainer/deepspeed_config.py) read back through
+  DeepSpeed's own config class, so its defaults apply: gradient reduce buckets (two with overlap_comm), and at
+  stage 3 the gathered parameters (up to max_live_parameters + prefetch_bucket_size).
+- Activations per micro-batch, counted for Hugging Face Llama-style layers like Korthikanti et al. 2022 count
+  GPT layers (they get s·b·h·(34 + 5·a·s/h) B per layer in 16-bit). Per token, e = bytes per element:
+      2 RMSNorms x (4h fp32 input + e·h normalised + e·h output)   [the norms compute in fp32]
+    + e·(3h + 2kv)   q, k, v for the attention kernel, its output, the output projection's input
+    + 4e·i           gated MLP: gate, SiLU(gate), up, their product (2e·i for a plain MLP)
+    + (4 + e)·a·s    only with eager attention (scores and softmax kept; SDPA/flash recompute them)
+  = 22h + 4kv + 8i B per token and layer for bf16 with SDPA, plus the head: final norm (4 + 2e)·h and the logits
+  (e·V, their fp32 copy 4V and its log-softmax 4V). Full activation checkpointing keeps e·h per layer (its input)
+  plus one layer's activations recomputed during backward.
+- Peak per GPU = model states + resident buffers + max(backward buffers + activations, the optimizer step's fp32
+  gradients); it must fit in the GPU's memory less MARGIN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from trainer.config import Config, ConfigError, ZeroSection
+from trainer.model import Architecture, model_config
+from trainer.model import architecture as model_architecture
+
+GiB = 2**30
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model
+
+
+def vocab_size_of(cfg: Config) -> int:
+    """The vocabulary the run will have: init_from's, the tokenizer folder's, or the BPE prepare trains."""
+    if cfg.model.init_from is not None:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(cfg.model.init_from).vocab_size
+    if cfg.tokenizer.path is None:
+        return cfg.tokenizer.vocab_size
+    from data_pipeline import DataError, load_tokenizer
+
+    try:
+        return len(load_tokenizer(cfg.tokenizer.path))
+    except DataError as e:
+        raise ConfigError(f"tokenizer.path: {e} (the plan needs its vocabulary size)") from None
+
+
+def architecture(cfg: Config, vocab_size: int | None = None) -> Architecture:
+    """The run's model on the meta device. A classification head's label count comes from the data, which
+    a plan does not read: two labels stand in (the head is labels x hidden, nothing beside the encoder)."""
+    labels = ["0", "1"] if cfg.model.task == "classification" else None
+    return model_architecture(cfg.model, model_config(cfg.model, vocab_size or vocab_size_of(cfg), labels))
+
+
+def element_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def activation_bytes(arch: Architecture, precision: str, micro_batch: int, seq_len: int,
+                     checkpointing: bool = False) -> int:
+    """Activations kept for backward by one micro-batch (formula in the module docstring)."""
+    e, h = element_bytes(precision), arch.hidden
+    scores = (4 + e) * arch.heads * seq_len if arch.attention == "eager" else 0
+    layer = (2 * (4 + 2 * e) * h + e * (3 * h + 2 * arch.kv_dim) + (4 if arch.gated_mlp else 2) * e
+             * arch.intermediate + scores)
+    head = (4 + 2 * e) * h + (e + 4 + (4 if e < 4 else 0)) * arch.vocab  # fp32 logits need no copy
+    per_token = (arch.layers * e * h + layer if checkpointing else arch.layers * layer) + head
+    return micro_batch * seq_len * per_token
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ZeRO stages and offload
+
+
+@dataclass(frozen=True)
+class Option:
+    stage: int
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+    def __str__(self) -> str:
+        offload = " + offload params+optimizer" if self.offload_param else (
+            " + offload optimizer" if self.offload_optimizer else "")
+        return f"ZeRO-{self.stage}{offload}"
+
+    def zero_section(self) -> ZeroSection:
+        return ZeroSection(stage=self.stage, offload_optimizer="cpu" if self.offload_optimizer else "none",
+                           offload_param="cpu" if self.offload_param else "none")
+
+
+OPTIONS = (Option(0), Option(1), Option(1, True), Option(2), Option(2, True), Option(3), Option(3, True),
+           Option(3, True, True))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes per rank. `states` + `resident` stay allocated between steps."""
+
+    option: Option
+    params: int  # on the GPU: 16-bit (or fp32) weights
+    grads: int
+    optimizer: int  # fp32 master weights + Adam moments
+    resident: int  # stage 3: the reduce bucket and the persistent (whole) small parameters
+    transient: int  # during backward: gradient reduce buckets, stage-3 gathered parameters
+    step: int  # what the optimizer step adds: DeepSpeed hands the optimizer fp32 gradients
+    activations: int
+    activations_checkpointed: int
+    host: int  # CPU memory per rank for offloaded states
+
+    @property
+    def states(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+    def peak(self, checkpointing: bool = False) -> int:
+        activations = self.activations_checkpointed if checkpointing else self.activations
+        return self.states + self.resident + max(self.transient + activations, self.step)
+
+
+def zero_config(cfg: Config, option: Option, nodes: int, gpus_per_node: int, n_params: int):
+    """DeepSpeed's parsed `zero_optimization` section of the config zerotrain would write for this run."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from trainer.deepspeed_config import deepspeed_config
+
+    launch = cfg.launch.model_copy(update={"nnodes": nodes, "nproc_per_node": gpus_per_node})
+    run = cfg.model_copy(update={"zero": option.zero_section(), "launch": launch})
+    return DeepSpeedZeroConfig(**deepspeed_config(run, n_params)["zero_optimization"])
+
+
+def persistent_params(arch: Architecture, zero) -> int:
+    """Stage 3 keeps parameters up to param_persistence_threshold elements whole on every rank."""
+    kept = 0
+    for n in arch.sizes:
+        if n <= zero.param_persistence_threshold and kept + n <= zero.model_persistence_threshold:
+            kept += n
+    return kept
+
+
+def model_states(precision: str, option: Option, n_params: int, world: int) -> tuple[int, int, int, int, int]:
+    """(params, grads, optimizer, step, host) bytes per rank: the model states on the GPU, what the optimizer step
+    adds to them (DeepSpeed hands the optimizer fp32 gradients), and the host memory of offloaded states."""
+    w = g = element_bytes(precision)
+    # fp32 training at stage 0 updates the weights in place; every other case keeps an fp32 master copy
+    optimizer = (0 if precision == "fp32" and option.stage == 0 else 4) + 8
+    P, part = n_params, math.ceil(n_params / world)
+    if option.stage == 0:  # DeepSpeed's unfused 16-bit optimizer copies every gradient to fp32 for the step
+        return w * P, g * P, optimizer * P, 4 * P if w == 2 else 0, 0
+    params = w * part if option.stage == 3 else w * P
+    if option.offload_optimizer:  # fp32 master, moments and gradients on the host; reduced gradients go there
+        host = (optimizer + 4) * part + (w * part if option.offload_param else 0)
+        return 0 if option.offload_param else params, g * P if option.stage == 1 else 0, 0, 0, host
+    grads = g * P if option.stage == 1 else g * part  # stage 1 reduces them only once backward is over
+    # stage 1 reduces the gradients straight into the fp32 partition and frees the 16-bit ones
+    step = 4 * part - (g * P if option.stage == 1 else 0)
+    return params, grads, optimizer * part, step, 0
+
+
+def buffers(arch: Architecture, precision: str, option: Option, zero, world: int) -> tuple[int, int]:
+    """(resident, transient) DeepSpeed buffer bytes per rank."""
+    from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
+
+    e, P = element_bytes(precision), arch.params
+    if option.stage == 0:  # the engine all-reduces gradients flattened into buffers of this many elements
+        return 0, e * min(P, MEMORY_OPT_ALLREDUCE_SIZE) if world > 1 else 0
+    if option.stage == 1:  # reduced at the end of backward, a flattened bucket at a time
+        return 0, e * min(P, zero.reduce_bucket_size)
+    if option.stage == 2:  # contiguous gradient buckets, double-buffered with overlap_comm
+        count = 2 if zero.contiguous_gradients and zero.overlap_comm else 1
+        return 0, count * e * zero.reduce_bucket_size
+    # one process holds a persistent parameter once; with more, its whole copy sits beside its partition
+    persistent = persistent_params(arch, zero) if world > 1 else 0
+    gathered = min(P - persistent, zero.max_live_parameters + zero.prefetch_bucket_size)
+    return e * zero.reduce_bucket_size + e * persistent, e * gathered
+
+
+def estimate(cfg: Config, arch: Architecture, option: Option, nodes: int, gpus_per_node: int) -> Estimate:
+    world, t = nodes * gpus_per_node, cfg.train
+    params, grads, optimizer, step, host = model_states(t.precision, option, arch.params, world)
+    zero = zero_config(cfg, option, nodes, gpus_per_node, arch.params)
+    resident, transient = buffers(arch, t.precision, option, zero, world)
+    return Estimate(option, params, grads, optimizer, resident, transient, step,
+                    activation_bytes(arch, t.precision, t.micro_batch_size, cfg.data.seq_len),
+                    activation_bytes(arch, t.precision, t.micro_batch_size, cfg.data.seq_len, checkpointing=True),
+                    host)
+
+
+def recommend(estimates: list[Estimate], usable: float) -> tuple[Estimate, bool] | None:
+    """The lowest stage that fits without offload, else with offload; failing both, the same with activation
+    checkpointing. Returns (estimate, needs checkpointing) or None."""
+    for checkpointing in (False, True):
+        for offload in (False, True):
+            for est in estimates:
+                if est.option.offload_optimizer == offload and est.peak(checkpointing) <= usable:
+                    return est, checkpointing
+    return None

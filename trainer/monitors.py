@@ -1,0 +1,242 @@
+"""What the loop watches while it trains, each with its own cadence-free job: the loss window and its rates,
+loss spikes, the step phases, the stop request agreed by every rank, and the non-finite loss policy. `Monitors`
+bundles them for the loop: one call after each step, one record per log line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from trainer import distributed
+from trainer.config import TrainSection
+from trainer.perf import Throughput, memory_gib
+
+log = logging.getLogger("zerotrain")
+
+EXIT_SAVED = 3  # a rank's (and the launcher's) exit code when a stop signal ended the run after a save
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, nothing saved (the shell's code for SIGINT)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Window:
+    """Loss and wall time since the last log line; time spent validating or saving is left out."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.train_seconds = 0.0  # over the whole run, the first window (start-up) excluded
+        self.train_steps = 0
+        self.flushes = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    def flush(self, mean: Callable[[list[float]], list[float]] = None) -> tuple[float, int, float]:
+        """(mean loss over the ranks and steps of the window, steps, seconds); starts the next window."""
+        mean = mean or (lambda values: distributed.all_mean(values, self.device))
+        loss = mean([self.loss_sum.item() / self.steps])[0]
+        seconds, steps = time.perf_counter() - self.start, self.steps
+        if self.flushes:
+            self.train_seconds += seconds
+            self.train_steps += steps
+        self.flushes += 1
+        self.loss_sum.zero_()
+        self.steps = 0
+        self.start = time.perf_counter()
+        return loss, steps, seconds
+
+    def exclude_since_last(self) -> None:
+        self.start = time.perf_counter()
+
+
+class LossSpikes:
+    """Logged losses far above the recent ones (6 standard deviations of an exponential moving window):
+    counted and warned about, for a person to look at - training goes on."""
+
+    def __init__(self, alpha: float = 0.1, sigmas: float = 6.0, warmup: int = 10):
+        self.alpha, self.sigmas, self.warmup = alpha, sigmas, warmup
+        self.mean = self.var = 0.0
+        self.seen = self.spikes = 0
+
+    def count(self, step: int, loss: float) -> int:
+        """The number of spikes so far, `loss` included."""
+        if self.seen >= self.warmup and loss > self.mean + self.sigmas * self.var**0.5:
+            self.spikes += 1
+            log.warning(f"loss spike at step {step}: {loss:.4f} against a recent {self.mean:.4f} "
+                        f"+- {self.var**0.5:.4f}")
+        delta = loss - self.mean if self.seen else 0.0
+        self.mean = self.mean + self.alpha * delta if self.seen else loss
+        self.var = (1 - self.alpha) * (self.var + self.alpha * delta**2)
+        self.seen += 1
+        return self.spikes
+
+
+class PhaseTimer:
+    """Seconds per phase of the steps since the last flush: waiting for data, forward, backward, optimizer.
+
+    On a GPU the host runs ahead of the device, so phases are CUDA events on the stream (a gap while the
+    host waits for data shows up as the data phase); on CPU the clock is the truth.
+    """
+
+    PHASES = ("data", "forward", "backward", "optimizer")
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object, object]] = []
+        self.last = self._now()
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mark(self, phase: str) -> None:
+        """The phase that just ended."""
+        now = self._now()
+        self.marks.append((phase, self.last, now))
+        self.last = now
+
+    def restart(self) -> None:
+        """Not timed since the last mark (validation, saving, logging)."""
+        self.last = self._now()
+
+    def flush(self, steps: int) -> dict[str, float]:
+        """Mean seconds per step of each phase."""
+        totals = dict.fromkeys(self.PHASES, 0.0)
+        if self.cuda and self.marks:
+            self.marks[-1][2].synchronize()
+        for phase, start, end in self.marks:
+            totals[phase] += start.elapsed_time(end) / 1000 if self.cuda else end - start
+        self.marks.clear()
+        return {f"perf/{phase}_s": seconds / steps for phase, seconds in totals.items()}
+
+
+def all_ranks_max(flags: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
+
+
+class StopRequest:
+    """SIGTERM (a scheduler's or the launcher's stop), SIGUSR1 (Slurm's warning before a time limit) or a first
+    Ctrl-C (SIGINT): the rank finishes its step, and once every rank has been told, they save together and
+    leave. A second Ctrl-C stops the rank at once, without saving. A terminal's Ctrl-C reaches every process
+    of its group and a launcher may pass it on as well: SIGINTs within `same_interrupt_s` count as one."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self, install: bool = True, same_interrupt_s: float = 1.0):
+        self.name: str | None = None
+        self.same_interrupt_s = same_interrupt_s
+        self._interrupted_at: float | None = None
+        if install:
+            for sig in self.SIGNALS:
+                signal.signal(sig, self.note)
+
+    def note(self, signum: int, frame=None) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._interrupted_at is not None and now - self._interrupted_at > self.same_interrupt_s:
+                print("zerotrain: second Ctrl-C: stopping at once, without saving", file=sys.stderr, flush=True)
+                os._exit(EXIT_INTERRUPTED)
+            if self._interrupted_at is None:
+                self._interrupted_at = now
+                log.info("Ctrl-C: finishing this step, then saving and stopping (Ctrl-C again: stop at once "
+                         "without saving)")
+        self.name = self.name or ("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
+
+    def agreed(self, device: torch.device, loss: torch.Tensor,
+               reduce: Callable[[torch.Tensor], torch.Tensor] = all_ranks_max) -> tuple[bool, bool]:
+        """Collective, once per step: (stop now, this step's loss was not finite on some rank). True on every
+        rank as soon as any rank was signalled (they must save together). The loss check rides along: this
+        all-reduce is the step's one host sync."""
+        flags = torch.stack([torch.tensor(float(self.name is not None), device=device),
+                             (~torch.isfinite(loss)).float()])
+        stop, nonfinite = (bool(flag) for flag in reduce(flags).tolist())
+        if stop and self.name is None:
+            self.name = "a stop signal (to another rank)"
+        return stop, nonfinite
+
+
+class NonFiniteGuard:
+    """The non-finite loss policy: such a step is never saved, and after `limit` of them in a row the run stops."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def update(self, step: int, nonfinite: bool) -> None:
+        self.in_a_row = self.in_a_row + 1 if nonfinite else 0
+        if nonfinite:
+            log.warning(f"step {step}: the loss is not finite; no checkpoint until it is")
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLoss(f"the loss was NaN or infinite for {self.in_a_row} step(s) in a row, up to step "
+                                f"{step} (train.max_nonfinite_steps); resume from an earlier checkpoint with a "
+                                "lower optim.lr or longer optim.warmup_steps, or check the data")
+
+
+@dataclass(frozen=True)
+class Health:
+    """What the ranks agreed on after a step."""
+
+    stopping: bool  # a stop signal reached some rank: save together and leave
+    nonfinite: bool  # this step's loss was not finite on some rank: it must not be saved
+
+
+class Monitors:
+    """Everything the loop watches, behind two calls: `after_step` and, on log steps, `record`."""
+
+    def __init__(self, t: TrainSection, device: torch.device, stop: StopRequest, throughput: Throughput):
+        self.t, self.device, self.stop, self.throughput = t, device, stop, throughput
+        self.window, self.phases, self.spikes = Window(device), PhaseTimer(device), LossSpikes()
+        self.nonfinite = NonFiniteGuard(t.max_nonfinite_steps)
+        self.last_loss: float | None = None  # the last logged loss
+
+    def after_step(self, step: int, loss: torch.Tensor) -> Health:
+        self.window.add(loss)
+        stopping, nonfinite = self.stop.agreed(self.device, loss)
+        self.nonfinite.update(step, nonfinite)
+        return Health(stopping, nonfinite)
+
+    def log_due(self, step: int) -> bool:
+        return step == 1 or step % self.t.log_every == 0 or step == self.t.max_steps
+
+    def record(self, step: int, engine, lr: float, tokens_seen: int) -> dict[str, float]:
+        """The log line's metrics: loss since the last log, learning rate, gradient norm, health counters,
+        throughput, phases and memory."""
+        loss, steps, seconds = self.window.flush()
+        self.last_loss = loss
+        norm = engine.get_global_grad_norm()
+        return {"train/loss": loss, "train/lr": lr, "train/grad_norm": float("nan") if norm is None else float(norm),
+                "train/loss_spikes": self.spikes.count(step, loss), "train/nonfinite_steps": self.nonfinite.in_a_row,
+                # steps DeepSpeed skipped for non-finite gradients (ZeRO 1-3, and fp16 loss scaling)
+                "train/skipped_steps": getattr(engine, "skipped_steps", 0), "train/tokens_seen": tokens_seen,
+                **self.throughput.metrics(steps, seconds), **self.phases.flush(steps), **memory_gib(self.device)}
+
+    def exclude_since_last(self) -> None:
+        """Validation or a save just ran: not training time."""
+        self.window.exclude_since_last()
+
+    def stopped(self, step: int, saved: str | None) -> int:
+        """The rank's exit code for a stop at `step`, said plainly."""
+        if saved:
+            log.warning(f"{self.stop.name} received: saved {saved}; continue with --resume auto")
+            return EXIT_SAVED
+        log.error(f"{self.stop.name} received at step {step}, whose loss is not finite: nothing was saved; "
+                  "--resume auto continues from the last checkpoint")
+        return EXIT_FAILED

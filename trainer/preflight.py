@@ -1,0 +1,62 @@
+"""The pre-flight: everything about a run that can be checked before any rank starts, in one place, called by
+`zerotrain train` and `zerotrain submit`. A problem is a one-line `UserError` naming the key, file or flag;
+what the user should know but need not fix comes back as notes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data_pipeline.errors import DataError
+from trainer import checkpoint
+from trainer.config import Config, ConfigError
+from trainer.data import TrainingData, open_data
+from trainer.deepspeed_config import check_nvme_offload
+from trainer.resume import ResumePoint, decide
+
+
+@dataclass
+class Preflight:
+    data: TrainingData
+    resume: ResumePoint | None  # the checkpoint the run continues from; None: it starts fresh
+    notes: list[str] = field(default_factory=list)
+
+
+def preflight(cfg: Config, resume: str, allow_data_change: bool, on_training_machine: bool = True) -> Preflight:
+    """`resume`: "auto" continues the newest intact checkpoint, "none" refuses a run directory that has one.
+    `on_training_machine`: also check what only the machine that trains has (NVMe offload's folder and op)."""
+    data = open_data(cfg)
+    data.check(cfg)
+    data.model_config(cfg.model)  # an init_from model must fit the data's vocabulary
+    point, notes = _resume(cfg, data, resume, allow_data_change)
+    if on_training_machine:
+        check_nvme_offload(cfg)
+    return Preflight(data, point, notes)
+
+
+def _resume(cfg: Config, data: TrainingData, resume: str, allow_data_change: bool) -> tuple[ResumePoint | None, list]:
+    """Never overwrite a run by accident, and refuse resuming what cannot continue exactly. Sizes only here;
+    the ranks verify the checksums of the checkpoint they load."""
+    tags = checkpoint.saved_tags(checkpoint.checkpoints_dir(cfg.run_dir))
+    if tags and resume == "none":
+        raise ConfigError(f"run.output_dir: {cfg.run_dir} already holds checkpoints (latest {tags[-1]}); "
+                          "pass --resume auto to continue it, or choose another run.output_dir")
+    point = decide(cfg.run_dir, cfg.world_size, checksums=False)
+    if point is None:
+        return None, []
+    notes = [f"checkpoint {problem}; falling back to an older one" for problem in point.damaged]
+    state = checkpoint.read_state(point.folder(cfg.run_dir))
+    if state.data_fingerprint != data.fingerprint and not allow_data_change:
+        raise DataError(f"data.prepared_dir: checkpoint {point.tag} was trained on other prepared data (corpus or "
+                        "tokenizer changed); resume with the data it was trained on, or pass --allow-data-change")
+    if cfg.zero.offload_optimizer == "nvme":
+        notes.append(f"checkpoint {point.tag}: DeepSpeed 0.19 does not load an NVMe-offloaded optimizer's state; "
+                     "the run continues from the saved weights with fresh Adam moments (not an exact resume)")
+    if point.other_ranks:
+        if not data.resumes_on_other_ranks:
+            raise ConfigError(f"launch.nproc_per_node: checkpoint {point.tag} was saved by {point.saved_ranks} ranks; "
+                              "streaming data resumes on as many ranks only (prepared data resumes on any number)")
+        notes.append(f"checkpoint {point.tag} was saved by {point.saved_ranks} ranks; resuming on {cfg.world_size} "
+                     f"(global batch {cfg.train.global_batch_size} kept, gradient accumulation {cfg.grad_accum})")
+        if point.universal:
+            notes.append("its ZeRO partitions will load through a universal checkpoint")
+    return point, notes
