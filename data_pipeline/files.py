@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -66,3 +67,11 @@ def file_sha256(path: Path) -> str:
 def fingerprint(*parts) -> str:
     """The identity of JSON-like values (strings, numbers, lists, dicts; paths as text), independent of dict order."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def full_disk(path: Path) -> bool:
+    """Whether the disk holding `path` (or its nearest existing parent) is full: less than 1 MiB or 0.5% free.
+    A full disk is not always reported as ENOSPC (numpy and torch's writers raise their own errors)."""
+    folder = next((p for p in (Path(path), *Path(path).parents) if p.exists()), Path("/"))
+    usage = shutil.disk_usage(folder)
+    return usage.free <= max(2**20, usage.total // 200)

@@ -39,7 +39,8 @@ class Manifest(PreparedRecord, file="manifest.json", format=3, what="prepared da
     def store(self, split: str, source: str | None = None) -> TokenStore:
         """One source's split as one token array; `source` may be omitted when there is only one."""
         info = self._source(source)
-        return TokenStore(self.dir, info["splits"][split]["shards"], self.data["dtype"], name=f"{info['name']} {split}")
+        return TokenStore(self.dir, info["splits"][split]["shards"], self.data["dtype"], name=f"{info['name']} {split}",
+                          vocab_size=self.vocab_size)
 
     def num_tokens(self, split: str, source: str | None = None) -> int:
         if source is None:

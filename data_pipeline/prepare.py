@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
-from data_pipeline.files import fingerprint, write_durable
+from data_pipeline.files import fingerprint, full_disk, write_durable
 from data_pipeline.manifest import SPLITS, Manifest
 from data_pipeline.shards import ShardWriter, token_dtype
 from data_pipeline.sources import Unit, iter_texts, source_units
@@ -52,7 +52,7 @@ def prepare(data: DataConfig, tokenizer: TokenizerConfig, log=print, *,
     try:
         return _prepare(data, tokenizer, log, part)
     except OSError as e:
-        if e.errno != errno.ENOSPC:
+        if e.errno != errno.ENOSPC and not full_disk(data.prepared_dir):
             raise
         raise DataError(f"data.prepared_dir: the disk holding {data.prepared_dir} is full; free space (or choose "
                         "another prepared_dir) and prepare again: it resumes at the first unfinished chunk") from None

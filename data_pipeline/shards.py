@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.errors import DataError
 from data_pipeline.files import write_durable
 from data_pipeline.record import DataFile, check_size
 
@@ -60,8 +61,9 @@ class TokenStore:
     """All shards of one split as one token array. Shards are mapped on first use: a DataLoader worker
     touches few of them, and pickling (to send the store to workers) carries no open maps."""
 
-    def __init__(self, prepared_dir: Path, shard_records: list[dict], dtype, name: str = "tokens"):
-        self.dir, self.records, self.name = Path(prepared_dir), list(shard_records), name
+    def __init__(self, prepared_dir: Path, shard_records: list[dict], dtype, name: str = "tokens",
+                 vocab_size: int | None = None):
+        self.dir, self.records, self.name, self.vocab_size = Path(prepared_dir), list(shard_records), name, vocab_size
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.offsets = np.cumsum([0] + [r["num_tokens"] for r in self.records])  # offsets[i]: first token of shard i
         self._maps: dict[int, np.ndarray] = {}
@@ -79,6 +81,11 @@ class TokenStore:
             end = min(stop, int(self.offsets[shard + 1]))
             lo = pos - int(self.offsets[shard])
             out[pos - start : end - start] = self._shard(shard)[lo : lo + end - pos]
+            if self.vocab_size and end > pos and out[pos - start : end - start].max() >= self.vocab_size:
+                # bytes changed after prepare; their checksum is verified in the background, this comes first
+                raise DataError(f"{self.dir / self.records[shard]['file']}: token id "
+                                f"{int(out[pos - start : end - start].max())} outside the vocabulary "
+                                f"({self.vocab_size}): the shard is corrupt; prepare the data again")
             pos, shard = end, shard + 1
         return out
 

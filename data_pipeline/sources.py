@@ -4,6 +4,8 @@ A source is read in units: each local file, a `save_to_disk` folder, or a Hub da
 preparation groups into chunks (its unit of parallel work and of resuming).
 """
 import glob
+import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +24,9 @@ BUILDERS = {
     ".parquet": ("parquet", {}),
     ".csv": ("csv", {}),
 }
-COMPRESSIONS = (".bz2", ".gz", ".xz", ".zst")  # `datasets` decompresses these itself: data.csv.bz2 is a csv
+COMPRESSIONS = (".bz2", ".gz", ".xz", ".zst")
+# datasets logs a JSON parse failure itself before raising it; the DataError naming file and line replaces both.
+logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)  # `datasets` decompresses these itself: data.csv.bz2 is a csv
 SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json")  # what `save_to_disk` leaves in a folder
 
 
@@ -55,7 +59,7 @@ def iter_texts(units: list[Unit], source: SourceConfig, text_field: str) -> Iter
     """The non-empty documents of the units, in order."""
     for group in _read_groups(units):
         rows, field = _open(group, source, text_field)
-        for i, row in enumerate(rows):
+        for i, row in enumerate(_named_errors(rows, [u.location for u in group])):
             text = row.get(field)
             if not isinstance(text, str):
                 problem = f"has no {field!r} field (data.text_field)" if text is None else \
@@ -70,8 +74,48 @@ def iter_rows(source: SourceConfig) -> Iterator[tuple[str, int, dict]]:
     comes from: (file or dataset, row number, row)."""
     for unit in source_units(source):
         rows, _ = _open([unit], source, "")
-        for i, row in enumerate(rows):
+        for i, row in enumerate(_named_errors(rows, [unit.location])):
             yield unit.location, i, row
+
+
+def _named_errors(rows, locations: list[str]) -> Iterator[dict]:
+    """The rows of a stream over `locations`; a file that cannot be parsed ends it with a one-line DataError
+    naming the file (and for JSON lines the line), not the parser's traceback."""
+    try:
+        yield from rows
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow, pandas, json, codecs: whatever a bad file makes them raise
+        raise unreadable(locations, e) from None
+
+
+def unreadable(locations: list[str], error: Exception) -> DataError:
+    for location in locations:
+        problem = _first_problem(Path(location))
+        if problem:
+            return DataError(f"{location}: {problem}")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return DataError(f"{locations[0] if len(locations) == 1 else f'one of {len(locations)} files'}: cannot be read "
+                     f"({type(error).__name__}: {first[:200]})")
+
+
+def _first_problem(path: Path) -> str | None:
+    """What is wrong with a file's bytes: not text, or (JSON lines) the first line that is not JSON."""
+    kind = builder_for(path)[0] if path.is_file() else None
+    if kind not in ("text", "json", "csv") or path.suffix.lower() in COMPRESSIONS:
+        return None
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"not UTF-8 text (line {number}, byte 0x{line[e.start]:02x}): a binary file?"
+            if kind == "json" and path.suffix.lower() == ".jsonl" and text.strip():
+                try:
+                    json.loads(text)
+                except ValueError as e:
+                    return f"line {number} is not valid JSON ({e.msg})"
+    return None
 
 
 def _read_groups(units: list[Unit]) -> Iterator[list[Unit]]:

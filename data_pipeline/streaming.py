@@ -37,7 +37,7 @@ from datasets.distributed import split_dataset_by_node
 from datasets.table import CastError
 
 from data_pipeline.errors import DataError
-from data_pipeline.sources import builder_for, stream_files
+from data_pipeline.sources import builder_for, stream_files, unreadable
 from data_pipeline.tokenizer import load_tokenizer
 
 # On resume datasets warns that a shuffle buffer restarts empty. Ours (buffer_size=1) is empty between examples,
@@ -134,6 +134,8 @@ class StreamingPackedDataset(torch.utils.data.IterableDataset):
             raise _file_without(self.files, self.text_field) or DataError(
                 f"data.sources: a file's columns differ from the first file's: {' '.join(str(e).split())}"
             ) from e
+        except (ValueError, UnicodeError) as e:  # a file the parser cannot read
+            raise unreadable([str(f) for f in self.files], e) from None
 
     def _text(self, row: dict) -> str:
         text = row.get(self.text_field)

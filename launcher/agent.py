@@ -1,24 +1,35 @@
-"""Start this node's ranks with torch's elastic agent (the machinery behind torchrun) and wait for them.
+"""Start this node's ranks with torch's elastic agent (the machinery behind torchrun), wait for them, and say
+how they ended.
 
 The agent gives each rank RANK/WORLD_SIZE/LOCAL_RANK and a rendezvous with the other nodes' agents,
 watches the processes, and when one fails ends the others at once (on every node) and reports the
 failing rank's traceback (recorded by `@record` in trainer.main); with launch.max_restarts it starts
 them again, and they resume from the last checkpoint.
+
+Stop signals to the launcher (SIGTERM, SIGUSR1, SIGHUP, Ctrl-C) reach the ranks, which finish their step and
+save together; the agent waits launch.stop_timeout seconds for that. A second Ctrl-C stops them at once.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from launcher.environment import set_process_defaults
+from launcher.failures import describe_failures, unreadable_report
+from trainer import checkpoint
 from trainer.config import Config
+from trainer.monitors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_SAVED
 
 
 @dataclass(frozen=True)
@@ -32,8 +43,68 @@ class Rendezvous:
     endpoint: str | None = None
 
 
-def launch(config_file: Path, cfg: Config, resume: str, rendezvous: Rendezvous) -> None:
-    """Raises torch's ChildFailedError when a rank fails, SignalException when the launcher is signalled."""
+class StopSignals:
+    """The launcher's own handlers for the stop signals (torch's would start a second shutdown on a repeated
+    signal). The first raises the agent's SignalException: it passes the signal to the ranks and waits for
+    their save. Repeats are ignored, except a second Ctrl-C, which kills the ranks at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.first: signal.Signals | None = None
+        self.latest_then: str | None = None  # the newest checkpoint when the first signal came
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        sig = signal.Signals(signum)
+        if self.first is None:
+            self.first, self.latest_then = sig, checkpoint.pointer(self.run_dir, checkpoint.LATEST)
+            if sig == signal.SIGINT:
+                print("zerotrain: Ctrl-C: the ranks finish their step, save and stop (Ctrl-C again: stop at once, "
+                      "without saving)", file=sys.stderr, flush=True)
+            raise SignalException(f"{sig.name} received", sigval=sig)
+        if sig == signal.SIGINT:
+            print("zerotrain: second Ctrl-C: stopped at once, without saving", file=sys.stderr, flush=True)
+            for rank in psutil.Process().children():
+                try:
+                    os.killpg(rank.pid, signal.SIGKILL)  # each rank leads its own group, with its loader workers
+                except OSError:
+                    pass
+            os._exit(EXIT_INTERRUPTED)
+
+    def outcome(self) -> int:
+        """After the agent has stopped the ranks: EXIT_SAVED if they saved since the signal, said in one line."""
+        saved = checkpoint.pointer(self.run_dir, checkpoint.LATEST)
+        name = "Ctrl-C" if self.first == signal.SIGINT else self.first.name
+        if saved == self.latest_then:
+            print(f"zerotrain: stopped by {name}; nothing was saved since the signal (last checkpoint: "
+                  f"{saved or 'none'})", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"zerotrain: stopped by {name}; saved {saved}: continue with --resume auto", file=sys.stderr)
+        return EXIT_SAVED
+
+
+def run_agent(config_file: Path, cfg: Config, resume: str, rendezvous: Rendezvous) -> int:
+    """Runs this node's ranks to the end; returns the launcher's exit code, having said how they ended."""
+    stop = StopSignals(cfg.run_dir)
+    try:
+        elastic_launch(_launch_config(cfg, rendezvous), sys.executable)("-m", "trainer.main", str(config_file),
+                                                                       "--resume", resume)
+    except SignalException:
+        return stop.outcome()
+    except ChildFailedError as e:
+        print("\n".join(describe_failures(e.failures, cfg.run_dir)), file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as e:  # torch could not parse a rank's error file (torn: a full disk, a kill while written)
+        print("\n".join(unreadable_report(e, cfg.run_dir)), file=sys.stderr)
+        return EXIT_FAILED
+    print(f"zerotrain: run {cfg.run.name} finished; `zerotrain status {cfg.run_dir}` summarises it")
+    return 0
+
+
+def _launch_config(cfg: Config, rendezvous: Rendezvous) -> LaunchConfig:
     set_process_defaults(cfg.launch.nproc_per_node)
     # torch 2.13's agent hands restarted ranks its own store with the dead attempt's gloo addresses still in
     # it (connectFullMesh: connection refused); with this rank 0 hosts a fresh store on every attempt.
@@ -45,7 +116,7 @@ def launch(config_file: Path, cfg: Config, resume: str, rendezvous: Rendezvous) 
         backend, endpoint, configs, run_id = "c10d", rendezvous.endpoint, {}, f"zerotrain-{cfg.run.name}"
     else:  # one node: a free port on loopback, as torchrun --standalone
         backend, endpoint, configs, run_id = "c10d", "127.0.0.1:0", {}, str(uuid.uuid4())
-    launch_config = LaunchConfig(
+    return LaunchConfig(
         min_nodes=cfg.launch.nnodes,
         max_nodes=cfg.launch.nnodes,
         nproc_per_node=cfg.launch.nproc_per_node,
@@ -57,9 +128,7 @@ def launch(config_file: Path, cfg: Config, resume: str, rendezvous: Rendezvous) 
         monitor_interval=0.5,
         start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=str(cfg.run_dir / "logs" / "agent")),
-        # On these the agent passes the signal to the ranks, which save and leave (trainer.train.StopRequest);
-        # it waits launch.stop_timeout seconds for that before killing them.
-        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        # StopSignals handles the stop signals; torch's handler is left SIGQUIT (quit: the ranks are killed).
+        signals_to_handle="SIGQUIT",
         shutdown_timeout=cfg.launch.stop_timeout,
     )
-    elastic_launch(launch_config, sys.executable)("-m", "trainer.main", str(config_file), "--resume", resume)

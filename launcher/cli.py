@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.command(args) or 0
     except UserError as e:
         print(f"zerotrain: error: {e}", file=sys.stderr)
-        return USAGE_ERROR
+    except OSError as e:  # the environment refused (permissions, a full disk, a missing file): no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"zerotrain: error: {where}{e.strerror or e}", file=sys.stderr)
+    return USAGE_ERROR
 
 
 def _prepare(args) -> None:
@@ -42,22 +45,37 @@ def _train(args) -> int:
     import torch
 
     from launcher.environment import detect
-
+    from launcher.run_lock import RunLock
     from trainer.preflight import preflight
 
     layout = detect()  # ranks started by srun, mpirun or torchrun: this process is one of them
     cfg = load_config(args.config, args.set + _launch_overrides(args, layout),
                       cuda_available=torch.cuda.is_available())
+    _check_rendezvous(cfg, args, layout)
     checked = preflight(cfg, args.resume, args.allow_data_change)
-    if layout is None or layout.rank == 0:
-        for note in checked.notes:
+    lock = RunLock(cfg.run_dir)
+    # The job's first process owns the run directory and writes its config; the others write nothing before
+    # rank 0 has joined them.
+    if (layout.rank if layout else args.node_rank) == 0:
+        stale = lock.acquire()
+        for note in checked.notes + ([f"the previous job in {cfg.run_dir} ({stale}) ended without releasing it "
+                                      "(killed?); taking over"] if stale else []):
             print(f"zerotrain: {note}", flush=True)
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        write_durable(cfg.run_dir / "config.yaml", cfg.to_yaml())  # every node's launcher may write it
+        write_durable(cfg.run_dir / "config.yaml", cfg.to_yaml())
         print(f"zerotrain: run {cfg.run.name}: {cfg.world_size} rank(s), logs in {cfg.run_dir / 'logs'}", flush=True)
+    if checked.finished:
+        print(f"zerotrain: run {cfg.run.name} already reached train.max_steps ({cfg.train.max_steps}); raise it to "
+              "train on", flush=True)
+        return 0
     if layout:
-        _train_as_rank(cfg, layout, args.resume)
-    return _train_with_agent(cfg, args)
+        _train_as_rank(cfg, layout, args.resume, lock)
+    from launcher.agent import Rendezvous, run_agent
+
+    try:
+        return run_agent(cfg.run_dir / "config.yaml", cfg, args.resume,
+                         Rendezvous(args.node_rank, args.master_addr, args.master_port, args.rdzv_endpoint))
+    finally:
+        lock.release()
 
 
 def _launch_overrides(args, layout) -> list[str]:
@@ -71,7 +89,16 @@ def _launch_overrides(args, layout) -> list[str]:
     return [f"launch.{key}={value}" for key, value in flags.items() if value is not None]
 
 
-def _train_as_rank(cfg, layout, resume: str) -> None:
+def _check_rendezvous(cfg, args, layout) -> None:
+    nnodes = cfg.launch.nnodes
+    if layout is None and nnodes > 1 and not (args.master_addr or args.rdzv_endpoint):
+        raise ConfigError(f"launch.nnodes: {nnodes} nodes need a rendezvous: --master-addr (with --node-rank) "
+                          "or --rdzv-endpoint HOST:PORT")
+    if layout is None and args.node_rank >= nnodes:
+        raise ConfigError(f"--node-rank: {args.node_rank} is not below the number of nodes ({nnodes})")
+
+
+def _train_as_rank(cfg, layout, resume: str, lock) -> None:
     """Run this process's rank in-process (srun, mpirun, torchrun started it) and leave with its exit code."""
     import os
 
@@ -85,43 +112,8 @@ def _train_as_rank(cfg, layout, resume: str) -> None:
         from mpi4py import MPI
 
         MPI.Finalize()
+    lock.release()
     exit_now(code)
-
-
-def _train_with_agent(cfg, args) -> int:
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from launcher.agent import Rendezvous, launch
-    from trainer import checkpoint
-    from trainer.monitors import EXIT_SAVED
-
-    nnodes = cfg.launch.nnodes
-    if nnodes > 1 and not (args.master_addr or args.rdzv_endpoint):
-        raise ConfigError(f"launch.nnodes: {nnodes} nodes need a rendezvous: --master-addr (with --node-rank) "
-                          "or --rdzv-endpoint HOST:PORT")
-    if args.node_rank >= nnodes:
-        raise ConfigError(f"--node-rank: {args.node_rank} is not below the number of nodes ({nnodes})")
-    rendezvous = Rendezvous(args.node_rank, args.master_addr, args.master_port, args.rdzv_endpoint)
-    saved_before = checkpoint.pointer(cfg.run_dir, checkpoint.LATEST)
-    try:
-        launch(cfg.run_dir / "config.yaml", cfg, args.resume, rendezvous)
-    except SignalException as e:
-        saved = checkpoint.pointer(cfg.run_dir, checkpoint.LATEST)
-        if saved == saved_before:
-            print(f"zerotrain: stopped by {e.sigval.name} before a checkpoint was saved", file=sys.stderr)
-            return 1
-        print(f"zerotrain: stopped by {e.sigval.name}; saved {saved}: continue with --resume auto", file=sys.stderr)
-        return EXIT_SAVED
-    except ChildFailedError as e:
-        # Every failed rank, one line each: the first to fail is not always the cause (a rank whose peer
-        # died fails too, with "connection closed by peer").
-        for rank, failure in sorted(e.failures.items()):
-            print(f"zerotrain: rank {rank} failed ({_exit_reason(failure.exitcode)}): {_first_line(failure)}\n"
-                  f"zerotrain: its log: {cfg.run_dir / 'logs' / f'rank{rank}.log'}", file=sys.stderr)
-        return 1
-    print(f"zerotrain: run {cfg.run.name} finished; `zerotrain status {cfg.run_dir}` summarises it")
-    return 0
 
 
 def _submit(args) -> int:
@@ -156,21 +148,6 @@ def _submit(args) -> int:
     return 0
 
 
-def _exit_reason(code: int) -> str:
-    import signal
-
-    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-
-
-def _first_line(failure) -> str:
-    """The error file holds {"message": "Type: text", "extraInfo": {traceback...}}; the rank has already
-    printed the traceback, so one line names the cause here."""
-    message = failure.message
-    if isinstance(message, dict):
-        message = message.get("message", message)
-    return str(message).strip().splitlines()[0] if str(message).strip() else "no error recorded"
-
-
 def _plan(args) -> None:
     from launcher.plan import parse_memory, plan
 
@@ -192,6 +169,8 @@ def _generate(args) -> None:
 
     if not (args.model_dir / "config.json").is_file():
         raise ConfigError(f"{args.model_dir}: not a Hugging Face model folder (no config.json)")
+    if not all(prompt.strip() for prompt in args.prompt):
+        raise ConfigError("--prompt: an empty prompt; give text for the model to continue")
     texts = generate(args.model_dir, args.prompt, args.max_new_tokens, args.temperature, args.seed)
     for text in texts:
         print(f"--- sample ---\n{text}\n")

@@ -20,7 +20,10 @@ def run_status(run_dir: Path) -> str:
     val = [r for r in records if "val/loss" in r]
     found = checkpoint.find(run_dir, checksums=True)  # what a resume or an export would take
     summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    try:
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    except ValueError:  # written whole since summary.json is durable; an older run's may be torn
+        summary = {}
     lines = [f"run {cfg.run.name} ({run_dir})"]
     if train:
         first, last = train[0], train[-1]

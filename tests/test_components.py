@@ -102,11 +102,12 @@ def test_the_checkpointer_saves_on_its_cadence_and_never_a_non_finite_step():
 def test_a_stop_signal_to_one_rank_stops_every_rank():
     signalled, other = StopRequest(install=False), StopRequest(install=False)
     signalled.note(signal.SIGUSR1)
-    reduce_for_other = lambda mine: torch.stack([mine, torch.tensor([1.0, 0.0])]).max(0).values  # noqa: E731
-    assert other.agreed(torch.device("cpu"), torch.tensor(2.0), reduce_for_other) == (True, False)
+    reduce_for_other = lambda mine: torch.stack([mine, torch.tensor([1.0, 0.0, 0.0])]).max(0).values  # noqa: E731
+    assert other.agreed(torch.device("cpu"), torch.tensor(2.0), reduce=reduce_for_other) == (True, False, False)
     assert other.name == "a stop signal (to another rank)" and signalled.name == "SIGUSR1"
     quiet = StopRequest(install=False)
-    assert quiet.agreed(torch.device("cpu"), torch.tensor(float("nan")), lambda flags: flags) == (False, True)
+    assert quiet.agreed(torch.device("cpu"), torch.tensor(float("nan")), True, lambda flags: flags) == \
+        (False, True, True)
 
 
 def test_a_first_ctrl_c_asks_for_a_save_and_a_second_stops_at_once(monkeypatch):

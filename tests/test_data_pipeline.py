@@ -390,3 +390,13 @@ def test_unreachable_hub_source_is_named(corpus, tmp_path):
     config = data_config(tmp_path / "prepared", sources=[{"hub": "nobody/no-such-dataset"}])
     with pytest.raises(DataError, match="data.sources: cannot read 'nobody/no-such-dataset'"):
         prepare(config, TokenizerConfig(vocab_size=VOCAB))
+
+
+def test_a_token_outside_the_vocabulary_names_its_shard(prepared_copy):
+    manifest = Manifest.load(prepared_copy)
+    shard = prepared_copy / shard_records(manifest, "train")[0]["file"]
+    with open(shard, "r+b") as f:
+        f.seek(101)  # the high byte of token 50: far above the vocabulary
+        f.write(b"\xff")
+    with pytest.raises(DataError, match=rf"{re.escape(str(shard))}: token id \d+ outside the vocabulary"):
+        manifest.store("train").read(0, 100)

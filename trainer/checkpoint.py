@@ -43,6 +43,7 @@ class TrainState:
     consumed_samples: int = 0  # global, world-size independent position in the data order
     tokens_seen: int = 0
     data_fingerprint: str = ""
+    vocab_size: int = 0  # of the model's embeddings: 0 in checkpoints that did not record it
     best_value: float | None = None  # of eval.best_metric, at best_step
     best_step: int = 0
     evals_since_best: int = 0  # validations without improvement (early stopping counts them)

@@ -210,7 +210,7 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {'.'.join(parents[: i + 1])} is not a section")
-    node[leaf] = _parse_yaml(text, f"--set {key}") if text else ""
+    node[leaf] = _parse_yaml(text, f"--set {key}") if text.strip() else ""  # KEY= sets an empty string
 
 
 # Keys that moved when the train section was split by component: the old name gets a one-line pointer.
@@ -226,6 +226,17 @@ def _refuse_moved_keys(raw: dict) -> None:
         section, key = old.split(".")
         if isinstance(raw.get(section), dict) and key in raw[section]:
             raise ConfigError(f"{old}: moved to {new}")
+
+
+def dotted(tree: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}: a config's keys by their paths."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def short(value, limit: int = 60) -> str:

@@ -7,12 +7,14 @@ rank; under srun, mpirun or torchrun the `zerotrain train` process calls `run` i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 import traceback
 import warnings
 
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
 
 from trainer.config import Config, load_config
 from trainer.distributed import die_with_parent
@@ -22,12 +24,40 @@ from trainer.train import train
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
-@record  # a failing rank's traceback reaches the launcher, which shows it
-def run(cfg: Config, resume: bool) -> int:
+class WholeErrorFile(ErrorHandler):
+    """The rank's error report for the launcher, written whole or not at all: torch's own handler leaves an
+    empty or torn file on a full disk, which the launcher's agent cannot parse and dies on."""
+
+    def record_exception(self, e: BaseException) -> None:
+        path = self._get_error_file_path()
+        if not path:
+            return
+        report = {"message": {"message": f"{type(e).__name__}: {e}", "extraInfo": {
+            "py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}}}
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(report, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            for leftover in (tmp, path):
+                try:
+                    os.remove(leftover)
+                except OSError:
+                    pass
+            print(f"zerotrain: could not write the error report {path} ({err})", file=sys.stderr)
+
+
+def _run(cfg: Config, resume: bool) -> int:
     die_with_parent()
     # The agent restarting the ranks after a failure (launch.max_restarts): continue from the last save.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
     return train(cfg, resume_run=resume or restarted)
+
+
+run = record(_run, error_handler=WholeErrorFile())  # a failing rank's traceback reaches the launcher
 
 
 def exit_now(code: int) -> None:

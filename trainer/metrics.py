@@ -1,7 +1,7 @@
 """Where numbers go: TensorBoard scalars, one JSON line per logged step, the console and a progress bar.
 
-Only rank 0 writes; the other ranks hold a `MetricsLogger` that does nothing, so the loop needs no
-rank checks.
+Only rank 0 writes them; the other ranks' `MetricsLogger` notes only their own memory, in their own log (what
+the launcher quotes when a rank is killed), so the loop needs no rank checks.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, dotted
 
 log = logging.getLogger("zerotrain")
 
@@ -34,6 +34,9 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
+            memory = {key: value for key, value in metrics.items() if key.startswith("mem/")}
+            if memory:
+                log.info(f"step {step:>6} " + " ".join(f"{key} {_fmt(value)}" for key, value in memory.items()))
             return
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
@@ -61,7 +64,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         flat = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
-                for key, value in _flatten(config).items()}
+                for key, value in dotted(config).items()}
         for summary in hparams(flat, results):
             self.writer.file_writer.add_summary(summary)
 
@@ -70,17 +73,6 @@ class MetricsLogger:
             self.bar.close()
             self.writer.close()
             self.jsonl.close()
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}"""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _short(name: str) -> str:

@@ -112,6 +112,12 @@ def check_runs(section: ModelSection, config: PretrainedConfig, micro_batch_size
     if heads and kv_heads and heads % kv_heads:
         raise ConfigError(f"model.config.num_key_value_heads: {kv_heads} does not divide num_attention_heads "
                           f"({heads}): each key/value head serves a whole group of attention heads")
+    run_on_meta(section, config, micro_batch_size, seq_len, where)
+
+
+def run_on_meta(section: ModelSection, config: PretrainedConfig, micro_batch_size: int, seq_len: int,
+                where: str = "model.config") -> None:
+    """One forward pass at the run's shapes on the meta device: whatever shape does not fit raises here."""
     ids = torch.zeros(micro_batch_size, seq_len, dtype=torch.long, device="meta")
     inputs = {"input_ids": ids} if section.task == "causal_lm" else {"input_ids": ids, "attention_mask": ids}
     try:

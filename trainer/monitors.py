@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from data_pipeline import DataError, DataFile
+from data_pipeline.record import verify_file
 from trainer import distributed
 from trainer.config import TrainSection
 from trainer.perf import Throughput, memory_gib
@@ -134,12 +137,12 @@ def all_ranks_max(flags: torch.Tensor) -> torch.Tensor:
 
 
 class StopRequest:
-    """SIGTERM (a scheduler's or the launcher's stop), SIGUSR1 (Slurm's warning before a time limit) or a first
-    Ctrl-C (SIGINT): the rank finishes its step, and once every rank has been told, they save together and
-    leave. A second Ctrl-C stops the rank at once, without saving. A terminal's Ctrl-C reaches every process
+    """SIGTERM (a scheduler's or the launcher's stop), SIGUSR1 (Slurm's warning before a time limit), SIGHUP (the
+    terminal went away) or a first Ctrl-C (SIGINT): the rank finishes its step, and once every rank has been
+    told, they save together and leave. A second Ctrl-C stops the rank at once, without saving. A terminal's Ctrl-C reaches every process
     of its group and a launcher may pass it on as well: SIGINTs within `same_interrupt_s` count as one."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
 
     def __init__(self, install: bool = True, same_interrupt_s: float = 1.0):
         self.name: str | None = None
@@ -161,17 +164,42 @@ class StopRequest:
                          "without saving)")
         self.name = self.name or ("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
 
-    def agreed(self, device: torch.device, loss: torch.Tensor,
-               reduce: Callable[[torch.Tensor], torch.Tensor] = all_ranks_max) -> tuple[bool, bool]:
-        """Collective, once per step: (stop now, this step's loss was not finite on some rank). True on every
-        rank as soon as any rank was signalled (they must save together). The loss check rides along: this
-        all-reduce is the step's one host sync."""
+    def agreed(self, device: torch.device, loss: torch.Tensor, corrupt: bool = False,
+               reduce: Callable[[torch.Tensor], torch.Tensor] = all_ranks_max) -> tuple[bool, bool, bool]:
+        """Collective, once per step: (stop now, this step's loss was not finite on some rank, some rank found a
+        corrupt data file). True on every rank as soon as any rank was signalled (they must save together). The
+        other checks ride along: this all-reduce is the step's one host sync."""
         flags = torch.stack([torch.tensor(float(self.name is not None), device=device),
-                             (~torch.isfinite(loss)).float()])
-        stop, nonfinite = (bool(flag) for flag in reduce(flags).tolist())
+                             (~torch.isfinite(loss)).float(), torch.tensor(float(corrupt), device=device)])
+        stop, nonfinite, corrupt = (bool(flag) for flag in reduce(flags).tolist())
         if stop and self.name is None:
             self.name = "a stop signal (to another rank)"
-        return stop, nonfinite
+        return stop, nonfinite, corrupt
+
+
+class FileVerifier:
+    """The data files' checksums, verified in the background while the run trains: this rank hashes its share
+    (every world_size-th file, so each is hashed once), at the lowest CPU priority, without delaying a step.
+    A failure is reported through `problem`, and the loop stops every rank with it."""
+
+    def __init__(self, files: list[DataFile], rank: int, world_size: int):
+        self.files = files[rank::world_size]
+        self.problem: str | None = None
+        self.thread = threading.Thread(target=self._verify, name="zerotrain-verify", daemon=True)
+        self.thread.start()
+
+    def _verify(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: this thread only
+        except (AttributeError, OSError):
+            pass
+        for file in self.files:
+            try:
+                verify_file(file)
+            except (DataError, OSError) as e:
+                self.problem = str(e)
+                return
+        log.info(f"verified the checksums of {len(self.files)} data file(s)")
 
 
 class NonFiniteGuard:
@@ -201,15 +229,21 @@ class Health:
 class Monitors:
     """Everything the loop watches, behind two calls: `after_step` and, on log steps, `record`."""
 
-    def __init__(self, t: TrainSection, device: torch.device, stop: StopRequest, throughput: Throughput):
-        self.t, self.device, self.stop, self.throughput = t, device, stop, throughput
+    def __init__(self, t: TrainSection, device: torch.device, stop: StopRequest, throughput: Throughput,
+                 verifier: FileVerifier | None = None):
+        self.t, self.device, self.stop, self.throughput, self.verifier = t, device, stop, throughput, verifier
         self.window, self.phases, self.spikes = Window(device), PhaseTimer(device), LossSpikes()
         self.nonfinite = NonFiniteGuard(t.max_nonfinite_steps)
         self.last_loss: float | None = None  # the last logged loss
 
     def after_step(self, step: int, loss: torch.Tensor) -> Health:
         self.window.add(loss)
-        stopping, nonfinite = self.stop.agreed(self.device, loss)
+        problem = self.verifier.problem if self.verifier else None
+        stopping, nonfinite, corrupt = self.stop.agreed(self.device, loss, problem is not None)
+        if corrupt:  # every rank stops with the file named, whichever rank found it
+            problems = [None] * dist.get_world_size()
+            dist.all_gather_object(problems, problem)
+            raise DataError(next(p for p in problems if p))
         self.nonfinite.update(step, nonfinite)
         return Health(stopping, nonfinite)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 from typing import TYPE_CHECKING
 
@@ -61,7 +62,10 @@ def memory_gib(device: torch.device) -> dict[str, float]:
         return {"mem/allocated_gib": torch.cuda.memory_allocated(device) / gib,
                 "mem/reserved_gib": torch.cuda.memory_reserved(device) / gib,
                 "mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib}
-    return {"mem/rss_gib": psutil.Process().memory_info().rss / gib}
+    # the peak: what the kernel's OOM killer weighs, and what a save's transient copies reach
+    rss = psutil.Process().memory_info().rss
+    peak = max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss: KiB, sampled
+    return {"mem/rss_gib": rss / gib, "mem/peak_rss_gib": peak / gib}
 
 
 class Throughput:

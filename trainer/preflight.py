@@ -7,11 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data_pipeline.errors import DataError
-from trainer import checkpoint
+from trainer import checkpoint, resources
 from trainer.config import Config, ConfigError
 from trainer.data import TrainingData, open_data
 from trainer.deepspeed_config import check_nvme_offload
-from trainer.resume import ResumePoint, decide
+from trainer.model import check_runs
+from trainer.resume import ResumePoint, check_continues, decide
 
 
 @dataclass
@@ -19,21 +20,27 @@ class Preflight:
     data: TrainingData
     resume: ResumePoint | None  # the checkpoint the run continues from; None: it starts fresh
     notes: list[str] = field(default_factory=list)
+    finished: bool = False  # the checkpoint is already at train.max_steps: nothing to train
 
 
 def preflight(cfg: Config, resume: str, allow_data_change: bool, on_training_machine: bool = True) -> Preflight:
     """`resume`: "auto" continues the newest intact checkpoint, "none" refuses a run directory that has one.
-    `on_training_machine`: also check what only the machine that trains has (NVMe offload's folder and op)."""
+    `on_training_machine`: also check what only the machine that trains has (its memory, NVMe offload's folder
+    and op)."""
+    if cfg.run_dir.exists() and not cfg.run_dir.is_dir():
+        raise ConfigError(f"run.output_dir: {cfg.run_dir} is a file, not a folder")
     data = open_data(cfg)
     data.check(cfg)
-    data.model_config(cfg.model)  # an init_from model must fit the data's vocabulary
-    point, notes = _resume(cfg, data, resume, allow_data_change)
+    model = data.model_config(cfg.model)  # an init_from model must fit the data's vocabulary
+    check_runs(cfg.model, model, cfg.train.micro_batch_size, cfg.data.seq_len)
+    checked = _resume(cfg, data, resume, allow_data_change)
+    checked.notes += resources.check(cfg, model, on_training_machine)
     if on_training_machine:
         check_nvme_offload(cfg)
-    return Preflight(data, point, notes)
+    return checked
 
 
-def _resume(cfg: Config, data: TrainingData, resume: str, allow_data_change: bool) -> tuple[ResumePoint | None, list]:
+def _resume(cfg: Config, data: TrainingData, resume: str, allow_data_change: bool) -> Preflight:
     """Never overwrite a run by accident, and refuse resuming what cannot continue exactly. Sizes only here;
     the ranks verify the checksums of the checkpoint they load."""
     tags = checkpoint.saved_tags(checkpoint.checkpoints_dir(cfg.run_dir))
@@ -42,12 +49,13 @@ def _resume(cfg: Config, data: TrainingData, resume: str, allow_data_change: boo
                           "pass --resume auto to continue it, or choose another run.output_dir")
     point = decide(cfg.run_dir, cfg.world_size, checksums=False)
     if point is None:
-        return None, []
+        return Preflight(data, None)
     notes = [f"checkpoint {problem}; falling back to an older one" for problem in point.damaged]
     state = checkpoint.read_state(point.folder(cfg.run_dir))
     if state.data_fingerprint != data.fingerprint and not allow_data_change:
         raise DataError(f"data.prepared_dir: checkpoint {point.tag} was trained on other prepared data (corpus or "
                         "tokenizer changed); resume with the data it was trained on, or pass --allow-data-change")
+    check_continues(cfg, point, state, data.vocab_size)
     if cfg.zero.offload_optimizer == "nvme":
         notes.append(f"checkpoint {point.tag}: DeepSpeed 0.19 does not load an NVMe-offloaded optimizer's state; "
                      "the run continues from the saved weights with fresh Adam moments (not an exact resume)")
@@ -59,4 +67,4 @@ def _resume(cfg: Config, data: TrainingData, resume: str, allow_data_change: boo
                      f"(global batch {cfg.train.global_batch_size} kept, gradient accumulation {cfg.grad_accum})")
         if point.universal:
             notes.append("its ZeRO partitions will load through a universal checkpoint")
-    return point, notes
+    return Preflight(data, point, notes, finished=state.step >= cfg.train.max_steps)

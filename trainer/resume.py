@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from trainer import checkpoint
 from trainer.checkpoint import PARTIAL, TrainState, checkpoints_dir, universal_dir
-from trainer.config import ConfigError
+from trainer.config import Config, ConfigError, dotted, load_config, short
 
 
 @dataclass(frozen=True)
@@ -116,3 +116,52 @@ def convert_to_universal(run_dir: Path, tag: str) -> Path:
             raise RuntimeError(f"ds_to_universal failed on {root / tag}:\n{done.stderr[-3000:]}")
         tmp.rename(out)
     return out
+
+
+# What a resume may change: where the run lives, how fast it learns from here, how long it trains, how it logs,
+# evaluates, checkpoints and launches, memory-only switches. Everything else must equal the checkpoint's.
+MAY_CHANGE = ("run.name", "run.output_dir", "model.init_from", "model.gradient_checkpointing", "optim.",
+              "train.micro_batch_size", "train.global_batch_size", "train.max_steps", "train.log_every",
+              "train.max_nonfinite_steps", "eval.", "checkpoint.", "launch.", "zero.nvme_path",
+              "zero.partitioned_init", "data.num_workers", "data.prepared_dir")
+# What the data is (files, tokenizer, splits): judged by the data's fingerprint, which --allow-data-change
+# overrides; the same data may be described differently (moved, another spelling of a path).
+DATA = ("data.", "tokenizer.")
+# ... except the sample length: the consumed-sample count, the run's position in the data, counts samples of it.
+NEVER = ("data.seq_len", "data.mode")
+
+
+def config_changes(saved: Config, new: Config) -> list[str]:
+    """The keys that differ between a checkpoint's config and the config resuming it and may not, as
+    `key old -> new`."""
+    old, now = dotted(saved.model_dump(mode="json")), dotted(new.model_dump(mode="json"))
+    changed = []
+    for key in sorted(set(old) | set(now)):
+        if old.get(key) == now.get(key) or key.startswith(MAY_CHANGE):
+            continue
+        if key.startswith(DATA) and key not in NEVER:
+            continue
+        changed.append(f"{key} {short(old.get(key))} -> {short(now.get(key))}")
+    return changed
+
+
+def check_continues(cfg: Config, point: ResumePoint, state: TrainState, vocab_size: int) -> None:
+    """Refuse, in one line, a config that cannot continue the checkpoint: changed architecture, seed, precision,
+    sample length..., a vocabulary of another size, a global batch that does not divide the samples consumed,
+    or max_steps behind it."""
+    folder = point.folder(cfg.run_dir)
+    changes = config_changes(load_config(folder / "config.yaml"), cfg)
+    if changes:
+        raise ConfigError(f"checkpoint {point.tag} was trained with other settings that cannot change on resume: "
+                          f"{'; '.join(changes)}; resume with the checkpoint's values or start another "
+                          "run.output_dir")
+    if state.vocab_size and state.vocab_size != vocab_size:
+        raise ConfigError(f"tokenizer: the data's vocabulary has {vocab_size} tokens, the model of checkpoint "
+                          f"{point.tag} {state.vocab_size}; resume with its tokenizer")
+    if state.consumed_samples % cfg.train.global_batch_size:
+        raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} does not divide the "
+                          f"{state.consumed_samples} samples checkpoint {point.tag} consumed; choose a divisor")
+    if cfg.train.max_steps < state.step:
+        raise ConfigError(f"train.max_steps: {cfg.train.max_steps} is below the step of checkpoint {point.tag} "
+                          f"({state.step}); raise it to train on, or export the checkpoint")
+

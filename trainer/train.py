@@ -17,6 +17,7 @@ from pathlib import Path
 import deepspeed
 import torch
 
+from data_pipeline.files import write_durable
 from trainer import checkpoint, distributed, resume
 from trainer.checkpoint import TrainState
 from trainer.checkpointer import Checkpointer
@@ -26,7 +27,7 @@ from trainer.engine import build_engine
 from trainer.evaluator import Evaluator
 from trainer.metrics import MetricsLogger
 from trainer.model import LOSSES
-from trainer.monitors import Monitors, PhaseTimer, StopRequest
+from trainer.monitors import FileVerifier, Monitors, PhaseTimer, StopRequest
 from trainer.perf import PRECISION_DTYPES, Throughput, flops_per_token, peak_flops
 from trainer.report import render
 
@@ -81,7 +82,7 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_run: b
             checkpoint.set_rng_states(own["rng"])
         log.info(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)")
     # The data trained on from here: the pre-flight checked it against the checkpoint's, or was told to allow it.
-    state = replace(state, data_fingerprint=data.fingerprint)
+    state = replace(state, data_fingerprint=data.fingerprint, vocab_size=data.vocab_size)
     metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, state.step, enabled=rank.is_main)
     metrics.text("config", cfg.to_yaml())
     metrics.text("versions", _versions())
@@ -93,7 +94,8 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_run: b
     log.info(f"{per_token / 1e6:.1f} MFLOPs per token; MFU against {peak / 1e12:.2f} TFLOP/s per rank "
              f"({peak_source})")
     throughput = Throughput(cfg.train.global_batch_size, cfg.data.seq_len, rank.world_size, per_token, peak)
-    return Run(engine, batches, Monitors(cfg.train, rank.device, stop, throughput),
+    verifier = FileVerifier(data.record.files(), rank.rank, rank.world_size) if data.record else None
+    return Run(engine, batches, Monitors(cfg.train, rank.device, stop, throughput, verifier),
                Evaluator(cfg.eval, data.validation(cfg, rank), metrics, cfg.train.max_steps),
                Checkpointer(cfg.checkpoint, cfg.run_dir, engine, batches.state, metrics, cfg.train.max_steps),
                metrics, state, LOSSES[cfg.model.task], cfg.grad_accum)
@@ -164,7 +166,7 @@ def _write_summary(cfg: Config, run: Run, results: dict) -> None:
         "checkpoint": str(root / checkpoint.pointer(cfg.run_dir, checkpoint.LATEST)),
         "tensorboard": str(cfg.run_dir / "tensorboard"),
     }
-    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_durable(cfg.run_dir / "summary.json", json.dumps(summary, indent=2))
 
 
 def _versions() -> str:
