@@ -125,6 +125,8 @@ def run_on_meta(section: ModelSection, config: PretrainedConfig, micro_batch_siz
             _on_meta(section, config)(**inputs)
     except Exception as e:  # noqa: BLE001 - whatever the model raises, the config is what cannot run
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "meta" in cause.lower():  # the model reads a value (e.g. `.item()`): not checkable without data
+            return
         raise ConfigError(f"{where}: the model cannot run {micro_batch_size} x {seq_len} tokens ({cause})") from None
 
 

@@ -43,7 +43,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
 
 def _matmul_probe(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
     """The best matmul rate this rank gets with its threads (every rank probes at once, as they will train)."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    rng = torch.Generator(device).manual_seed(0)  # its own: a resumed run's restored RNG states stay untouched
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=rng) for _ in range(2))
     a @ b  # warm-up: kernels chosen, threads woken
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:

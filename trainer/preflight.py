@@ -50,8 +50,11 @@ def _resume(cfg: Config, data: TrainingData, resume: str, allow_data_change: boo
     point = decide(cfg.run_dir, cfg.world_size, checksums=False)
     if point is None:
         return Preflight(data, None)
-    notes = [f"checkpoint {problem}; falling back to an older one" for problem in point.damaged]
     state = checkpoint.read_state(point.folder(cfg.run_dir))
+    if state.step >= cfg.train.max_steps:  # about to say the run is finished: only if its checkpoint is intact
+        point = decide(cfg.run_dir, cfg.world_size, checksums=True)
+        state = checkpoint.read_state(point.folder(cfg.run_dir))
+    notes = [f"checkpoint {problem}; falling back to an older one" for problem in point.damaged]
     if state.data_fingerprint != data.fingerprint and not allow_data_change:
         raise DataError(f"data.prepared_dir: checkpoint {point.tag} was trained on other prepared data (corpus or "
                         "tokenizer changed); resume with the data it was trained on, or pass --allow-data-change")

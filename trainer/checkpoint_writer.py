@@ -1,0 +1,159 @@
+"""Writing a checkpoint's files, in the background while training goes on (checkpoint.async) or in place.
+
+DeepSpeed's `save_checkpoint` hands every state dict it saves to the engine's `checkpoint_engine`. zerotrain's
+`SnapshotEngine` takes each as a host copy (the only time the training loop stands still: the live tensors
+change with the next step) and queues it to this rank's `Writer`, whose thread serialises it with torch.save,
+hashing the bytes as they are written, and fsyncs it. When every file of a rank is durable, the save commits:
+the ranks gather their files' sizes and checksums over a group of their own, and rank 0 writes the manifest,
+renames the folder and moves `latest` (trainer.checkpoint). Nothing else differs from a save in place: the same
+files, the same bytes, the same atomicity. At most one save is in flight: the next waits for it, so the host
+copy is bounded by one save's share of this rank's files.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+log = logging.getLogger("zerotrain")
+
+
+def host_copy(obj, memo: dict | None = None):
+    """Tensors become new host tensors (copies, also of host tensors: the live ones change with the next step);
+    containers are copied through; anything else is deep-copied. Tensors shared within `obj` stay shared."""
+    memo = {} if memo is None else memo
+    if torch.is_tensor(obj):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.detach().to("cpu", copy=True)
+        return memo[id(obj)]
+    if type(obj) is dict:
+        return {key: host_copy(value, memo) for key, value in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(host_copy(value, memo) for value in obj)
+    return copy.deepcopy(obj)
+
+
+def tensor_bytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(value) for value in obj)
+    return 0
+
+
+class HashingFile:
+    """A binary file that hashes what is written to it: a checkpoint is checksummed without reading it back."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(memoryview(data).cast("B"))
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+class Writer:
+    """This rank's checkpoint files: queued and written by a background thread (`asynchronous`), or written at
+    once. A save is `begin`, one `add` per file, then `commit(finish)`, where `finish(digests)` runs (in the
+    writer's thread) once this rank's files are durable, with their {name: {bytes, sha256}}."""
+
+    def __init__(self, asynchronous: bool, zipfile_serialization: bool):
+        self.asynchronous, self.zipfile = asynchronous, zipfile_serialization
+        self.tasks: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.folder: Path | None = None
+        self.digests: dict[str, dict] = {}
+        self.copied_bytes = 0
+        self.done: list[tuple[str, float, int]] = []  # committed saves not yet reported: (folder, seconds, bytes)
+        if asynchronous:
+            threading.Thread(target=self._work, name="zerotrain-checkpoint-writer", daemon=True).start()
+
+    def begin(self, folder: Path) -> None:
+        """A new save into `folder`; waits for the one in flight."""
+        self.wait()
+        self.folder, self.digests, self.copied_bytes, self.started = folder, {}, 0, time.perf_counter()
+
+    def add(self, obj, path: Path) -> None:
+        if self.asynchronous:
+            obj = host_copy(obj)
+            self.copied_bytes += tensor_bytes(obj)
+        self._run(self._write, obj, Path(path))
+
+    def commit(self, finish: Callable[[dict], None]) -> None:
+        self._run(self._commit, finish, self.folder, self.started)
+
+    def wait(self) -> None:
+        """Until the save in flight is committed; raises what failed in it."""
+        self.tasks.join()
+        self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def _run(self, task, *args) -> None:
+        if self.asynchronous:
+            self.tasks.put((task, args))
+        else:
+            task(*args)
+
+    def _work(self) -> None:
+        while True:
+            task, args = self.tasks.get()
+            try:
+                if self.error is None:  # after a failure the rest of that save is dropped: it never commits
+                    task(*args)
+            except BaseException as e:  # noqa: BLE001 - the main thread raises it at its next wait
+                self.error = e
+            finally:
+                self.tasks.task_done()
+
+    def _write(self, obj, path: Path) -> None:
+        with open(path, "wb") as f:
+            hashed = HashingFile(f)
+            torch.save(obj, hashed, _use_new_zipfile_serialization=self.zipfile)
+            f.flush()
+            os.fsync(f.fileno())
+        self.digests[str(path.relative_to(self.folder))] = {"bytes": hashed.bytes, "sha256": hashed.sha256.hexdigest()}
+
+    def _commit(self, finish: Callable[[dict], None], folder: Path, started: float) -> None:
+        finish(dict(self.digests))
+        self.done.append((folder.name, time.perf_counter() - started, sum(d["bytes"] for d in self.digests.values())))
+
+
+class SnapshotEngine(CheckpointEngine):
+    """DeepSpeed's checkpoint engine for saves through a `Writer`; loads as DeepSpeed's own engine does.
+    Assigned to `engine.checkpoint_engine`, which save_checkpoint reads on every call."""
+
+    def __init__(self, original: CheckpointEngine, writer: Writer):
+        super().__init__()
+        self.name, self.original, self.writer = "zerotrain-snapshot", original, writer
+
+    def create(self, info) -> None:
+        pass
+
+    def save(self, state_dict, path: str) -> None:
+        self.writer.add(state_dict, Path(path))
+
+    def load(self, path: str, map_location=None):
+        return self.original.load(path, map_location)
+
+    def commit(self, info) -> bool:
+        return True  # zerotrain commits a save itself, when every rank's files are durable
