@@ -115,6 +115,7 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_naming_what_would(tiny_data,
     assert not (tmp_path / "run").exists()
 
 
+@slow  # real `zerotrain prepare` runs (a pool of tokenizer processes)
 def test_bad_sources_name_the_file_and_line(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"text": "one"}\n{"text": "two"\n{"text": "three"}\n')
@@ -278,6 +279,7 @@ def test_a_full_disk_during_a_save_is_named_and_the_previous_checkpoint_resumes(
     assert train_losses(run_dir) == train_losses(tiny_run)
 
 
+@slow  # real `zerotrain prepare` runs (a pool of tokenizer processes)
 def test_a_full_disk_during_prepare_is_one_line_and_prepare_resumes(corpus, small_disk):
     disk, resize = small_disk
     resize(300 * 2**10)  # the tokenizer fits, the shards do not

@@ -37,6 +37,30 @@ def test_resume_auto_continues_with_identical_losses(tiny_run, tiny_data, tmp_pa
     assert not half_written.exists() and (resumed / "checkpoints" / "step_00000012" / "rank0.pt").exists()
 
 
+def test_saves_in_place_write_what_background_saves_write(tiny_run, tiny_data, tmp_path):
+    """checkpoint.async (the default, what tiny_run did) against checkpoint.async: false: the same losses and the
+    same tensors in every file of every checkpoint, and each resumes the other's way."""
+    in_place = tmp_path / "in-place"
+    zerotrain("train", *tiny_args(in_place, tiny_data, "checkpoint.async=false"))
+    assert train_losses(in_place) == train_losses(tiny_run)
+    for tag in ("step_00000006", "step_00000012"):
+        names = sorted(p.name for p in (tiny_run / "checkpoints" / tag).glob("*.pt"))
+        assert names == sorted(p.name for p in (in_place / "checkpoints" / tag).glob("*.pt"))
+        for name in names:
+            a, b = (torch.load(run / "checkpoints" / tag / name, weights_only=False) for run in (tiny_run, in_place))
+            assert same_tensors(a, b), (tag, name)
+
+
+def same_tensors(a, b) -> bool:
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_tensors(a[k], b[k]) for k in a if k != "ds_config")
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_tensors(x, y) for x, y in zip(a, b))
+    return True
+
+
 def test_kills_at_random_points_then_resume_give_the_uninterrupted_losses(tiny_run, tiny_data, tmp_path):
     """One run killed three times (SIGKILL of a rank, of every rank, of the launcher) at random steps and resumed
     each time: its losses are the uninterrupted run's, bit for bit, and no step is logged twice."""

@@ -5,9 +5,9 @@ consumed, data fingerprint), `config.yaml` (the config it was trained with) and 
 states, and its stream position in streaming mode); RUN_DIR/checkpoints/latest names the newest one, and
 RUN_DIR/checkpoints/best the one with the best validation result (`eval.best_metric`), which retention keeps.
 
-A save is atomic: every rank writes into `step_N.partial/` and fsyncs what it wrote; only when all have,
-rank 0 writes `manifest.json` (each file's size and SHA-256, hashed by all ranks in parallel), renames the
-folder to `step_N/` and then points `latest` at it. A job killed at any moment leaves the previous
+A save is atomic: every rank writes into `step_N.partial/` and fsyncs what it wrote (trainer.checkpoint_writer:
+in the background, hashing the bytes as they are written); only when all have, rank 0 writes `manifest.json`
+(each file's size and SHA-256), renames the folder to `step_N/` and then points `latest` at it. A job killed at any moment leaves the previous
 checkpoint intact; a leftover `.partial` folder is never loaded. Every reader (resume, export, status, the
 final test) takes a checkpoint only if it matches its manifest (`find`), saying which are damaged and why.
 """
@@ -18,14 +18,19 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.files import file_sha256, fsync_tree, write_durable
+from data_pipeline.files import file_sha256, fsync_dir, fsync_tree, write_durable
+
+if TYPE_CHECKING:  # the writer imports DeepSpeed: the launcher's readers of checkpoints need none
+    from trainer.checkpoint_writer import Writer
 
 LATEST = "latest"
 BEST = "best"
@@ -89,35 +94,51 @@ def read_state(folder: Path) -> TrainState:
     return TrainState(**json.loads((folder / "train_state.json").read_text()))
 
 
-def save(engine, run_dir: Path, state: TrainState, stream_state: dict | None, keep_last: int,
-         keep_every: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+def save(engine, run_dir: Path, state: TrainState, stream_state: dict | None, writer: Writer, group,
+         retention: tuple[int, int], on_commit: Callable[[str], None] = lambda tag: None) -> str:
+    """Collective: every rank calls it. Returns the tag. With an asynchronous writer it returns once the state
+    is copied to host memory; the save commits in the writer's thread when every rank's files are durable
+    (`group`: the ranks' gloo group for that). `retention`: (keep_last, keep_every). `on_commit(tag)` runs on
+    rank 0 once the checkpoint is complete."""
     root = checkpoints_dir(run_dir)
     tag = tag_of(state.step)
     partial = root / (tag + PARTIAL)
+    writer.begin(partial)  # waits for the save in flight: its partial folder is another one
     if dist.get_rank() == 0 and partial.exists():
         shutil.rmtree(partial)  # left by a save that was killed
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
-    torch.save({"rng": _rng_states(), "stream": stream_state}, partial / f"rank{dist.get_rank()}.pt")
-    fsync_tree(partial)  # each rank flushes what it wrote, also on a shared filesystem
-    dist.barrier()
-    digests = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, _digests(partial, dist.get_rank(), dist.get_world_size()))
-    if dist.get_rank() == 0:
+    engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)  # through the writer (SnapshotEngine)
+    writer.add({"rng": _rng_states(), "stream": stream_state}, partial / f"rank{dist.get_rank()}.pt")
+    config = (run_dir / "config.yaml").read_text() if dist.get_rank() == 0 else None
+    writer.commit(lambda digests: _commit(run_dir, tag, state, config, digests, group, retention, on_commit))
+    return tag
+
+
+def _commit(run_dir: Path, tag: str, state: TrainState, config: str | None, digests: dict, group,
+            retention: tuple[int, int], on_commit: Callable[[str], None]) -> None:
+    """Every rank's files are written and fsynced: rank 0 writes the manifest, renames the folder, moves
+    `latest` and applies retention. Collective over `group`."""
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, digests, group=group)
+    if dist.get_rank(group) == 0:
+        root = checkpoints_dir(run_dir)
+        partial = root / (tag + PARTIAL)
         write_durable(partial / "train_state.json", json.dumps(asdict(state), indent=2))
-        shutil.copyfile(run_dir / "config.yaml", partial / "config.yaml")
-        files = {name: d for part in digests for name, d in part.items()}
-        files.update({name: _digest(partial / name) for name in ("train_state.json", "config.yaml")})
+        write_durable(partial / "config.yaml", config)
+        files = {name: d for part in everyone for name, d in part.items()}
+        for path in sorted(p for p in partial.rglob("*") if p.is_file()):  # written by others than the writer
+            name = str(path.relative_to(partial))
+            files.setdefault(name, {"bytes": path.stat().st_size, "sha256": file_sha256(path)})
         write_durable(partial / MANIFEST, json.dumps(files, indent=1, sort_keys=True))
         fsync_tree(partial)
         if (root / tag).exists():  # a checkpoint of this step saved before a crash and a resume
             shutil.rmtree(root / tag)
-        (partial).rename(root / tag)
+        partial.rename(root / tag)
+        fsync_dir(root)
         write_durable(root / LATEST, tag)
-        _apply_retention(root, keep_last, keep_every, pointer(run_dir, BEST))
-    dist.barrier()
-    return root / tag
+        on_commit(tag)
+        _apply_retention(root, *retention, pointer(run_dir, BEST))
+    dist.barrier(group)
 
 
 def load_engine(engine, root: Path, tag: str) -> None:
@@ -184,12 +205,6 @@ def verify(folder: Path, checksums: bool) -> str | None:
 
 def saved_tags(root: Path) -> list[str]:
     return sorted(p.name for p in root.glob("step_*") if p.is_dir() and TAG.fullmatch(p.name))
-
-
-def _digests(folder: Path, rank: int, world_size: int) -> dict:
-    """This rank's share of the checksums: every world_size-th file, so all ranks hash in parallel."""
-    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-    return {name: _digest(folder / name) for name in names[rank::world_size]}
 
 
 def _digest(path: Path) -> dict:

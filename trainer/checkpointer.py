@@ -1,5 +1,7 @@
 """The checkpointer: when a step is saved, the save itself, the best marker and retention. The loop hands it
-every step; it alone decides."""
+every step; it alone decides. Saves are asynchronous by default (checkpoint.async): the loop stands still while
+the state is copied to host memory, and the files are written, fsynced, hashed and committed in the background
+(trainer.checkpoint_writer); `wait` is where the end of the run, a stop or the next save meet the save in flight."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
@@ -14,6 +17,7 @@ import torch.distributed as dist
 from data_pipeline.files import full_disk
 from trainer import checkpoint
 from trainer.checkpoint import TrainState
+from trainer.checkpoint_writer import SnapshotEngine, Writer
 from trainer.config import CheckpointSection
 from trainer.evaluator import Verdict
 from trainer.metrics import MetricsLogger
@@ -25,9 +29,14 @@ log = logging.getLogger("zerotrain")
 
 class Checkpointer:
     def __init__(self, section: CheckpointSection, run_dir: Path, engine, stream_state: Callable[[], dict | None],
-                 metrics: MetricsLogger, max_steps: int):
+                 metrics: MetricsLogger, max_steps: int, asynchronous: bool, timeout: timedelta):
         self.section, self.run_dir, self.engine, self.stream_state = section, run_dir, engine, stream_state
         self.metrics, self.max_steps = metrics, max_steps
+        self.writer = Writer(asynchronous, getattr(engine.checkpoint_engine, "zipfile_serialization", False))
+        engine.checkpoint_engine = SnapshotEngine(engine.checkpoint_engine, self.writer)
+        # the writer's commit gathers the ranks' checksums from its thread, beside the loop's own collectives
+        self.group = dist.new_group(backend="gloo", timeout=timeout)
+        self.latest: str | None = None  # the newest committed save of this run
 
     def due(self, step: int, health: Health, verdict: Verdict) -> bool:
         """A stop, the last step, a new best and early stopping always save; otherwise every checkpoint.every
@@ -37,21 +46,43 @@ class Checkpointer:
                                          or verdict.early_stop or bool(every and step % every == 0))
 
     def after_step(self, step: int, state: TrainState, health: Health, verdict: Verdict) -> str | None:
-        """The tag saved at this step, or None."""
+        """The tag whose save this step started (committed already when saves are synchronous), or None."""
+        self._report(step)
         if not self.due(step, health, verdict):
             return None
         started = time.perf_counter()
+        mark_best = checkpoint.mark_best if verdict.improved else lambda run_dir, tag: None
         try:
-            folder = checkpoint.save(self.engine, self.run_dir, state, self.stream_state(), self.section.keep_last,
-                                     self.section.keep_every)
+            tag = checkpoint.save(self.engine, self.run_dir, state, self.stream_state(), self.writer, self.group,
+                                  (self.section.keep_last, self.section.keep_every),
+                                  lambda tag: mark_best(self.run_dir, tag))
         except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as a RuntimeError
             raise _disk_full(self.run_dir, checkpoint.tag_of(step)) or e
-        seconds = time.perf_counter() - started  # training stands still meanwhile
-        log.info(f"saved {folder} in {seconds:.2f} s")
-        self.metrics.log(step, {"perf/checkpoint_s": seconds, **memory_gib(self.engine.device)})
-        if verdict.improved and dist.get_rank() == 0:
-            checkpoint.mark_best(self.run_dir, folder.name)
-        return folder.name
+        stall = time.perf_counter() - started  # the loop stands still meanwhile
+        copied = f" (host copy {self.writer.copied_bytes / 2**20:,.1f} MiB; written in the background)" \
+            if self.writer.asynchronous else ""
+        log.info(f"saving {tag}: the loop stood still {stall:.2f} s{copied}")
+        self.metrics.log(step, {"perf/checkpoint_s": stall, **memory_gib(self.engine.device)})
+        return tag
+
+    def wait(self, step: int) -> str | None:
+        """Until the save in flight has committed; returns the newest committed tag. Raises what failed."""
+        try:
+            self.writer.wait()
+        except (OSError, RuntimeError) as e:
+            raise _disk_full(self.run_dir, "a checkpoint") or e
+        self._report(step)
+        return self.latest
+
+    def _report(self, step: int) -> None:
+        """Logs the saves that committed since the last step (from the loop's thread: the logger is not shared)."""
+        self.writer.raise_if_failed()
+        while self.writer.done:
+            tag, seconds, nbytes = self.writer.done.pop(0)
+            self.latest = tag.removesuffix(checkpoint.PARTIAL)
+            log.info(f"saved {self.latest}: {nbytes / 2**20:,.1f} MiB written, fsynced and hashed by this rank in "
+                     f"{seconds:.2f} s")
+            self.metrics.log(step, {"perf/checkpoint_write_s": seconds})
 
 
 def _disk_full(run_dir: Path, tag: str) -> OSError | None:

@@ -82,7 +82,12 @@ class EvalSection(Section):
 
 
 class CheckpointSection(Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     every: int = Field(0, ge=0)  # steps between checkpoints; 0: only at the end
+    # Write, fsync and hash a save in the background while training goes on; the loop stands still only while
+    # the state is copied to host memory (one save's share of this rank's files). `async` is a Python keyword.
+    async_: bool = Field(True, alias="async")
     keep_last: int = Field(3, ge=1)  # the newest checkpoints kept; older ones are deleted after each save
     keep_every: int = Field(0, ge=0)  # also keep every checkpoint whose step is a multiple of this (milestones)
 
@@ -104,6 +109,9 @@ class LaunchSection(Section):
     nproc_per_node: int = Field(1, ge=1)  # ranks per node: one per GPU on GPU nodes
     stop_timeout: int = Field(300, ge=1)  # seconds the ranks get to save after a stop signal before being killed
     max_restarts: int = Field(0, ge=0)  # restarts after a failure (agent or Slurm requeue), each from the last save
+    # Seconds a collective waits for a missing peer before the job fails (a dead or hung rank must end the job).
+    # Long operations (verifying and converting checkpoints) are shared by the ranks and never wait this long.
+    collective_timeout: int = Field(1800, ge=10)
 
 
 class Config(Section):
@@ -131,11 +139,17 @@ class Config(Section):
         return self.run.output_dir
 
     @property
+    def async_saves(self) -> bool:
+        """checkpoint.async, except with the optimizer offloaded to NVMe: DeepSpeed copies its swap files into
+        the checkpoint itself, in place."""
+        return self.checkpoint.async_ and self.zero.offload_optimizer != "nvme"
+
+    @property
     def tokens_per_step(self) -> int:
         return self.train.global_batch_size * self.data.seq_len
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
 
 
 def load_config(path: str | Path, overrides: list[str] = (), *, cuda_available: bool | None = None) -> Config:

@@ -12,8 +12,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-# A dead peer must end the job, not hang it: collectives give up after this long.
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -36,8 +34,9 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def init() -> Rank:
-    """Join the process group described by the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR...)."""
+def init(timeout: timedelta) -> Rank:
+    """Join the process group described by the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR...). A dead
+    peer must end the job, not hang it: its collectives give up after `timeout` (launch.collective_timeout)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -49,7 +48,7 @@ def init() -> Rank:
     deepspeed.init_distributed(
         dist_backend="nccl" if device.type == "cuda" else "gloo",
         auto_mpi_discovery=False,
-        timeout=COLLECTIVE_TIMEOUT,
+        timeout=timeout,
         verbose=False,
     )
     return Rank(dist.get_rank(), dist.get_world_size(), local_rank, device)

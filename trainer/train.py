@@ -12,6 +12,7 @@ import logging
 import socket
 import sys
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -53,7 +54,7 @@ def train(cfg: Config, resume_run: bool) -> int:
     """Returns the rank's exit code: 0 when train.max_steps is reached or early stopping ended the run,
     monitors.EXIT_SAVED when a stop signal ended it after a save, monitors.EXIT_FAILED when nothing could be saved."""
     stop = StopRequest()  # first: a signal during start-up must not kill the rank
-    rank = distributed.init()
+    rank = distributed.init(timedelta(seconds=cfg.launch.collective_timeout))
     _setup_logging(cfg.run_dir, rank)
     log.info(f"rank {rank.rank} of {rank.world_size} (local rank {rank.local_rank}) on {socket.gethostname()}, "
              f"device {rank.device}")
@@ -97,7 +98,8 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_run: b
     verifier = FileVerifier(data.record.files(), rank.rank, rank.world_size) if data.record else None
     return Run(engine, batches, Monitors(cfg.train, rank.device, stop, throughput, verifier),
                Evaluator(cfg.eval, data.validation(cfg, rank), metrics, cfg.train.max_steps),
-               Checkpointer(cfg.checkpoint, cfg.run_dir, engine, batches.state, metrics, cfg.train.max_steps),
+               Checkpointer(cfg.checkpoint, cfg.run_dir, engine, batches.state, metrics, cfg.train.max_steps,
+                            cfg.async_saves, timedelta(seconds=cfg.launch.collective_timeout)),
                metrics, state, LOSSES[cfg.model.task], cfg.grad_accum)
 
 
@@ -117,8 +119,9 @@ def _loop(run: Run, t: TrainSection, seq_len: int) -> int:
         if verdict.results or saved:
             monitors.exclude_since_last()
         run.state = state
-        if health.stopping:
-            return monitors.stopped(step, saved)
+        if health.stopping:  # a save in flight, this step's or an earlier one, commits before the rank leaves
+            committed = run.checkpointer.wait(step)
+            return monitors.stopped(step, committed if saved else None)
         if verdict.early_stop:
             break
     return 0
@@ -142,7 +145,9 @@ def _train_step(engine, batches, loss_fn, grad_accum: int, phases: PhaseTimer) -
 
 
 def _finish(cfg: Config, run: Run, rank: distributed.Rank) -> None:
-    """The final test (classification), summary.json and the hyper-parameters beside the results."""
+    """The last save committed, then the final test (classification), summary.json and the hyper-parameters
+    beside the results."""
+    run.checkpointer.wait(run.state.step)
     results = run.evaluator.final(run.engine, run.state,
                                   lambda step: checkpoint.load_weights(run.engine, cfg.run_dir, step))
     if rank.is_main and run.monitors.last_loss is not None:
