@@ -69,6 +69,20 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def share(items: list, rank: int, world_size: int, size=None) -> list:
+    """Rank `rank`'s share of work items split over `world_size` ranks: every world_size-th, or with `size`
+    (item -> bytes) the largest first, each to the least loaded rank (an embedding dwarfs a norm)."""
+    if size is None:
+        return items[rank::world_size]
+    loads, mine = [0] * world_size, []
+    for item in sorted(items, key=size, reverse=True):
+        owner = loads.index(min(loads))
+        loads[owner] += size(item)
+        if owner == rank:
+            mine.append(item)
+    return mine
+
+
 def full_disk(path: Path) -> bool:
     """Whether the disk holding `path` (or its nearest existing parent) is full: less than 1 MiB or 0.5% free.
     A full disk is not always reported as ENOSPC (numpy and torch's writers raise their own errors)."""

@@ -10,7 +10,11 @@ import os
 import random
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,6 +196,33 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(damage, tiny_run, tin
     assert f"step_00000012 is damaged ({shard} " in result.stderr and problem in result.stderr
     original, after = train_losses(tiny_run), train_losses(resumed)
     assert [after[s] for s in range(7, STEPS + 1)] == [original[s] for s in range(7, STEPS + 1)]
+
+
+def _convert_as_rank(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from trainer.universal import convert
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    convert(Path(folder), Path(out), dist.group.WORLD, lambda message: None)
+    dist.destroy_process_group()
+
+
+def test_the_ranks_convert_to_universal_as_deepspeeds_command_does(tiny_run, tmp_path):
+    """Each of 3 ranks converts its share (saved ranks, then parameters by size): the same tensors as
+    `ds_to_universal` writes alone."""
+    folder = tiny_run / "checkpoints" / "step_00000012"
+    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
+                    "--output_folder", str(tmp_path / "command"), "--inject_missing_state"], check=True,
+                   capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_convert_as_rank, args=(3, port, str(folder), str(tmp_path / "ranks")), nprocs=3)
+    files = {p.relative_to(tmp_path / "command") for p in (tmp_path / "command" / "zero").rglob("*.pt")}
+    assert files and files == {p.relative_to(tmp_path / "ranks") for p in (tmp_path / "ranks" / "zero").rglob("*.pt")}
+    for name in files:
+        assert same_tensors(*(torch.load(tmp_path / side / name, weights_only=False) for side in ("command", "ranks")))
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.files import file_sha256, fsync_dir, fsync_tree, write_durable
+from data_pipeline.files import file_sha256, fsync_dir, fsync_tree, share, write_durable
 
 if TYPE_CHECKING:  # the writer imports DeepSpeed: the launcher's readers of checkpoints need none
     from trainer.checkpoint_writer import Writer
@@ -183,8 +183,9 @@ def find(run_dir: Path, checksums: bool, tag: str | None = None) -> Found:
     return Found(None, damaged)
 
 
-def verify(folder: Path, checksums: bool) -> str | None:
-    """None when every file of the manifest is there with its size (and checksum); else the first problem."""
+def verify(folder: Path, checksums: bool, part: tuple[int, int] = (0, 1)) -> str | None:
+    """None when every file of the manifest is there with its size (and checksum); else the first problem.
+    `part` (rank, world size): checksum only that rank's share of the bytes, the ranks verifying in parallel."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
@@ -197,10 +198,18 @@ def verify(folder: Path, checksums: bool) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{path} has {path.stat().st_size} bytes, expected {expected['bytes']}"
-    for name, expected in manifest.items() if checksums else ():
-        if file_sha256(folder / name) != expected["sha256"]:
+    mine = share(sorted(manifest), *part, size=lambda name: manifest[name]["bytes"]) if checksums else []
+    for name in mine:
+        if file_sha256(folder / name) != manifest[name]["sha256"]:
             return f"{folder / name} fails its checksum"
     return None
+
+
+def manifest_bytes(folder: Path) -> int:
+    try:
+        return sum(entry["bytes"] for entry in json.loads((folder / MANIFEST).read_text()).values())
+    except (OSError, ValueError):
+        return 0
 
 
 def saved_tags(root: Path) -> list[str]:

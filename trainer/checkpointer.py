@@ -9,10 +9,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
-
-import torch.distributed as dist
 
 from data_pipeline.files import full_disk
 from trainer import checkpoint
@@ -29,13 +26,13 @@ log = logging.getLogger("zerotrain")
 
 class Checkpointer:
     def __init__(self, section: CheckpointSection, run_dir: Path, engine, stream_state: Callable[[], dict | None],
-                 metrics: MetricsLogger, max_steps: int, asynchronous: bool, timeout: timedelta):
+                 metrics: MetricsLogger, max_steps: int, asynchronous: bool, group):
         self.section, self.run_dir, self.engine, self.stream_state = section, run_dir, engine, stream_state
         self.metrics, self.max_steps = metrics, max_steps
         self.writer = Writer(asynchronous, getattr(engine.checkpoint_engine, "zipfile_serialization", False))
         engine.checkpoint_engine = SnapshotEngine(engine.checkpoint_engine, self.writer)
         # the writer's commit gathers the ranks' checksums from its thread, beside the loop's own collectives
-        self.group = dist.new_group(backend="gloo", timeout=timeout)
+        self.group = group
         self.latest: str | None = None  # the newest committed save of this run
 
     def due(self, step: int, health: Health, verdict: Verdict) -> bool:

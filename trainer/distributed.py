@@ -14,6 +14,11 @@ import torch.distributed as dist
 
 
 
+# Work shared by the ranks that may take long on a large model (verifying and converting checkpoints, writing a
+# save) synchronises on a gloo group with this timeout; a dead peer still ends it at once (its sockets close).
+LONG_WORK_TIMEOUT = timedelta(hours=12)
+
+
 @dataclass(frozen=True)
 class Rank:
     rank: int

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import DataError, DataFile
+from data_pipeline.files import share
 from data_pipeline.record import verify_file
 from trainer import distributed
 from trainer.config import TrainSection
@@ -179,11 +180,11 @@ class StopRequest:
 
 class FileVerifier:
     """The data files' checksums, verified in the background while the run trains: this rank hashes its share
-    (every world_size-th file, so each is hashed once), at the lowest CPU priority, without delaying a step.
+    (balanced by bytes: each file is hashed once), at the lowest CPU priority, without delaying a step.
     A failure is reported through `problem`, and the loop stops every rank with it."""
 
     def __init__(self, files: list[DataFile], rank: int, world_size: int):
-        self.files = files[rank::world_size]
+        self.files = share(files, rank, world_size, size=lambda file: file.bytes)
         self.problem: str | None = None
         self.thread = threading.Thread(target=self._verify, name="zerotrain-verify", daemon=True)
         self.thread.start()

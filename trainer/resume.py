@@ -1,8 +1,8 @@
 """Resuming a run: which checkpoint it continues from, and how that checkpoint loads onto these ranks.
 
-One decision (`decide`) serves the launcher's pre-flight (sizes only, before any rank starts) and the ranks
-(`choose`: checksums verified, then any universal conversion, before the engine is built): the newest intact
-checkpoint; whether it was saved by another number of ranks (their RNG and stream states do not map onto
+One decision serves the launcher's pre-flight (`decide`: sizes only, before any rank starts) and the ranks
+(`choose`: checksums verified and any universal conversion made, each rank its share, before the engine is
+built): the newest intact checkpoint; whether it was saved by another number of ranks (their RNG and stream states do not map onto
 these); and whether ZeRO partitioned its optimizer state, which then loads through DeepSpeed's universal
 (world-size free) format.
 """
@@ -10,15 +10,14 @@ these); and whether ZeRO partitioned its optimizer state, which then loads throu
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint
+from data_pipeline.files import fsync_dir
+from trainer import checkpoint, universal
 from trainer.checkpoint import PARTIAL, TrainState, checkpoints_dir, universal_dir
 from trainer.config import Config, ConfigError, dotted, load_config, short
 
@@ -50,20 +49,33 @@ def decide(run_dir: Path, world_size: int, checksums: bool) -> ResumePoint | Non
     return ResumePoint(found.tag, saved, other, other and partitioned(folder), tuple(found.damaged))
 
 
-def choose(run_dir: Path, log) -> ResumePoint | None:
-    """Collective, before the engine is built: the newest checkpoint rank 0 finds intact with its checksums;
-    saved by another number of ranks with ZeRO partitions, rank 0 first converts it to a universal one."""
-    choice = [None]
-    if dist.get_rank() == 0:
-        point = decide(run_dir, dist.get_world_size(), checksums=True)
-        for problem in point.damaged if point else ():
-            log(f"checkpoint {problem}: falling back to an older one")
-        if point and point.universal:
-            log(f"checkpoint {point.tag}: converting its ZeRO partitions to a universal checkpoint")
-            convert_to_universal(run_dir, point.tag)
-        choice = [point]
-    dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+def choose(run_dir: Path, log, group) -> ResumePoint | None:
+    """Collective over `group` (gloo, with a timeout for long work), before the engine is built: the newest
+    checkpoint whose checksums the ranks verify, each its share of the bytes; saved by another number of ranks
+    with ZeRO partitions, the ranks convert it to a universal one together. Every rank reaches the same
+    decision from the gathered results."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    root, damaged = checkpoints_dir(run_dir), []
+    for tag in sorted(checkpoint.saved_tags(root), reverse=True):
+        folder = root / tag
+        log(f"verifying checkpoint {tag}: {checkpoint.manifest_bytes(folder) / 2**30:.2f} GiB, each of the "
+            f"{world} ranks checksumming its share")
+        problems = [None] * world
+        dist.all_gather_object(problems, checkpoint.verify(folder, checksums=True, part=(rank, world)), group=group)
+        problem = next((p for p in problems if p), None)
+        if problem is None:
+            break
+        damaged.append(f"{tag} is damaged ({problem})")
+        log(f"checkpoint {damaged[-1]}: falling back to an older one")
+    else:
+        if damaged:
+            raise ConfigError(f"run.output_dir: no intact checkpoint in {root} to resume from ({damaged[0]})")
+        return None
+    other = saved_world_size(folder) != world
+    point = ResumePoint(tag, saved_world_size(folder), other, other and partitioned(folder), tuple(damaged))
+    if point.universal and not universal_dir(root, tag).exists():
+        convert_to_universal(run_dir, tag, group, log)
+    return point
 
 
 def read_position(run_dir: Path, point: ResumePoint) -> tuple[TrainState, dict | None]:
@@ -102,19 +114,20 @@ def partitioned(folder: Path) -> bool:
     return any(folder.glob("*zero_pp_rank_*"))
 
 
-def convert_to_universal(run_dir: Path, tag: str) -> Path:
-    """DeepSpeed's universal checkpoint of `tag`, which loads on any number of ranks (made once, beside it)."""
+def convert_to_universal(run_dir: Path, tag: str, group, log) -> Path:
+    """Collective over `group`: DeepSpeed's universal checkpoint of `tag`, which loads on any number of ranks,
+    made once beside it by all ranks together (trainer.universal), into a folder renamed when complete."""
     root = checkpoints_dir(run_dir)
     out = universal_dir(root, tag)
-    if not out.exists():
-        tmp = out.with_name(out.name + PARTIAL)
-        shutil.rmtree(tmp, ignore_errors=True)
-        done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               str(root / tag), "--output_folder", str(tmp), "--inject_missing_state"],
-                              capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"ds_to_universal failed on {root / tag}:\n{done.stderr[-3000:]}")
+    tmp = out.with_name(out.name + PARTIAL)
+    if dist.get_rank(group) == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a conversion that was killed
+    dist.barrier(group)
+    universal.convert(root / tag, tmp, group, log)
+    if dist.get_rank(group) == 0:
         tmp.rename(out)
+        fsync_dir(root)
+    dist.barrier(group)
     return out
 
 

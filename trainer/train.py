@@ -17,6 +17,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
+import torch.distributed as dist
 
 from data_pipeline.files import write_durable
 from trainer import checkpoint, distributed, resume
@@ -71,7 +72,10 @@ def train(cfg: Config, resume_run: bool) -> int:
 
 def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_run: bool) -> Run:
     data = open_data(cfg)
-    point = resume.choose(cfg.run_dir, log.warning) if resume_run else None
+    # Verifying and converting checkpoints, and committing saves, wait for the slowest rank's share of long
+    # work: on a group of their own, not bounded by launch.collective_timeout.
+    long_work = dist.new_group(backend="gloo", timeout=distributed.LONG_WORK_TIMEOUT)
+    point = resume.choose(cfg.run_dir, log.info, long_work) if resume_run else None
     state, own = resume.read_position(cfg.run_dir, point) if point else (TrainState(), None)
     # The loader's workers start now, before the model and optimizer exist: forked later, each would keep a
     # copy of every page the rank writes afterwards (copy on write), multiplying the rank's memory.
@@ -99,7 +103,7 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_run: b
     return Run(engine, batches, Monitors(cfg.train, rank.device, stop, throughput, verifier),
                Evaluator(cfg.eval, data.validation(cfg, rank), metrics, cfg.train.max_steps),
                Checkpointer(cfg.checkpoint, cfg.run_dir, engine, batches.state, metrics, cfg.train.max_steps,
-                            cfg.async_saves, timedelta(seconds=cfg.launch.collective_timeout)),
+                            cfg.async_saves, long_work),
                metrics, state, LOSSES[cfg.model.task], cfg.grad_accum)
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from deepspeed.checkpoint import PARAM, UNIVERSAL_CHECKPOINT_INFO, DeepSpeedCheckpoint
 from deepspeed.checkpoint import ds_to_universal as ds
 
-from data_pipeline.files import fsync_tree
+from data_pipeline.files import fsync_tree, share
 
 
 def convert(folder: Path, out: Path, group, log) -> None:
@@ -35,7 +35,7 @@ def convert(folder: Path, out: Path, group, log) -> None:
     optim_files = ds._get_optim_files(str(folder))
     stage3_files = ds._filter_zero3_optim_files(optim_files)
     stage = ds._get_zero_stage(stage3_files or optim_files)
-    log(f"converting {folder.name} (ZeRO {stage}, {len(optim_files)} optimizer file(s)) to a universal checkpoint: "
+    log(f"converting {folder.name} (ZeRO {int(stage)}, {len(optim_files)} optimizer file(s)) to a universal checkpoint: "
         f"extracting, then merging, each rank a share of {world}")
     if stage <= 2:
         _stage_1_2(args, rank, world, group)
@@ -45,19 +45,6 @@ def convert(folder: Path, out: Path, group, log) -> None:
         shutil.rmtree(out / "tmp", ignore_errors=True)
         fsync_tree(out)
     dist.barrier(group)
-
-
-def _share(items: list, rank: int, world: int, size=None) -> list:
-    """This rank's share of the work items; with `size`, the largest first, dealt to balance the bytes."""
-    if size is None:
-        return items[rank::world]
-    loads, mine = [0] * world, []
-    for item in sorted(items, key=size, reverse=True):
-        owner = loads.index(min(loads))
-        loads[owner] += size(item)
-        if owner == rank:
-            mine.append(item)
-    return mine
 
 
 def _stage_1_2(args, rank: int, world: int, group) -> None:
@@ -76,12 +63,12 @@ def _stage_1_2(args, rank: int, world: int, group) -> None:
     temp, zero = os.path.join(args.output_folder, "tmp"), os.path.join(args.output_folder, "zero")
     saved = list(itertools.product(range(checkpoint.pp_degree), range(checkpoint.tp_degree),
                                    range(checkpoint.dp_degree)))
-    for item in _share(saved, rank, world):
+    for item in share(saved, rank, world):
         ds.extract_zero_shards(temp, checkpoint, item)
     dist.barrier(group)
     merge = partial(ds.merge_tp_slices, checkpoint.get_checkpoint_info(UNIVERSAL_CHECKPOINT_INFO), zero, temp,
                     checkpoint.tp_degree)
-    unmatched = [merge(item) for item in _share(sorted(slice_shapes.items()), rank, world,
+    unmatched = [merge(item) for item in share(sorted(slice_shapes.items()), rank, world,
                                                  size=lambda item: _numel(item[1][0]))]
     everyone = [None] * world
     dist.all_gather_object(everyone, [set(u) for u in unmatched], group=group)
@@ -110,11 +97,11 @@ def _stage_3(args, optim_files: list[str], rank: int, world: int, group) -> None
         raise NotImplementedError("universal conversion of tensor-parallel ZeRO-3 checkpoints")
     shapes_grid = [ds._parse_model_states_stage3([model_grid[0][0]])]
     temp, zero = os.path.join(args.output_folder, "tmp"), os.path.join(args.output_folder, "zero")
-    for item in _share([(0, j) for j in range(dp)], rank, world):
+    for item in share([(0, j) for j in range(dp)], rank, world):
         ds.extract_zero_shards_stage3(optim_grid, shapes_grid, dp, temp, item)
     dist.barrier(group)
     shapes = {name: shape for group_shapes in shapes_grid[0] for name, shape in group_shapes.items()}
-    for name in _share(sorted(shapes), rank, world, size=lambda name: _numel(shapes[name])):
+    for name in share(sorted(shapes), rank, world, size=lambda name: _numel(shapes[name])):
         ds.merge_zero3_slices(dp, zero, temp, name)
     dist.barrier(group)
     if rank == 0:
