@@ -122,12 +122,11 @@ def _submit(args) -> int:
 
     gpus = args.gpus_per_node or 0
     ranks = gpus or args.nproc_per_node or 1
-    overrides = [f"launch.nnodes={args.nodes}", f"launch.nproc_per_node={ranks}"]
-    overrides += [f"launch.max_restarts={args.max_restarts}"] if args.max_restarts is not None else []
-    cfg = load_config(args.config, args.set + overrides, cuda_available=True if gpus else None)
+    fewest, most = args.nodes
+    cfg = _submit_config(args, ranks, gpus, fewest, most)
     # NVMe offload's folder and op are checked where the job trains, not on the submitting machine
     notes = preflight(cfg, args.resume, args.allow_data_change, on_training_machine=False).notes
-    request = slurm.Request(args.nodes, ranks, gpus, args.partition, args.account, args.time)
+    request = slurm.Request(fewest, most, ranks, gpus, args.partition, args.account, args.time)
     log_dir = cfg.run_dir / "slurm"
     script = slurm.render(cfg, cfg.run_dir / "config.yaml", request, Path.cwd())
     if args.dry_run:
@@ -135,6 +134,7 @@ def _submit(args) -> int:
         return 0
     if args.partition:
         slurm.check_partition(args.partition)
+    slurm.check_not_queued(cfg.run_dir)
     for note in notes:
         print(f"zerotrain: {note}")
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -143,9 +143,25 @@ def _submit(args) -> int:
     job = slurm.submit(log_dir / "job.sbatch")
     with open(log_dir / "jobs", "a") as jobs:
         jobs.write(job + "\n")
-    print(f"zerotrain: submitted job {job} ({args.nodes} node(s) x {ranks} ranks); its log: "
+    print(f"zerotrain: submitted job {job} ({request.nodes} node(s) x {ranks} ranks); its log: "
           f"{log_dir / f'slurm-{job}.out'}; follow it with `zerotrain status {cfg.run_dir}`")
     return 0
+
+
+def _submit_config(args, ranks: int, gpus: int, fewest: int, most: int):
+    """The config on the most nodes, once every node count of the range is known to keep the global batch
+    (each segment of the job resumes on whatever count Slurm grants it)."""
+    restarts = [f"launch.max_restarts={args.max_restarts}"] if args.max_restarts is not None else []
+    for nodes in range(fewest, most + 1):
+        try:
+            cfg = load_config(args.config, args.set + [f"launch.nnodes={nodes}", f"launch.nproc_per_node={ranks}"]
+                              + restarts, cuda_available=True if gpus else None)
+        except ConfigError as e:
+            if fewest == most:
+                raise
+            raise ConfigError(f"--nodes {fewest}-{most}: a segment on {nodes} node(s) could not keep the global "
+                              f"batch ({e})") from None
+    return cfg
 
 
 def _plan(args) -> None:
@@ -249,7 +265,9 @@ def _parser() -> argparse.ArgumentParser:
                         "the new data's order is kept; samples may repeat or be skipped)")
     p = command("submit", _submit, "Submit the run as a Slurm batch job (slurm/zerotrain.sbatch): one rank per "
                 "task, saved and requeued before its time limit or on USR1, resumed automatically.")
-    p.add_argument("--nodes", type=_positive, default=1)
+    p.add_argument("--nodes", type=_node_range, default=(1, 1), metavar="N|MIN-MAX",
+                   help="nodes per job segment; a range lets every segment (requeued after a preemption or the time "
+                        "limit) run on as many as Slurm grants, resuming at that world size")
     ranks = p.add_mutually_exclusive_group()
     ranks.add_argument("--gpus-per-node", type=_positive, metavar="G", help="GPU nodes: one rank per GPU")
     ranks.add_argument("--nproc-per-node", type=_positive, metavar="P", help="CPU nodes: P ranks per node "
@@ -304,6 +322,13 @@ def _part(text: str) -> tuple[int, int]:
     if not (sep and index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
         raise argparse.ArgumentTypeError(f"expected I/N with 1 <= I <= N, e.g. 2/4 (got {text!r})")
     return int(index) - 1, int(count)
+
+
+def _node_range(text: str) -> tuple[int, int]:
+    fewest, sep, most = text.partition("-")
+    if not (fewest.isdigit() and (not sep or most.isdigit())) or not 1 <= int(fewest) <= int(most or fewest):
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX with 1 <= MIN <= MAX, e.g. 4 or 2-4 (got {text!r})")
+    return int(fewest), int(most or fewest)
 
 
 def _positive(text: str) -> int:

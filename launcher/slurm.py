@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.run_lock import RunLock
 from trainer.config import Config, ConfigError
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "zerotrain.sbatch"
@@ -26,7 +27,8 @@ TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}|\d+-\d+")  # minutes, MM:SS, HH:MM:SS,
 class Request:
     """What the job asks of Slurm: GPU nodes get one rank per GPU, CPU nodes ranks_per_node ranks."""
 
-    nodes: int
+    min_nodes: int  # each segment of the job runs on as many of min_nodes-max_nodes as can run it
+    max_nodes: int
     ranks_per_node: int
     gpus_per_node: int = 0
     partition: str | None = None
@@ -34,9 +36,21 @@ class Request:
     time: str | None = None
     warning_seconds: int = 120  # USR1 this long before the time limit: enough to finish a step and save
 
+    @property
+    def nodes(self) -> str:
+        return str(self.max_nodes) if self.min_nodes == self.max_nodes else f"{self.min_nodes}-{self.max_nodes}"
+
+    def first_segment_nodes(self) -> str:
+        """--nodes of the first segment: Slurm allocates a range's minimum, so the minimum is raised to the nodes
+        of the partition that can run the job now (the requeues in the script do the same)."""
+        if self.min_nodes == self.max_nodes:
+            return self.nodes
+        return f"{min(self.max_nodes, max(self.min_nodes, schedulable_nodes(self.partition)))}-{self.max_nodes}"
+
 
 def render(cfg: Config, config_file: Path, request: Request, workdir: Path) -> str:
-    """The job script for the resolved config in config_file."""
+    """The job script for the resolved config in config_file; it is saved as RUN_DIR/slurm/job.sbatch (a node
+    range's next segments are submitted from there)."""
     _check_directive("run.name", cfg.run.name, NAME)
     log_dir = cfg.run_dir.absolute() / "slurm"
     if not re.fullmatch(r"[^\s%'\"\\$`]+", str(log_dir)):
@@ -50,10 +64,12 @@ def render(cfg: Config, config_file: Path, request: Request, workdir: Path) -> s
     kind = f"{request.gpus_per_node} GPU ranks" if request.gpus_per_node else f"{request.ranks_per_node} CPU ranks"
     return string.Template(TEMPLATE.read_text()).substitute(
         description=f"run {cfg.run.name}, {request.nodes} node(s) x {kind}",
-        job_name=cfg.run.name, nodes=request.nodes, ranks_per_node=request.ranks_per_node,
+        job_name=cfg.run.name, nodes=request.first_segment_nodes(), min_nodes=request.min_nodes,
+        max_nodes=request.max_nodes, ranks_per_node=request.ranks_per_node,
         resource_lines="\n".join(lines), log_dir=log_dir, warning_seconds=request.warning_seconds,
         max_restarts=cfg.launch.max_restarts, workdir=shlex.quote(str(workdir)),
         python=shlex.quote(sys.executable), config=shlex.quote(str(config_file.absolute())),
+        script=shlex.quote(str(log_dir / "job.sbatch")),
     )
 
 
@@ -62,11 +78,43 @@ def _check_directive(name: str, value: str, pattern: re.Pattern) -> None:
         raise ConfigError(f"{name}: {value!r} is not a valid Slurm value (allowed: {pattern.pattern})")
 
 
+UNSCHEDULABLE = re.compile(r"drain|drng|down|fail|maint|\*")  # node states (and flags) no job starts on
+
+
+def schedulable_nodes(partition: str | None) -> int:
+    """The partition's nodes that are up, responding and not drained (0 without a Slurm client). The same
+    filter as the job script's requeue."""
+    if shutil.which("sinfo") is None:
+        return 0
+    args = ["sinfo", "-h", "-N", "-o", "%N %T"] + (["-p", partition] if partition else [])
+    listed = subprocess.run(args, capture_output=True, text=True).stdout.split("\n")
+    return len({line.split()[0] for line in listed if line.strip() and not UNSCHEDULABLE.search(line.split()[-1])})
+
+
 def check_partition(partition: str) -> None:
     """Refuse a partition the cluster does not have, naming the ones it has."""
     known = [p.rstrip("*") for p in _client("sinfo", "--noheader", "--format=%P").split()]
     if partition not in known:
         raise ConfigError(f"--partition: {partition!r} is not a partition of this cluster ({', '.join(known)})")
+
+
+ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
+
+
+def check_not_queued(run_dir: Path) -> None:
+    """Refuse a second job for a run directory whose last job is queued or running (it would overwrite that
+    job's config and script), or that another job holds (launcher.run_lock)."""
+    jobs = run_dir / "slurm" / "jobs"
+    if jobs.is_file() and jobs.read_text().split():
+        job = jobs.read_text().split()[-1]
+        state = job_state(job)
+        if state in ACTIVE:
+            raise ConfigError(f"run.output_dir: {run_dir} belongs to Slurm job {job} ({state}); wait for it to end "
+                              f"or scancel {job}, then submit again with --resume auto")
+    if run_dir.is_dir():
+        lock = RunLock(run_dir)
+        lock.acquire()  # raises RunInUse naming the holder
+        lock.release()
 
 
 def submit(script: Path) -> str:

@@ -404,6 +404,10 @@ class SlurmCluster:
             time.sleep(0.01)
         self._uts.add(ns)
 
+    def wait_idle(self, timeout: float = 120) -> None:
+        """Until every node is idle (a finished job's nodes are COMPLETING for a moment)."""
+        self._wait_idle(time.monotonic() + timeout)
+
     def _wait_idle(self, deadline: float) -> None:
         while True:
             dead = [n for n, p in self._daemons.items() if p.poll() is not None]

@@ -3,6 +3,7 @@ tests/cluster.py), and a job spanning two hosts with their own network namespace
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -71,7 +72,55 @@ def test_a_failing_job_is_requeued_at_most_max_restarts_times(cluster, tiny_data
     info = cluster.wait(job, timeout=300)
     log = (run_dir / "slurm" / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "FAILED" and info["Restarts"] == "1", log[-3000:]
-    assert "failure 1 of at most 1: requeueing" in log and "data.prepared_dir" in log
+    assert "failure 1 of at most 1: starting the next segment" in log and "data.prepared_dir" in log
+
+
+def test_a_node_range_job_resumes_on_the_nodes_each_segment_is_granted(cluster, tiny_data, tmp_path):
+    """--nodes 1-2: segment 0 on both nodes is preempted while n2 drains, segment 1 runs on n1 alone, n2 returns
+    and segment 2 runs on both again - one global batch throughout, every step once, the losses of a run that
+    was never interrupted (to the tolerance of resuming on another number of ranks)."""
+    settings = ["train.max_steps=400", "checkpoint.every=0", "eval.every=0"]
+    reference = tmp_path / "reference"
+    zerotrain("train", *tiny_args(reference, tiny_data, *settings))
+    run_dir = tmp_path / "elastic"
+    cluster.wait_idle()  # Slurm grants what is free: both nodes for the first segment
+    submitted(zerotrain("submit", *tiny_args(run_dir, tiny_data, *settings), "--nodes", "1-2", "--nproc-per-node",
+                        "1", "--partition", "debug", env=cluster.env))
+    log = run_dir / "logs" / "rank0.log"
+    jobs = lambda: (run_dir / "slurm" / "jobs").read_text().split()  # noqa: E731 - every segment's job
+    wait_for(lambda: last_step(run_dir) >= 5, _JobProbe(cluster, jobs()[-1]), poll=0.05)
+    cluster.run("scontrol", "update", "nodename=n2", "state=drain", "reason=zerotrain-test")
+    try:
+        cluster.run("scancel", "--signal=USR1", "--batch", jobs()[-1])  # segment 0 saves; n2 is draining
+        wait_for(lambda: len(jobs()) == 2, _JobProbe(cluster, jobs()[0]), poll=0.2)
+        wait_for(lambda: "rank 0 of 1 " in log.read_text(), _JobProbe(cluster, jobs()[-1]), poll=0.2)
+        resumed_at = last_step(run_dir)
+        wait_for(lambda: last_step(run_dir) >= resumed_at + 3, _JobProbe(cluster, jobs()[-1]), poll=0.05)
+    finally:
+        cluster.run("scontrol", "update", "nodename=n2", "state=resume")
+    # back in service and responding again (a resumed node is flagged not responding until slurmd answers)
+    wait_for(lambda: " State=IDLE " in cluster.run("scontrol", "-o", "show", "node", "n2").stdout,
+             _JobProbe(cluster, jobs()[-1]))
+    cluster.run("scancel", "--signal=USR1", "--batch", jobs()[-1])  # segment 1 saves; the next gets both nodes
+    wait_for(lambda: len(jobs()) == 3, _JobProbe(cluster, jobs()[1]), poll=0.2)
+    info = cluster.wait(jobs()[-1], timeout=300)
+    logs = "".join((run_dir / "slurm" / f"slurm-{job}.out").read_text() for job in jobs())
+    assert info["JobState"] == "COMPLETED", logs[-3000:]
+    assert "on 1-2 node(s) (usable: n1 )" in logs and "on 2-2 node(s) (usable: n1 n2 )" in logs
+    world_sizes = re.findall(r"\[rank 0\] INFO rank 0 of (\d+) ", log.read_text())
+    assert world_sizes == ["2", "1", "2"], world_sizes
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == list(range(1, 401))
+    state = json.loads((run_dir / "checkpoints" / "step_00000400" / "train_state.json").read_text())
+    assert state["consumed_samples"] == 400 * 16  # every sample once, at every world size
+    got, expected = train_losses(run_dir), train_losses(reference)
+    assert max(abs(got[s] - expected[s]) for s in expected) < 1e-4
+
+
+def test_submit_refuses_a_node_range_that_cannot_keep_the_global_batch(cluster, tiny_data, tmp_path):
+    result = zerotrain("submit", *tiny_args(tmp_path / "run", tiny_data), "--nodes", "1-3", "--nproc-per-node", "1",
+                       env=cluster.env, check=False)
+    assert result.returncode == 2 and "zerotrain: error: --nodes 1-3: a segment on 3 node(s) could not keep the " \
+        "global batch (train.global_batch_size: 16 is not divisible by" in result.stderr, result.stderr
 
 
 class _JobProbe:
@@ -82,7 +131,8 @@ class _JobProbe:
 
     def poll(self):
         state = self.cluster.job(self.job)["JobState"]
-        return None if state in ("PENDING", "CONFIGURING", "RUNNING") else state
+        # a requeued job passes through COMPLETING (and REQUEUED) back to PENDING
+        return None if state in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED") else state
 
     def communicate(self):
         return self.cluster.job(self.job), ""

@@ -10,6 +10,7 @@ these); and whether ZeRO partitioned its optimizer state, which then loads throu
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +61,12 @@ def choose(run_dir: Path, log, group) -> ResumePoint | None:
         folder = root / tag
         log(f"verifying checkpoint {tag}: {checkpoint.manifest_bytes(folder) / 2**30:.2f} GiB, each of the "
             f"{world} ranks checksumming its share")
+        started = time.perf_counter()
         problems = [None] * world
         dist.all_gather_object(problems, checkpoint.verify(folder, checksums=True, part=(rank, world)), group=group)
         problem = next((p for p in problems if p), None)
         if problem is None:
+            log(f"checkpoint {tag} verified in {time.perf_counter() - started:.1f} s")
             break
         damaged.append(f"{tag} is damaged ({problem})")
         log(f"checkpoint {damaged[-1]}: falling back to an older one")
@@ -74,7 +77,9 @@ def choose(run_dir: Path, log, group) -> ResumePoint | None:
     other = saved_world_size(folder) != world
     point = ResumePoint(tag, saved_world_size(folder), other, other and partitioned(folder), tuple(damaged))
     if point.universal and not universal_dir(root, tag).exists():
+        started = time.perf_counter()
         convert_to_universal(run_dir, tag, group, log)
+        log(f"converted {tag} to a universal checkpoint in {time.perf_counter() - started:.1f} s")
     return point
 
 
