@@ -174,6 +174,11 @@ def _verdict(cfg: Config, arch: Architecture, estimates: list[Estimate], usable:
     same = chosen is not None and chosen[0].option == configured
     lines.append(f"configured:  {configured}" + ("" if same or chosen is None else " (not the recommendation)"))
     lines += _start_up(cfg, arch, usable, gpus_per_node, mem)
+    saving = next(est for est in estimates if est.option == configured).save_copy if configured in OPTIONS else 0
+    if cfg.async_saves and saving:
+        lines.append(f"saving:      an asynchronous save (checkpoint.async) holds a host copy of each rank's share "
+                     f"while it is written: up to {mem(saving)} {mem.name} per rank, {mem(saving * gpus_per_node)} "
+                     f"{mem.name} per node")
     return lines + [""]
 
 

@@ -128,7 +128,8 @@ def _commit(run_dir: Path, tag: str, state: TrainState, config: str | None, dige
         files = {name: d for part in everyone for name, d in part.items()}
         for path in sorted(p for p in partial.rglob("*") if p.is_file()):  # written by others than the writer
             name = str(path.relative_to(partial))
-            files.setdefault(name, {"bytes": path.stat().st_size, "sha256": file_sha256(path)})
+            if name not in files:
+                files[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         write_durable(partial / MANIFEST, json.dumps(files, indent=1, sort_keys=True))
         fsync_tree(partial)
         if (root / tag).exists():  # a checkpoint of this step saved before a crash and a resume

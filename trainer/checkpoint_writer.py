@@ -28,19 +28,44 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngi
 log = logging.getLogger("zerotrain")
 
 
-def host_copy(obj, memo: dict | None = None):
-    """Tensors become new host tensors (copies, also of host tensors: the live ones change with the next step);
-    containers are copied through; anything else is deep-copied. Tensors shared within `obj` stay shared."""
-    memo = {} if memo is None else memo
-    if torch.is_tensor(obj):
-        if id(obj) not in memo:
-            memo[id(obj)] = obj.detach().to("cpu", copy=True)
-        return memo[id(obj)]
-    if type(obj) is dict:
-        return {key: host_copy(value, memo) for key, value in obj.items()}
-    if type(obj) in (list, tuple):
-        return type(obj)(host_copy(value, memo) for value in obj)
-    return copy.deepcopy(obj)
+class HostCopies:
+    """Host copies of the state dicts of a save, in buffers kept for the next save: the copy is a memcpy into
+    memory already mapped (a new allocation of GBs would fault in every page first), pinned when the tensors
+    live on a GPU, and the host memory is bounded by one save's share of this rank's files. The buffers are
+    reused only once the save that filled them has been written (the writer has one save in flight)."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.used: list[tuple] = []
+
+    def begin(self) -> None:
+        self.used = []
+
+    def copy(self, obj, memo: dict | None = None):
+        """Tensors become host copies; containers are copied through (their own type kept); anything else is
+        deep-copied. Tensors shared within `obj` stay shared."""
+        memo = {} if memo is None else memo
+        if torch.is_tensor(obj):
+            if id(obj) not in memo:
+                memo[id(obj)] = self._buffer(obj)
+            return memo[id(obj)]
+        if isinstance(obj, dict):
+            new = copy.copy(obj)  # an OrderedDict stays one, a defaultdict keeps its factory
+            for key, value in obj.items():
+                new[key] = self.copy(value, memo)
+            return new
+        if type(obj) in (list, tuple):
+            return type(obj)(self.copy(value, memo) for value in obj)
+        return copy.deepcopy(obj)
+
+    def _buffer(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = (len(self.used), tuple(tensor.shape), tensor.dtype)
+        self.used.append(key)
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+            self.buffers[key] = buffer
+        return buffer.copy_(tensor.detach())
 
 
 def tensor_bytes(obj) -> int:
@@ -79,6 +104,7 @@ class Writer:
         self.error: BaseException | None = None
         self.folder: Path | None = None
         self.digests: dict[str, dict] = {}
+        self.copies = HostCopies()
         self.copied_bytes = 0
         self.done: list[tuple[str, float, int]] = []  # committed saves not yet reported: (folder, seconds, bytes)
         if asynchronous:
@@ -88,10 +114,11 @@ class Writer:
         """A new save into `folder`; waits for the one in flight."""
         self.wait()
         self.folder, self.digests, self.copied_bytes, self.started = folder, {}, 0, time.perf_counter()
+        self.copies.begin()
 
     def add(self, obj, path: Path) -> None:
         if self.asynchronous:
-            obj = host_copy(obj)
+            obj = self.copies.copy(obj)
             self.copied_bytes += tensor_bytes(obj)
         self._run(self._write, obj, Path(path))
 

@@ -121,6 +121,7 @@ class Estimate:
     activations: int
     activations_checkpointed: int
     host: int  # CPU memory per rank for offloaded states
+    save_copy: int  # CPU memory an asynchronous save holds while it is written (rank 0's, the largest)
 
     @property
     def states(self) -> int:
@@ -196,7 +197,16 @@ def estimate(cfg: Config, arch: Architecture, option: Option, nodes: int, gpus_p
     return Estimate(option, params, grads, optimizer, resident, transient, step,
                     activation_bytes(arch, t.precision, t.micro_batch_size, cfg.data.seq_len),
                     activation_bytes(arch, t.precision, t.micro_batch_size, cfg.data.seq_len, checkpointing=True),
-                    host)
+                    host, save_copy_bytes(arch, t.precision, option, world))
+
+
+def save_copy_bytes(arch: Architecture, precision: str, option: Option, world: int) -> int:
+    """The host copy of rank 0's share of a checkpoint, which an asynchronous save (checkpoint.async) holds until
+    it is written: its part of the fp32 master weights and Adam moments (all of them at stage 0), and the 16-bit
+    weights - its partition at stage 3, all of them at stages 0-2, where rank 0 writes the model file."""
+    part = math.ceil(arch.params / world)
+    optimizer = 12 * (arch.params if option.stage == 0 else part)
+    return optimizer + element_bytes(precision) * (part if option.stage == 3 else arch.params)
 
 
 def recommend(estimates: list[Estimate], usable: float) -> tuple[Estimate, bool] | None:

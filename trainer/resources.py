@@ -67,10 +67,11 @@ def _memory(cfg: Config, arch: Architecture) -> list[str]:
                               f"estimate), more than the {gpu / GiB:.1f} GiB of this node's GPUs; "
                               f"{_what_fits(cfg, arch, HEADROOM * gpu, gpu=True)}")
         on_device = 0  # the GPU holds it; the host holds what is offloaded
-    need = ranks * (on_device + est.host + per_rank_base)
+    saving = est.save_copy if cfg.async_saves else 0  # a save's host copy while it is written
+    need = ranks * (on_device + est.host + saving + per_rank_base)
     where = f"{ranks} rank(s) x {(need / ranks) / GiB:.1f} GiB"
     if need > HEADROOM * host.total:
-        usable = HEADROOM * host.total / ranks - per_rank_base - est.host
+        usable = HEADROOM * host.total / ranks - per_rank_base - est.host - saving
         raise ConfigError(f"zero.stage: {option} needs about {need / GiB:.1f} GiB of this machine's memory ({where}, "
                           f"zerotrain plan's estimate), more than its {host.total / GiB:.1f} GiB; "
                           f"{_what_fits(cfg, arch, usable, gpu=False)}")

@@ -9,6 +9,7 @@ these); and whether ZeRO partitioned its optimizer state, which then loads throu
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -128,7 +129,9 @@ def convert_to_universal(run_dir: Path, tag: str, group, log) -> Path:
     if dist.get_rank(group) == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a conversion that was killed
     dist.barrier(group)
-    universal.convert(root / tag, tmp, group, log)
+    # the cores of this node, shared by its ranks (the engine does not exist yet: the memory is free)
+    workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    universal.convert(root / tag, tmp, group, log, workers)
     if dist.get_rank(group) == 0:
         tmp.rename(out)
         fsync_dir(root)

@@ -27,11 +27,13 @@ from deepspeed.checkpoint import ds_to_universal as ds
 from data_pipeline.files import fsync_tree, share
 
 
-def convert(folder: Path, out: Path, group, log) -> None:
-    """Collective over `group`: `folder`'s universal conversion into `out` (which must not exist yet)."""
+def convert(folder: Path, out: Path, group, log, workers: int = 1) -> None:
+    """Collective over `group`: `folder`'s universal conversion into `out` (which must not exist yet). Each rank
+    works its share with `workers` processes (DeepSpeed's own pool: the cores this rank may use)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    args = argparse.Namespace(input_folder=str(folder), output_folder=str(out), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    args = argparse.Namespace(input_folder=str(folder), output_folder=str(out), num_extract_workers=workers,
+                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
     optim_files = ds._get_optim_files(str(folder))
     stage3_files = ds._filter_zero3_optim_files(optim_files)
     stage = ds._get_zero_stage(stage3_files or optim_files)
@@ -63,13 +65,13 @@ def _stage_1_2(args, rank: int, world: int, group) -> None:
     temp, zero = os.path.join(args.output_folder, "tmp"), os.path.join(args.output_folder, "zero")
     saved = list(itertools.product(range(checkpoint.pp_degree), range(checkpoint.tp_degree),
                                    range(checkpoint.dp_degree)))
-    for item in share(saved, rank, world):
-        ds.extract_zero_shards(temp, checkpoint, item)
+    ds._do_parallel_work(partial(ds.extract_zero_shards, temp, checkpoint), share(saved, rank, world),
+                         args.num_extract_workers)
     dist.barrier(group)
     merge = partial(ds.merge_tp_slices, checkpoint.get_checkpoint_info(UNIVERSAL_CHECKPOINT_INFO), zero, temp,
                     checkpoint.tp_degree)
-    unmatched = [merge(item) for item in share(sorted(slice_shapes.items()), rank, world,
-                                                 size=lambda item: _numel(item[1][0]))]
+    mine = share(sorted(slice_shapes.items()), rank, world, size=lambda item: _numel(item[1][0]))
+    unmatched = ds._do_parallel_work(merge, mine, args.num_merge_workers)
     everyone = [None] * world
     dist.all_gather_object(everyone, [set(u) for u in unmatched], group=group)
     sets = [s for part in everyone for s in part]
@@ -97,12 +99,13 @@ def _stage_3(args, optim_files: list[str], rank: int, world: int, group) -> None
         raise NotImplementedError("universal conversion of tensor-parallel ZeRO-3 checkpoints")
     shapes_grid = [ds._parse_model_states_stage3([model_grid[0][0]])]
     temp, zero = os.path.join(args.output_folder, "tmp"), os.path.join(args.output_folder, "zero")
-    for item in share([(0, j) for j in range(dp)], rank, world):
-        ds.extract_zero_shards_stage3(optim_grid, shapes_grid, dp, temp, item)
+    ds._do_parallel_work(partial(ds.extract_zero_shards_stage3, optim_grid, shapes_grid, dp, temp),
+                         share([(0, j) for j in range(dp)], rank, world), args.num_extract_workers)
     dist.barrier(group)
     shapes = {name: shape for group_shapes in shapes_grid[0] for name, shape in group_shapes.items()}
-    for name in share(sorted(shapes), rank, world, size=lambda name: _numel(shapes[name])):
-        ds.merge_zero3_slices(dp, zero, temp, name)
+    ds._do_parallel_work(partial(ds.merge_zero3_slices, dp, zero, temp),
+                         share(sorted(shapes), rank, world, size=lambda name: _numel(shapes[name])),
+                         args.num_merge_workers)
     dist.barrier(group)
     if rank == 0:
         ds._save_optimizer_state_stage3(args, optim_files)
