@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+from contextlib import contextmanager
 import signal
 import subprocess
 import sys
@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from trainer.metrics import read_records
 
 # No test may reach the Hub (the network is off-limits here): datasets/transformers must fail fast instead.
 os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -54,6 +56,11 @@ def tiny_args(run_dir: Path, prepared: Path, *overrides: str) -> list[str]:
     return [str(TINY)] + [a for s in sets for a in ("--set", s)]
 
 
+def endless_args(run_dir: Path, prepared: Path, *overrides: str) -> list[str]:
+    """A tiny run that trains until stopped, saving and validating only if `overrides` say so."""
+    return tiny_args(run_dir, prepared, "train.max_steps=100000", "checkpoint.every=0", "eval.every=0", *overrides)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory) -> Path:
     """configs/tiny.yaml trained from start to end on 2 ranks, uninterrupted: what other runs compare with."""
@@ -75,7 +82,8 @@ def mixture_data(corpus, tmp_path_factory) -> tuple[str, Path]:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The run's records; a line still being written (tests poll a live run) is not one yet."""
+    return read_records(run_dir / "metrics.jsonl")
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -96,6 +104,25 @@ def end(launcher: subprocess.Popen) -> None:
     if launcher.poll() is None:
         launcher.kill()
         launcher.wait()
+
+
+@contextmanager
+def running(*args: str):
+    """`zerotrain ARGS` in the background for the block; killed (with its ranks) if still running after it."""
+    launcher = start(*args)
+    try:
+        yield launcher
+    finally:
+        end(launcher)
+
+
+@contextmanager
+def training(args: list[str], run_dir: Path, until: int):
+    """`zerotrain train ARGS` in the background, yielded once it has logged step `until`; killed after the block
+    if still running."""
+    with running("train", *args) as launcher:
+        wait_for(lambda: last_step(run_dir) >= until, launcher)
+        yield launcher
 
 
 def all_succeed(processes: list[subprocess.Popen], timeout: float = 300) -> None:

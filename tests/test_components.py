@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -91,7 +92,9 @@ def test_the_evaluator_stops_early_after_validations_without_improvement():
 
 
 def test_the_checkpointer_saves_on_its_cadence_and_never_a_non_finite_step():
-    saver = Checkpointer(CheckpointSection(every=5), None, None, lambda: None, None, max_steps=12)
+    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace())  # the cadence never touches the engine
+    saver = Checkpointer(CheckpointSection(every=5), None, engine, lambda: None, None, max_steps=12,
+                         asynchronous=False, group=None)
     quiet, stop, bad = Health(False, False), Health(True, False), Health(True, True)
     assert [s for s in range(1, 13) if saver.due(s, quiet, Verdict())] == [5, 10, 12]
     assert saver.due(3, stop, Verdict()) and saver.due(3, quiet, Verdict(improved=True))

@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, STEPS, TINY, end, last_step, live_ranks, rank_pids, read_metrics, start, tiny_args, \
-    train_losses, wait_for, zerotrain
+from conftest import REPO, STEPS, TINY, endless_args, last_step, live_ranks, rank_pids, read_metrics, running, \
+    tiny_args, training, train_losses, wait_for, zerotrain
 from trainer.config import ConfigError, load_config
 from trainer.model import model_config, run_on_meta
 
@@ -171,17 +171,13 @@ def test_export_and_status_take_only_an_intact_checkpoint(tiny_run, tmp_path):
 @slow
 def test_a_second_job_on_the_same_run_directory_is_refused_and_a_killed_ones_lock_is_stale(tiny_data, tmp_path):
     run_dir = tmp_path / "shared"
-    args = tiny_args(run_dir, tiny_data, "train.max_steps=100000", "checkpoint.every=2", "eval.every=0")
-    first = start("train", *args)
-    try:
-        wait_for(lambda: last_step(run_dir) >= 3, first)
+    args = endless_args(run_dir, tiny_data, "checkpoint.every=2")
+    with training(args, run_dir, until=3) as first:
         second = zerotrain("train", *args, "--resume", "auto", check=False)
         one_line_error(second, f"run.output_dir: {run_dir} is in use by another job (host ")
         assert f"pid {first.pid}, since " in second.stderr
         first.kill()  # SIGKILL: no clean release; its ranks die with it
         first.wait()
-    finally:
-        end(first)
     assert live_ranks(run_dir) == {}
     saved = json.loads((run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text() /
                         "train_state.json").read_text())["step"]
@@ -307,13 +303,9 @@ def sigint_until(run_dir: Path, launcher: subprocess.Popen, times: int, gap: flo
 @slow
 def test_ctrl_c_saves_and_stops_and_a_second_stops_at_once(tiny_data, tmp_path):
     run_dir = tmp_path / "interrupted"
-    args = tiny_args(run_dir, tiny_data, "train.max_steps=100000", "checkpoint.every=0", "eval.every=0")
-    launcher = start("train", *args)
-    try:
-        wait_for(lambda: last_step(run_dir) >= 2, launcher)
+    args = endless_args(run_dir, tiny_data)
+    with training(args, run_dir, until=2) as launcher:
         stderr = sigint_until(run_dir, launcher, times=1, gap=0)
-    finally:
-        end(launcher)
     assert launcher.returncode == 3 and "Traceback" not in stderr, stderr[-3000:]
     tag = (run_dir / "checkpoints" / "latest").read_text()
     assert f"zerotrain: stopped by Ctrl-C; saved {tag}: continue with --resume auto" in stderr
@@ -321,12 +313,9 @@ def test_ctrl_c_saves_and_stops_and_a_second_stops_at_once(tiny_data, tmp_path):
     # Twice, while the ranks are still starting: the second stops them at once, before any save.
     log = run_dir / "logs" / "rank0.log"
     logged = log.stat().st_size
-    again = start("train", *args, "--resume", "auto")
-    try:
+    with running("train", *args, "--resume", "auto") as again:
         wait_for(lambda: log.stat().st_size > logged, again, poll=0.05)  # the ranks handle signals from here on
         stderr = sigint_until(run_dir, again, times=2, gap=0.3)
-    finally:
-        end(again)
     assert again.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
     assert "zerotrain: second Ctrl-C: stopped at once, without saving" in stderr
     assert (run_dir / "checkpoints" / "latest").read_text() == tag
@@ -336,16 +325,11 @@ def test_ctrl_c_saves_and_stops_and_a_second_stops_at_once(tiny_data, tmp_path):
 @slow
 def test_a_stop_on_a_non_finite_step_saves_nothing_and_says_so(tiny_data, tmp_path):
     run_dir = tmp_path / "diverging"
-    args = tiny_args(run_dir, tiny_data, "zero.stage=0", "optim.lr=1.0e+30", "optim.grad_clip=0",
-                     "optim.warmup_steps=0", "train.max_steps=100000", "train.max_nonfinite_steps=100000",
-                     "checkpoint.every=0", "eval.every=0")
-    launcher = start("train", *args)
-    try:
-        wait_for(lambda: last_step(run_dir) >= 5, launcher)
+    args = endless_args(run_dir, tiny_data, "zero.stage=0", "optim.lr=1.0e+30", "optim.grad_clip=0",
+                        "optim.warmup_steps=0", "train.max_nonfinite_steps=100000")
+    with training(args, run_dir, until=5) as launcher:
         launcher.send_signal(signal.SIGTERM)
         _, stderr = launcher.communicate(timeout=120)
-    finally:
-        end(launcher)
     assert launcher.returncode == 1, stderr[-3000:]
     assert "whose loss is not finite: nothing was saved" in stderr
     assert "nothing was saved since the signal" in stderr and not (run_dir / "checkpoints" / "latest").exists()
@@ -360,19 +344,17 @@ def test_loader_workers_do_not_hold_the_ranks_model_states(tiny_data, tmp_path):
     """Forked before the model exists, a worker shares none of the rank's later pages (forked after, each held a
     copy of the rank's old pages: 3 GB per worker at 0.55B)."""
     run_dir = tmp_path / "workers"
-    args = tiny_args(run_dir, tiny_data, "model.config.hidden_size=768", "model.config.intermediate_size=2048",
-                     "model.config.num_hidden_layers=8", "model.config.num_attention_heads=12",
-                     "model.config.num_key_value_heads=12", "zero.stage=0", "data.num_workers=1",
-                     "train.max_steps=100000", "checkpoint.every=0", "eval.every=0")
-    launcher = start("train", *args)
+    args = endless_args(run_dir, tiny_data, "model.config.hidden_size=768", "model.config.intermediate_size=2048",
+                        "model.config.num_hidden_layers=8", "model.config.num_attention_heads=12",
+                        "model.config.num_key_value_heads=12", "zero.stage=0", "data.num_workers=1")
     try:
-        wait_for(lambda: last_step(run_dir) >= 2, launcher, timeout=300)
-        ranks = rank_pids(run_dir)
-        workers = {rank: [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-                   for rank, pid in ranks.items()}
-        anon = {rank: (rss_anon(pid), max(rss_anon(w) for w in workers[rank])) for rank, pid in ranks.items()}
+        with running("train", *args) as launcher:
+            wait_for(lambda: last_step(run_dir) >= 2, launcher, timeout=300)
+            ranks = rank_pids(run_dir)
+            workers = {rank: [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+                       for rank, pid in ranks.items()}
+            anon = {rank: (rss_anon(pid), max(rss_anon(w) for w in workers[rank])) for rank, pid in ranks.items()}
     finally:
-        end(launcher)
         live_ranks(run_dir)
     for rank, (rank_bytes, worker_bytes) in anon.items():
         assert rank_bytes > 2**30 and worker_bytes < rank_bytes / 3, anon  # 57M parameters in fp32: 0.9 GB of states

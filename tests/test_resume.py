@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import STEPS, VICTIMS, end, kill, last_step, live_ranks, rank_pid, read_metrics, start, tiny_args, train_losses, wait_for, zerotrain
+from conftest import STEPS, VICTIMS, end, endless_args, kill, last_step, live_ranks, rank_pid, read_metrics, start, \
+    tiny_args, train_losses, training, wait_for, zerotrain
 
 pytestmark = pytest.mark.slow
 
@@ -139,17 +140,11 @@ def test_existing_run_is_never_overwritten(tiny_run, tiny_data):
 
 def test_a_dead_rank_ends_the_job_quickly(tiny_data, tmp_path):
     run_dir = tmp_path / "doomed"
-    args = tiny_args(run_dir, tiny_data, "train.max_steps=100000", "optim.warmup_steps=10", "checkpoint.every=0",
-                     "eval.every=0")
-    launcher = start("train", *args)
-    try:
-        wait_for(lambda: last_step(run_dir) >= 3, launcher)
+    with training(endless_args(run_dir, tiny_data, "optim.warmup_steps=10"), run_dir, until=3) as launcher:
         os.kill(rank_pid(run_dir, rank=1), signal.SIGKILL)
         killed = time.monotonic()
         _, stderr = launcher.communicate(timeout=120)
         assert time.monotonic() - killed < 60
-    finally:
-        end(launcher)
     assert launcher.returncode == 1
     assert "zerotrain: rank 1 failed" in stderr and "SIGKILL" in stderr, stderr[-2000:]
     assert live_ranks(run_dir) == {}  # no rank left behind
@@ -158,14 +153,10 @@ def test_a_dead_rank_ends_the_job_quickly(tiny_data, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_stop_signal_saves_and_exits_with_code_3_then_resumes(sig, tiny_data, tmp_path):
     run_dir = tmp_path / "stopped"
-    args = tiny_args(run_dir, tiny_data, "train.max_steps=100000", "checkpoint.every=0", "eval.every=0")
-    launcher = start("train", *args)
-    try:
-        wait_for(lambda: last_step(run_dir) >= 3, launcher)
+    args = endless_args(run_dir, tiny_data)
+    with training(args, run_dir, until=3) as launcher:
         launcher.send_signal(sig)  # as Slurm signals the job step before preemption or the time limit
         _, stderr = launcher.communicate(timeout=120)
-    finally:
-        end(launcher)
     assert launcher.returncode == 3, stderr[-3000:]
     tag = (run_dir / "checkpoints" / "latest").read_text()
     assert f"stopped by {sig.name}; saved {tag}" in stderr
