@@ -50,6 +50,9 @@ class DataConfig(BaseModel):
     validation_fraction: float = Field(0.05, gt=0, lt=0.5)  # of documents, chosen by hashing their key
     shard_tokens: int = Field(128 * 2**20, ge=1024)  # tokens per shard file (256 MiB at uint16)
     num_workers: int = Field(1, ge=0)  # DataLoader worker processes per rank
+    # Packed samples hold several documents (eos after each). true: each is trained as if alone - positions
+    # restart and attention stops at every eos. false: a sample is one stream, attending across documents.
+    document_masking: bool = False
     # Labelled data (model.task: classification). Each text is one example, padded/truncated to seq_len tokens.
     label_field: str = "label"  # column holding the label (strings, or ints standing for themselves)
     labels: list[str] | None = Field(None, min_length=2)  # the labels to train on, in id order; rows with

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 import signal
@@ -67,6 +68,19 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     zerotrain("train", *tiny_args(run_dir, tiny_data))
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def speeches_data(corpus, tmp_path_factory) -> Path:
+    """Many short documents (the plays' files are few and long): every speech of four plays a JSONL row,
+    prepared with the tiny config."""
+    folder = tmp_path_factory.mktemp("speeches")
+    plays = sorted(corpus.glob("*_gut.txt"))[:4]
+    speeches = [s.strip() for play in plays for s in play.read_text(errors="replace").split("\n\n") if s.strip()]
+    (folder / "speeches.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in speeches))
+    zerotrain("prepare", TINY, "--set", f"data.sources=[{folder / 'speeches.jsonl'}]",
+              "--set", f"data.prepared_dir={folder / 'prepared'}")
+    return folder / "prepared"
 
 
 MIXTURE = "[{{path: '{c}/[a-p]*_gut.txt', name: early, weight: 3}}, {{path: '{c}/[q-z]*_gut.txt', name: late, weight: 1}}]"

@@ -358,6 +358,9 @@ def _check_task(cfg: Config) -> None:
         return
     if cfg.data.mode == "streaming":
         raise ConfigError("data.mode: classification reads prepared labelled data; use data.mode: prepared")
+    if cfg.data.document_masking:
+        raise ConfigError("data.document_masking: applies to packed text (model.task causal_lm); a classification "
+                          "example is one text already")
     if cfg.tokenizer.path is None:
         raise ConfigError("tokenizer.path: classification tokenizes with the model's own tokenizer; set "
                           "model.init_from (its tokenizer is used) or tokenizer.path")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from data_pipeline.sources import source_units
 from data_pipeline.streaming import StreamingPackedDataset
 from trainer.config import Config, ModelSection
 from trainer.distributed import Rank, die_with_parent
-from trainer.model import model_config
+from trainer.model import classification_loss, lm_loss, model_config
 from trainer.validation import ClassifierValidation, Validation, validation_batch_counts
 
 
@@ -48,6 +49,7 @@ class TrainingData:
     labels: list[str] | None = None
     pad_token_id: int | None = None
     record: PreparedRecord | None = None  # prepared data: its files, checked before and verified during a run
+    eos_id: int | None = None  # packed text: the token that ends each document
     resumes_on_other_ranks = True
 
     def model_config(self, model: ModelSection) -> PretrainedConfig:
@@ -57,6 +59,11 @@ class TrainingData:
         """Pre-flight, before any rank starts: what is cheap to check of the files and their fit to the run."""
         if self.record is not None:
             self.record.check_sizes()
+
+    def loss(self, cfg: Config) -> Callable:
+        """The loss of a micro-batch: `loss(model, batch)`. Packed text: next-token prediction, each document
+        on its own with data.document_masking."""
+        return partial(lm_loss, eos_id=self.eos_id if cfg.data.document_masking else None)
 
     def batches(self, cfg: Config, rank: Rank, consumed_samples: int, stream_state: dict | None) -> Batches:
         raise NotImplementedError
@@ -75,6 +82,7 @@ class PackedShards(TrainingData):
         self.manifest = self.record = manifest
         self.vocab_size, self.tokenizer_dir, self.fingerprint = manifest.vocab_size, manifest.tokenizer_dir, \
             manifest.fingerprint
+        self.eos_id = manifest.eos_id
 
     def check(self, cfg: Config) -> None:
         super().check(cfg)
@@ -91,7 +99,7 @@ class PackedShards(TrainingData):
 
     def validation(self, cfg: Config, rank: Rank) -> Validation:
         return Validation(self.manifest, self._validation_counts(cfg), cfg.train.micro_batch_size, cfg.data.seq_len,
-                          rank)
+                          rank, self.loss(cfg))
 
     def describe(self) -> list[str]:
         return [f"{source}: {self.manifest.num_tokens('train', source):,} training tokens, weight {weight:.3g}"
@@ -113,7 +121,7 @@ class TextStream(TrainingData):
         units = source_units(self.source)
         self.files = [Path(u.location) for u in units]
         self.text_field = cfg.data.text_field_of(self.source)
-        self.vocab_size, self.tokenizer_dir = len(tokenizer), cfg.tokenizer.path
+        self.vocab_size, self.tokenizer_dir, self.eos_id = len(tokenizer), cfg.tokenizer.path, tokenizer.eos_token_id
         self.fingerprint = fingerprint([u.__dict__ for u in units], tokenizer_fingerprint(tokenizer), self.text_field)
 
     def batches(self, cfg: Config, rank: Rank, consumed_samples: int, stream_state: dict | None) -> Batches:
@@ -141,6 +149,9 @@ class LabelledExamples(TrainingData):
         examples = self.labelled.split("train")
         return Batches(_ordered(cfg, examples, GlobalOrder([len(examples)], [1.0], cfg.run.seed), rank,
                                 consumed_samples))
+
+    def loss(self, cfg: Config) -> Callable:
+        return classification_loss
 
     def validation(self, cfg: Config, rank: Rank) -> ClassifierValidation:
         return ClassifierValidation(self.labelled, cfg.train.micro_batch_size, rank)

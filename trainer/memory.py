@@ -194,10 +194,18 @@ def estimate(cfg: Config, arch: Architecture, option: Option, nodes: int, gpus_p
     params, grads, optimizer, step, host = model_states(t.precision, option, arch.params, world)
     zero = zero_config(cfg, option, nodes, gpus_per_node, arch.params)
     resident, transient = buffers(arch, t.precision, option, zero, world)
+    mask = document_mask_bytes(cfg, arch)
     return Estimate(option, params, grads, optimizer, resident, transient, step,
-                    activation_bytes(arch, t.precision, t.micro_batch_size, cfg.data.seq_len),
-                    activation_bytes(arch, t.precision, t.micro_batch_size, cfg.data.seq_len, checkpointing=True),
-                    host, save_copy_bytes(arch, t.precision, option, world))
+                    activation_bytes(arch, t.precision, t.micro_batch_size, cfg.data.seq_len) + mask,
+                    activation_bytes(arch, t.precision, t.micro_batch_size, cfg.data.seq_len, checkpointing=True)
+                    + mask, host, save_copy_bytes(arch, t.precision, option, world))
+
+
+def document_mask_bytes(cfg: Config, arch: Architecture) -> int:
+    """data.document_masking gives sdpa and eager attention a boolean micro_batch x seq_len x seq_len mask, one
+    for all layers; flash-attention (variable-length kernel) and flex attention (block mask) need none."""
+    dense = cfg.data.document_masking and arch.attention in ("sdpa", "eager")
+    return cfg.train.micro_batch_size * cfg.data.seq_len ** 2 if dense else 0
 
 
 def save_copy_bytes(arch: Architecture, precision: str, option: Option, world: int) -> int:

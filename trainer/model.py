@@ -6,6 +6,8 @@ Tasks: `causal_lm` (AutoModelForCausalLM, next-token prediction) and `classifica
 
 from __future__ import annotations
 
+import inspect
+import re
 from dataclasses import dataclass
 
 import torch
@@ -157,11 +159,40 @@ def architecture(section: ModelSection, config: PretrainedConfig) -> Architectur
     )
 
 
-def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on packed samples of seq_len + 1 tokens."""
+def lm_loss(model, batch: torch.Tensor, eos_id: int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy on packed samples of seq_len + 1 tokens. With `eos_id` (data.document_masking)
+    each document of a sample is trained as if alone: positions restart after every eos, attention stays within
+    a document and nothing is predicted from an eos (the next document's first token is not its continuation)."""
     inputs, labels = batch[:, :-1], batch[:, 1:]
-    logits = model(input_ids=inputs).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+    if eos_id is None:
+        logits = model(input_ids=inputs).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+    # transformers reads restarting position_ids as packed documents when no attention mask (and no cache) is
+    # given: sdpa, eager and flex get a block-diagonal causal mask, flash-attention its variable-length kernel.
+    logits = model(input_ids=inputs, position_ids=document_positions(inputs, eos_id), use_cache=False).logits
+    predicted = inputs != eos_id
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    return (losses * predicted.flatten()).sum() / predicted.sum().clamp(min=1)
+
+
+def document_positions(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Each token's position within its document: 0 at a sample's first token and after every eos."""
+    index = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+    starts = torch.zeros_like(inputs, dtype=torch.bool)
+    starts[:, 0], starts[:, 1:] = True, inputs[:, :-1] == eos_id
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def check_document_masking(config: PretrainedConfig) -> None:
+    """data.document_masking relies on the model building its attention mask with transformers' masking_utils
+    from the position_ids it is given; a model that does not would attend across documents without a word."""
+    mapping = AutoModelForCausalLM._model_mapping
+    model_class = mapping[type(config)] if type(config) in mapping else None
+    if model_class is None or "position_ids" not in inspect.signature(model_class.forward).parameters or \
+            not re.search(r"\bcreate_(sliding_window_)?causal_mask\b", inspect.getsource(inspect.getmodule(model_class))):
+        raise ConfigError(f"data.document_masking: model type {config.model_type} does not build its attention mask from "
+                          "position_ids (transformers' create_causal_mask), so documents could not be kept apart; "
+                          "set data.document_masking: false for this model")
 
 
 def classification_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -169,5 +200,3 @@ def classification_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return F.cross_entropy(logits.float(), batch["labels"])
 
-
-LOSSES = {"causal_lm": lm_loss, "classification": classification_loss}

@@ -148,8 +148,9 @@ MAY_CHANGE = ("run.name", "run.output_dir", "model.init_from", "model.gradient_c
 # What the data is (files, tokenizer, splits): judged by the data's fingerprint, which --allow-data-change
 # overrides; the same data may be described differently (moved, another spelling of a path).
 DATA = ("data.", "tokenizer.")
-# ... except the sample length: the consumed-sample count, the run's position in the data, counts samples of it.
-NEVER = ("data.seq_len", "data.mode")
+# ... except the sample length (the consumed-sample count, the run's position in the data, counts samples of it)
+# and whether a sample's documents are kept apart (what the model learns from them).
+NEVER = ("data.seq_len", "data.mode", "data.document_masking")
 
 
 def config_changes(saved: Config, new: Config) -> list[str]:

@@ -28,7 +28,6 @@ from trainer.data import Batches, open_data
 from trainer.engine import build_engine
 from trainer.evaluator import Evaluator
 from trainer.metrics import MetricsLogger
-from trainer.model import LOSSES
 from trainer.monitors import FileVerifier, Monitors, PhaseTimer, StopRequest
 from trainer.perf import PRECISION_DTYPES, Throughput, flops_per_token, peak_flops
 from trainer.report import render
@@ -104,7 +103,7 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_run: b
                Evaluator(cfg.eval, data.validation(cfg, rank), metrics, cfg.train.max_steps),
                Checkpointer(cfg.checkpoint, cfg.run_dir, engine, batches.state, metrics, cfg.train.max_steps,
                             cfg.async_saves, long_work),
-               metrics, state, LOSSES[cfg.model.task], cfg.grad_accum)
+               metrics, state, data.loss(cfg), cfg.grad_accum)
 
 
 def _loop(run: Run, t: TrainSection, seq_len: int) -> int:

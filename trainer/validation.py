@@ -4,6 +4,7 @@ loss, accuracy, macro-F1 and the confusion matrix of a split (classification).""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -13,7 +14,6 @@ from torch.utils.data import default_collate
 from data_pipeline import LabelledData, Manifest, PackedDataset, eval_batches
 from trainer import distributed
 from trainer.config import ConfigError
-from trainer.model import lm_loss
 
 
 def validation_batch_counts(manifest: Manifest, batches: int, micro_batch_size: int, seq_len: int,
@@ -40,8 +40,8 @@ class Validation:
     tests = False
 
     def __init__(self, manifest: Manifest, counts: dict[str, int], micro_batch_size: int, seq_len: int,
-                 rank: distributed.Rank):
-        self.sets = {}
+                 rank: distributed.Rank, loss: Callable):
+        self.sets, self.loss = {}, loss
         for source, count in counts.items():
             dataset = PackedDataset(manifest.store("validation", source), seq_len)
             self.sets[source] = (dataset, eval_batches(len(dataset), micro_batch_size, rank.rank, rank.world_size,
@@ -54,7 +54,7 @@ class Validation:
     def run(self, engine) -> dict[str, float]:
         """val/loss and val/ppl, and per source when there are several."""
         engine.eval()
-        means = [sum(lm_loss(engine, torch.stack([dataset[i] for i in idx]).to(self.device)).item()
+        means = [sum(self.loss(engine, torch.stack([dataset[i] for i in idx]).to(self.device)).item()
                      for idx in batches) / len(batches) for dataset, batches in self.sets.values()]
         engine.train()
         losses = dict(zip(self.sets, distributed.all_mean(means, self.device)))
