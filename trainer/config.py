@@ -114,6 +114,12 @@ class LaunchSection(Section):
     collective_timeout: int = Field(1800, ge=10)
 
 
+class ParallelSection(Section):
+    # Ulysses sequence parallelism: each sample's sequence split over this many ranks (activations / N). The
+    # data-parallel degree is the world size over it; train.global_batch_size stays samples per optimizer step.
+    sequence: int = Field(1, ge=1)
+
+
 class Config(Section):
     run: RunSection
     model: ModelSection = ModelSection()
@@ -124,6 +130,7 @@ class Config(Section):
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
     zero: ZeroSection = ZeroSection()
+    parallel: ParallelSection = ParallelSection()
     launch: LaunchSection = LaunchSection()
 
     @property
@@ -131,8 +138,13 @@ class Config(Section):
         return self.launch.nnodes * self.launch.nproc_per_node
 
     @property
+    def data_parallel_size(self) -> int:
+        """The ranks that train different samples: a sequence group trains the same ones."""
+        return self.world_size // self.parallel.sequence
+
+    @property
     def grad_accum(self) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.world_size)
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size)
 
     @property
     def run_dir(self) -> Path:
@@ -317,11 +329,13 @@ def _describe(error: ValidationError) -> str:
 
 def _check_combinations(cfg: Config, cuda_available: bool | None) -> None:
     t, z = cfg.train, cfg.zero
-    per_step = t.micro_batch_size * cfg.world_size
+    _check_parallel(cfg)
+    per_step = t.micro_batch_size * cfg.data_parallel_size
     if t.global_batch_size % per_step:
+        degree = "world size" if cfg.parallel.sequence == 1 else "data-parallel degree (world / parallel.sequence)"
         raise ConfigError(
             f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-            f"train.micro_batch_size ({t.micro_batch_size}) x world size ({cfg.world_size})"
+            f"train.micro_batch_size ({t.micro_batch_size}) x {degree} ({cfg.data_parallel_size})"
         )
     if cfg.optim.warmup_steps > t.max_steps:
         raise ConfigError(f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps ({t.max_steps})")
@@ -345,6 +359,17 @@ def _check_combinations(cfg: Config, cuda_available: bool | None) -> None:
         _check_streaming(cfg)
     _check_task(cfg)
     _check_model_fields(cfg.model)
+
+
+def _check_parallel(cfg: Config) -> None:
+    sequence = cfg.parallel.sequence
+    if cfg.world_size % sequence:
+        raise ConfigError(f"parallel.sequence: {sequence} does not divide the world size ({cfg.world_size})")
+    if cfg.data.seq_len % sequence:
+        raise ConfigError(f"parallel.sequence: {sequence} does not divide data.seq_len ({cfg.data.seq_len})")
+    if sequence > 1 and cfg.model.task != "causal_lm":
+        raise ConfigError("parallel.sequence: splits the sequences of packed text (model.task causal_lm); a "
+                          "classification example is short and attends both ways")
 
 
 def _check_task(cfg: Config) -> None:

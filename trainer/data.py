@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
@@ -28,6 +29,9 @@ from trainer.config import Config, ModelSection
 from trainer.distributed import Rank, die_with_parent
 from trainer.model import classification_loss, lm_loss, model_config
 from trainer.validation import ClassifierValidation, Validation, validation_batch_counts
+
+if TYPE_CHECKING:  # imports DeepSpeed, which the CLI's pre-flight does without
+    from trainer.sequence_parallel import SequenceShard
 
 
 @dataclass
@@ -60,16 +64,17 @@ class TrainingData:
         if self.record is not None:
             self.record.check_sizes()
 
-    def loss(self, cfg: Config) -> Callable:
+    def loss(self, cfg: Config, shard: SequenceShard | None = None) -> Callable:
         """The loss of a micro-batch: `loss(model, batch)`. Packed text: next-token prediction, each document
-        on its own with data.document_masking."""
-        return partial(lm_loss, eos_id=self.eos_id if cfg.data.document_masking else None)
+        on its own with data.document_masking, this rank's slice of each sequence with `shard`."""
+        return partial(lm_loss, eos_id=self.eos_id if cfg.data.document_masking else None, shard=shard)
 
     def batches(self, cfg: Config, rank: Rank, consumed_samples: int, stream_state: dict | None) -> Batches:
         raise NotImplementedError
 
-    def validation(self, cfg: Config, rank: Rank):
-        """An object with `run(engine) -> metrics` (and `tests`, `test(engine)`), or None without held-out data."""
+    def validation(self, cfg: Config, rank: Rank, loss: Callable):
+        """An object with `run(engine) -> metrics` (and `tests`, `test(engine)`), or None without held-out data.
+        `loss`: the training loss (`loss(cfg)`)."""
         return None
 
     def describe(self) -> list[str]:
@@ -97,9 +102,9 @@ class PackedShards(TrainingData):
                                                 zip(self.manifest.sources, order.counts(consumed))}
         return batches
 
-    def validation(self, cfg: Config, rank: Rank) -> Validation:
+    def validation(self, cfg: Config, rank: Rank, loss: Callable) -> Validation:
         return Validation(self.manifest, self._validation_counts(cfg), cfg.train.micro_batch_size, cfg.data.seq_len,
-                          rank, self.loss(cfg))
+                          rank, loss)
 
     def describe(self) -> list[str]:
         return [f"{source}: {self.manifest.num_tokens('train', source):,} training tokens, weight {weight:.3g}"
@@ -107,7 +112,7 @@ class PackedShards(TrainingData):
 
     def _validation_counts(self, cfg: Config) -> dict[str, int]:
         return validation_batch_counts(self.manifest, cfg.eval.batches, cfg.train.micro_batch_size,
-                                       cfg.data.seq_len, cfg.world_size)
+                                       cfg.data.seq_len, cfg.data_parallel_size)
 
 
 class TextStream(TrainingData):
@@ -125,8 +130,8 @@ class TextStream(TrainingData):
         self.fingerprint = fingerprint([u.__dict__ for u in units], tokenizer_fingerprint(tokenizer), self.text_field)
 
     def batches(self, cfg: Config, rank: Rank, consumed_samples: int, stream_state: dict | None) -> Batches:
-        stream = StreamingPackedDataset(self.files, self.text_field, self.tokenizer_dir, cfg.data.seq_len, rank.rank,
-                                        rank.world_size, cfg.run.seed)
+        stream = StreamingPackedDataset(self.files, self.text_field, self.tokenizer_dir, cfg.data.seq_len,
+                                        rank.data_rank, rank.data_world, cfg.run.seed)
         if stream_state is not None:
             stream.load_state_dict(stream_state)
         # No workers: a worker would read ahead of what was trained on, and the stream's state must not.
@@ -150,10 +155,10 @@ class LabelledExamples(TrainingData):
         return Batches(_ordered(cfg, examples, GlobalOrder([len(examples)], [1.0], cfg.run.seed), rank,
                                 consumed_samples))
 
-    def loss(self, cfg: Config) -> Callable:
+    def loss(self, cfg: Config, shard: SequenceShard | None = None) -> Callable:
         return classification_loss
 
-    def validation(self, cfg: Config, rank: Rank) -> ClassifierValidation:
+    def validation(self, cfg: Config, rank: Rank, loss: Callable) -> ClassifierValidation:
         return ClassifierValidation(self.labelled, cfg.train.micro_batch_size, rank)
 
     def describe(self) -> list[str]:  # class imbalance, visible before the first step
@@ -173,7 +178,7 @@ def open_data(cfg: Config) -> TrainingData:
 def _ordered(cfg: Config, dataset, order: GlobalOrder, rank: Rank, consumed_samples: int) -> Iterator:
     """Micro-batches of `dataset` in the global order, from `consumed_samples` on."""
     t = cfg.train
-    sampler = GlobalBatchSampler(order, t.global_batch_size, t.micro_batch_size, rank.rank, rank.world_size,
+    sampler = GlobalBatchSampler(order, t.global_batch_size, t.micro_batch_size, rank.data_rank, rank.data_world,
                                  consumed_samples)
     # Its own generator: starting the workers must not draw from the global RNG, whose state a resumed run
     # restores (dropout would then differ from the uninterrupted run's).

@@ -36,7 +36,9 @@ def deepspeed_config(cfg: Config, num_parameters: int, load_universal: bool = Fa
     if z.offload_optimizer == "nvme" or z.offload_param == "nvme":
         aio = _nvme(cfg, zero, largest_parameter or num_parameters)
     return {
-        "train_batch_size": t.global_batch_size,
+        # DeepSpeed sees every rank as data-parallel (trainer/sequence_parallel.py): a sequence group's slices
+        # of a sample count as samples to it.
+        "train_batch_size": t.global_batch_size * cfg.parallel.sequence,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": o.grad_clip,

@@ -25,10 +25,20 @@ class Rank:
     world_size: int
     local_rank: int
     device: torch.device
+    sequence: int = 1  # parallel.sequence: consecutive ranks share each sample, each a slice of its sequence
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which samples this rank trains: the same as the rest of its sequence group."""
+        return self.rank // self.sequence
+
+    @property
+    def data_world(self) -> int:
+        return self.world_size // self.sequence
 
 
 def die_with_parent() -> None:
@@ -39,7 +49,7 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def init(timeout: timedelta) -> Rank:
+def init(timeout: timedelta, sequence: int = 1) -> Rank:
     """Join the process group described by the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR...). A dead
     peer must end the job, not hang it: its collectives give up after `timeout` (launch.collective_timeout)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -56,7 +66,7 @@ def init(timeout: timedelta) -> Rank:
         timeout=timeout,
         verbose=False,
     )
-    return Rank(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return Rank(dist.get_rank(), dist.get_world_size(), local_rank, device, sequence)
 
 
 def to_device(batch, device: torch.device):

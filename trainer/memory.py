@@ -194,11 +194,13 @@ def estimate(cfg: Config, arch: Architecture, option: Option, nodes: int, gpus_p
     params, grads, optimizer, step, host = model_states(t.precision, option, arch.params, world)
     zero = zero_config(cfg, option, nodes, gpus_per_node, arch.params)
     resident, transient = buffers(arch, t.precision, option, zero, world)
-    mask = document_mask_bytes(cfg, arch)
+    # A rank of a sequence group holds its slice of every activation; attention holds the whole sequence with
+    # that share of the heads: the same bytes. The document mask spans the whole sequence.
+    tokens, mask = cfg.data.seq_len // cfg.parallel.sequence, document_mask_bytes(cfg, arch)
     return Estimate(option, params, grads, optimizer, resident, transient, step,
-                    activation_bytes(arch, t.precision, t.micro_batch_size, cfg.data.seq_len) + mask,
-                    activation_bytes(arch, t.precision, t.micro_batch_size, cfg.data.seq_len, checkpointing=True)
-                    + mask, host, save_copy_bytes(arch, t.precision, option, world))
+                    activation_bytes(arch, t.precision, t.micro_batch_size, tokens) + mask,
+                    activation_bytes(arch, t.precision, t.micro_batch_size, tokens, checkpointing=True) + mask,
+                    host, save_copy_bytes(arch, t.precision, option, world))
 
 
 def document_mask_bytes(cfg: Config, arch: Architecture) -> int:

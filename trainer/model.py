@@ -19,6 +19,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from trainer.config import ConfigError, ModelSection
 
 AUTO_MODELS = {"causal_lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification}
+# attention that a sequence group can share: eager needs a dense mask, flex would be given a plain causal one
+SEQUENCE_SPLIT_ATTENTIONS = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
 def model_config(section: ModelSection, vocab_size: int, labels: list[str] | None = None,
@@ -117,6 +119,23 @@ def check_runs(section: ModelSection, config: PretrainedConfig, micro_batch_size
     run_on_meta(section, config, micro_batch_size, seq_len, where)
 
 
+def check_sequence_split(config: PretrainedConfig, size: int) -> None:
+    """Pre-flight of parallel.sequence: the model's attention can be split `size` ways."""
+    if size == 1:
+        return
+    attention = getattr(config, "_attn_implementation", None) or "sdpa"
+    if attention not in SEQUENCE_SPLIT_ATTENTIONS:
+        raise ConfigError(f"parallel.sequence: {attention} attention cannot be split over a sequence group; use "
+                          f"one of {', '.join(SEQUENCE_SPLIT_ATTENTIONS)} (model.config.attn_implementation)")
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or \
+        config.num_attention_heads
+    if heads % size:
+        raise ConfigError(f"parallel.sequence: {size} does not divide the model's {heads} attention heads")
+    if kv_heads % size and size % kv_heads:
+        raise ConfigError(f"parallel.sequence: {size} and the model's {kv_heads} key/value heads do not divide "
+                          "one another")
+
+
 def run_on_meta(section: ModelSection, config: PretrainedConfig, micro_batch_size: int, seq_len: int,
                 where: str = "model.config") -> None:
     """One forward pass at the run's shapes on the meta device: whatever shape does not fit raises here."""
@@ -159,20 +178,29 @@ def architecture(section: ModelSection, config: PretrainedConfig) -> Architectur
     )
 
 
-def lm_loss(model, batch: torch.Tensor, eos_id: int | None = None) -> torch.Tensor:
+def lm_loss(model, batch: torch.Tensor, eos_id: int | None = None, shard=None) -> torch.Tensor:
     """Next-token cross-entropy on packed samples of seq_len + 1 tokens. With `eos_id` (data.document_masking)
     each document of a sample is trained as if alone: positions restart after every eos, attention stays within
-    a document and nothing is predicted from an eos (the next document's first token is not its continuation)."""
+    a document and nothing is predicted from an eos (the next document's first token is not its continuation).
+    With `shard` (trainer.sequence_parallel.SequenceShard) this rank runs its slice of every sequence."""
     inputs, labels = batch[:, :-1], batch[:, 1:]
-    if eos_id is None:
+    if eos_id is None and shard is None:
         logits = model(input_ids=inputs).logits
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
     # transformers reads restarting position_ids as packed documents when no attention mask (and no cache) is
     # given: sdpa, eager and flex get a block-diagonal causal mask, flash-attention its variable-length kernel.
-    logits = model(input_ids=inputs, position_ids=document_positions(inputs, eos_id), use_cache=False).logits
-    predicted = inputs != eos_id
+    if eos_id is None:
+        positions, predicted = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs), None
+    else:
+        positions, predicted = document_positions(inputs, eos_id), inputs != eos_id
+    count = inputs.numel() if predicted is None else predicted.sum().clamp(min=1)
+    if shard is not None:  # positions and labels belong to the whole sequence: cut after they are known
+        inputs, labels, positions = shard.cut(inputs), shard.cut(labels), shard.cut(positions)
+        predicted = None if predicted is None else shard.cut(predicted)
+    logits = model(input_ids=inputs, position_ids=positions, use_cache=False).logits
     losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-    return (losses * predicted.flatten()).sum() / predicted.sum().clamp(min=1)
+    part = (losses if predicted is None else losses * predicted.flatten()).sum() / count
+    return part if shard is None else shard.whole(part)
 
 
 def document_positions(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:

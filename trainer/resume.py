@@ -144,7 +144,7 @@ def convert_to_universal(run_dir: Path, tag: str, group, log) -> Path:
 MAY_CHANGE = ("run.name", "run.output_dir", "model.init_from", "model.gradient_checkpointing", "optim.",
               "train.micro_batch_size", "train.global_batch_size", "train.max_steps", "train.log_every",
               "train.max_nonfinite_steps", "eval.", "checkpoint.", "launch.", "zero.nvme_path",
-              "zero.partitioned_init", "data.num_workers", "data.prepared_dir")
+              "zero.partitioned_init", "data.num_workers", "data.prepared_dir", "parallel.")
 # What the data is (files, tokenizer, splits): judged by the data's fingerprint, which --allow-data-change
 # overrides; the same data may be described differently (moved, another spelling of a path).
 DATA = ("data.", "tokenizer.")

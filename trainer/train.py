@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.files import write_durable
-from trainer import checkpoint, distributed, resume
+from trainer import checkpoint, distributed, resume, sequence_parallel
 from trainer.checkpoint import TrainState
 from trainer.checkpointer import Checkpointer
 from trainer.config import Config, TrainSection
@@ -54,7 +54,7 @@ def train(cfg: Config, resume_run: bool) -> int:
     """Returns the rank's exit code: 0 when train.max_steps is reached or early stopping ended the run,
     monitors.EXIT_SAVED when a stop signal ended it after a save, monitors.EXIT_FAILED when nothing could be saved."""
     stop = StopRequest()  # first: a signal during start-up must not kill the rank
-    rank = distributed.init(timedelta(seconds=cfg.launch.collective_timeout))
+    rank = distributed.init(timedelta(seconds=cfg.launch.collective_timeout), cfg.parallel.sequence)
     _setup_logging(cfg.run_dir, rank)
     log.info(f"rank {rank.rank} of {rank.world_size} (local rank {rank.local_rank}) on {socket.gethostname()}, "
              f"device {rank.device}")
@@ -79,6 +79,9 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_run: b
     # The loader's workers start now, before the model and optimizer exist: forked later, each would keep a
     # copy of every page the rank writes afterwards (copy on write), multiplying the rank's memory.
     batches = data.batches(cfg, rank, state.consumed_samples, own["stream"] if own else None)
+    shard = sequence_parallel.setup(data.model_config(cfg.model), cfg.parallel.sequence, cfg.train.micro_batch_size,
+                                    cfg.data.seq_len, cfg.data.document_masking)
+    loss = data.loss(cfg, shard)
     engine, arch = build_engine(cfg, data, load_universal=bool(point and point.universal))
     if point:
         resume.load_engine(engine, cfg.run_dir, point)
@@ -100,10 +103,10 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_run: b
     throughput = Throughput(cfg.train.global_batch_size, cfg.data.seq_len, rank.world_size, per_token, peak)
     verifier = FileVerifier(data.record.files(), rank.rank, rank.world_size) if data.record else None
     return Run(engine, batches, Monitors(cfg.train, rank.device, stop, throughput, verifier),
-               Evaluator(cfg.eval, data.validation(cfg, rank), metrics, cfg.train.max_steps),
+               Evaluator(cfg.eval, data.validation(cfg, rank, loss), metrics, cfg.train.max_steps),
                Checkpointer(cfg.checkpoint, cfg.run_dir, engine, batches.state, metrics, cfg.train.max_steps,
                             cfg.async_saves, long_work),
-               metrics, state, data.loss(cfg), cfg.grad_accum)
+               metrics, state, loss, cfg.grad_accum)
 
 
 def _loop(run: Run, t: TrainSection, seq_len: int) -> int:

@@ -44,7 +44,7 @@ class Validation:
         self.sets, self.loss = {}, loss
         for source, count in counts.items():
             dataset = PackedDataset(manifest.store("validation", source), seq_len)
-            self.sets[source] = (dataset, eval_batches(len(dataset), micro_batch_size, rank.rank, rank.world_size,
+            self.sets[source] = (dataset, eval_batches(len(dataset), micro_batch_size, rank.data_rank, rank.data_world,
                                                        count))
         weights = dict(zip(manifest.sources, manifest.weights))
         self.weights = {source: weights[source] for source in self.sets}
