@@ -196,18 +196,23 @@ def estimate(cfg: Config, arch: Architecture, option: Option, nodes: int, gpus_p
     resident, transient = buffers(arch, t.precision, option, zero, world)
     # A rank of a sequence group holds its slice of every activation; attention holds the whole sequence with
     # that share of the heads: the same bytes. The document mask spans the whole sequence.
-    tokens, mask = cfg.data.seq_len // cfg.parallel.sequence, document_mask_bytes(cfg, arch)
+    tokens = cfg.data.seq_len // cfg.parallel.sequence
     return Estimate(option, params, grads, optimizer, resident, transient, step,
-                    activation_bytes(arch, t.precision, t.micro_batch_size, tokens) + mask,
-                    activation_bytes(arch, t.precision, t.micro_batch_size, tokens, checkpointing=True) + mask,
+                    activation_bytes(arch, t.precision, t.micro_batch_size, tokens) + document_mask_bytes(cfg, arch),
+                    activation_bytes(arch, t.precision, t.micro_batch_size, tokens, checkpointing=True)
+                    + document_mask_bytes(cfg, arch, checkpointing=True),
                     host, save_copy_bytes(arch, t.precision, option, world))
 
 
-def document_mask_bytes(cfg: Config, arch: Architecture) -> int:
-    """data.document_masking gives sdpa and eager attention a boolean micro_batch x seq_len x seq_len mask, one
-    for all layers; flash-attention (variable-length kernel) and flex attention (block mask) need none."""
-    dense = cfg.data.document_masking and arch.attention in ("sdpa", "eager")
-    return cfg.train.micro_batch_size * cfg.data.seq_len ** 2 if dense else 0
+def document_mask_bytes(cfg: Config, arch: Architecture, checkpointing: bool = False) -> int:
+    """data.document_masking gives sdpa and eager attention a boolean micro_batch x seq_len x seq_len mask (the
+    whole sequence's, also under parallel.sequence), which each layer's attention turns into an additive mask
+    of the compute dtype and keeps for backward (measured on CPU: bench/sequence_parallel.py). Quadratic in
+    seq_len: at long sequences use flash-attention, whose variable-length kernel needs no mask, as flex does."""
+    if not (cfg.data.document_masking and arch.attention in ("sdpa", "eager")):
+        return 0
+    layers = 1 if checkpointing else arch.layers
+    return cfg.train.micro_batch_size * cfg.data.seq_len ** 2 * (1 + layers * element_bytes(cfg.train.precision))
 
 
 def save_copy_bytes(arch: Architecture, precision: str, option: Option, world: int) -> int:

@@ -78,12 +78,16 @@ def setup(config: PretrainedConfig, size: int, micro_batch_size: int, seq_len: i
 
 
 def _documents_kept_apart(core):
-    """sdpa over the gathered sequence, attending only within each document: positions restart at each one."""
+    """sdpa over the gathered sequence, attending only within each document: positions restart at each one.
+    Every layer gathers the same positions: one mask serves them all (sdpa keeps it for backward)."""
+    last = {"positions": None, "mask": None}
+
     def attend(module, query, key, value, attention_mask, *args, **kwargs):
         positions = kwargs["position_ids"]  # gathered over the group by UlyssesSPAttentionHF
-        document = (positions == 0).cumsum(-1)
-        causal = torch.ones(positions.shape[-1], positions.shape[-1], dtype=torch.bool,
-                            device=positions.device).tril()
-        mask = (document[:, :, None] == document[:, None, :]) & causal
-        return core(module, query, key, value, mask[:, None], *args, **kwargs)
+        if last["positions"] is None or not torch.equal(last["positions"], positions):
+            document = (positions == 0).cumsum(-1)
+            causal = torch.ones(positions.shape[-1], positions.shape[-1], dtype=torch.bool,
+                                device=positions.device).tril()
+            last.update(positions=positions, mask=((document[:, :, None] == document[:, None, :]) & causal)[:, None])
+        return core(module, query, key, value, last["mask"], *args, **kwargs)
     return attend
