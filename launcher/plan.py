@@ -108,9 +108,11 @@ def _header(cfg: Config, arch: Architecture, est: Estimate, nodes: int, gpus_per
     per_token = flops_per_token(arch, s)
     embeddings = (f"embeddings {_count(arch.embedding)} in + {_count(arch.lm_head)} out" if arch.lm_head
                   else f"embeddings {_count(arch.embedding)} (tied)")
-    per_step = t.micro_batch_size * world
+    sequence = cfg.parallel.sequence
+    per_step = t.micro_batch_size * world // sequence  # a sequence group trains the same samples
     accumulation = (f"gradient accumulation {t.global_batch_size // per_step}" if t.global_batch_size % per_step == 0
-                    else f"NOT a multiple of micro-batch x ranks = {per_step}: zerotrain refuses this run")
+                    else f"NOT a multiple of micro-batch x data-parallel ranks = {per_step}: zerotrain refuses this run")
+    split = f", {s // sequence} per rank of a sequence group of {sequence}" if sequence > 1 else ""
     states = ("4 B gradients + 8 B Adam moments (+ a 4 B fp32 master partition at stages 1-3)" if e == 4
               else "2 B gradients + 12 B optimizer states (4 B fp32 master + 8 B Adam moments)")
     return [
@@ -125,7 +127,7 @@ def _header(cfg: Config, arch: Architecture, est: Estimate, nodes: int, gpus_per
         f"{_flops(per_token)} per token ({12 * arch.layers * arch.hidden * s / per_token:.0%} attention), "
         f"{_flops(per_token * t.global_batch_size * s)} per step",
         f"precision    {t.precision}: per parameter {e} B weights + {states}",
-        f"activations  {mem(est.activations)} {mem.name} per micro-batch ({t.micro_batch_size} x {s} tokens); "
+        f"activations  {mem(est.activations)} {mem.name} per micro-batch ({t.micro_batch_size} x {s} tokens{split}); "
         f"{mem(est.activations_checkpointed)} {mem.name} with full activation checkpointing",
         "             (model.gradient_checkpointing: true)",
         "",

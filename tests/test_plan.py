@@ -205,7 +205,8 @@ def test_stage_2_and_3_agree_with_deepspeed_estimators(name, nodes):
 # the GPU presets and the report
 
 
-@pytest.mark.parametrize("name,size", [("llama_1b", 1e9), ("llama_7b", 7e9), ("llama_70b", 70e9)])
+@pytest.mark.parametrize("name,size", [("llama_1b", 1e9), ("llama_7b", 7e9), ("llama_70b", 70e9),
+                                       ("llama_8b_32k", 8e9)])
 def test_gpu_presets_load_and_follow_the_plan(name, size):
     cfg = load_config(REPO / "configs" / f"{name}.yaml", cuda_available=True)
     arch = architecture(cfg)
@@ -216,6 +217,8 @@ def test_gpu_presets_load_and_follow_the_plan(name, size):
     chosen, checkpointing = recommend(estimates, 80 * 0.9 * GiB)
     assert (chosen.option.stage, chosen.option.offload_optimizer) == (cfg.zero.stage, False)
     assert checkpointing == (name == "llama_70b")  # 70B: one 4096-token sequence's activations exceed 80 GB
+    # 32k tokens: a sequence's activations (244 GiB) fit only split over a node's 8 GPUs (30.5 GiB each)
+    assert (cfg.parallel.sequence == 8) == (name == "llama_8b_32k")
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     assert 1e6 <= tokens <= 4.5e6
 

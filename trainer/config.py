@@ -50,6 +50,9 @@ class ModelSection(Section):
     # start from this Hugging Face model: a folder (e.g. a zerotrain export) or a Hub name (needs the internet)
     init_from: Path | None = None
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
+    # transformers' attention implementation: sdpa (its default), eager, flex_attention, flash_attention_2 or _3
+    # (need the flash-attn package where the ranks run)
+    attention: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] | None = None
 
 
 class OptimSection(Section):

@@ -6,6 +6,7 @@ Tasks: `causal_lm` (AutoModelForCausalLM, next-token prediction) and `classifica
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ def model_config(section: ModelSection, vocab_size: int, labels: list[str] | Non
         if config.vocab_size != vocab_size:
             raise ConfigError(f"model.init_from: the model's vocabulary ({config.vocab_size}) is not the data's "
                               f"tokenizer's ({vocab_size}); prepare the data with tokenizer.path: {section.init_from}")
+    if section.attention is not None:
+        config._attn_implementation = section.attention
     if section.task == "classification":
         config.num_labels = len(labels)
         config.id2label = dict(enumerate(labels))
@@ -94,9 +97,13 @@ class Architecture:
 
 
 def _on_meta(section: ModelSection, config: PretrainedConfig) -> PreTrainedModel:
-    """The model with meta tensors: shapes without memory, so a 70B model builds in seconds."""
+    """The model with meta tensors: shapes without memory, so a 70B model builds in seconds. Its shapes do not
+    depend on the attention kernel: built with sdpa where the run's needs a package this machine may lack."""
     from accelerate import init_empty_weights
 
+    if (getattr(config, "_attn_implementation", None) or "").startswith("flash_attention"):
+        config = copy.deepcopy(config)
+        config._attn_implementation = "sdpa"
     with init_empty_weights():
         model = AUTO_MODELS[section.task].from_config(config)
     model.tie_weights()  # under init_empty_weights transformers 5 leaves tied embeddings as two parameters
@@ -117,6 +124,16 @@ def check_runs(section: ModelSection, config: PretrainedConfig, micro_batch_size
         raise ConfigError(f"model.config.num_key_value_heads: {kv_heads} does not divide num_attention_heads "
                           f"({heads}): each key/value head serves a whole group of attention heads")
     run_on_meta(section, config, micro_batch_size, seq_len, where)
+
+
+def check_attention_installed(section: ModelSection) -> None:
+    """Pre-flight on the machine that trains: the kernels of model.attention are installed."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    available = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
+    if section.attention in available and not available[section.attention]():
+        raise ConfigError(f"model.attention: {section.attention} needs the flash-attn package (and a GPU it "
+                          "supports), not available here; use sdpa")
 
 
 def check_sequence_split(config: PretrainedConfig, size: int) -> None:

@@ -11,7 +11,7 @@ from trainer import checkpoint, resources
 from trainer.config import Config, ConfigError
 from trainer.data import TrainingData, open_data
 from trainer.deepspeed_config import check_nvme_offload
-from trainer.model import check_document_masking, check_runs, check_sequence_split
+from trainer.model import check_attention_installed, check_document_masking, check_runs, check_sequence_split
 from trainer.resume import ResumePoint, check_continues, decide
 
 
@@ -40,6 +40,7 @@ def preflight(cfg: Config, resume: str, allow_data_change: bool, on_training_mac
     checked.notes += resources.check(cfg, model, on_training_machine)
     if on_training_machine:
         check_nvme_offload(cfg)
+        check_attention_installed(cfg.model)
     return checked
 
 
