@@ -12,84 +12,23 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-import torch.multiprocessing as mp
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainer.config import load_config  # noqa: E402
-from trainer.memory import activation_bytes, architecture, document_mask_bytes  # noqa: E402
-from trainer.model import lm_loss, model_config  # noqa: E402
+sys.path.insert(0, str(REPO / "tests"))  # live_tensors: measured as tests/test_plan.py does
+from live_tensors import split_activations  # noqa: E402
 
 DEMO = REPO / "configs" / "demo.yaml"
-VOCAB, EOS = 8192, 0
 MODEL = ["model.config.hidden_size=256", "model.config.intermediate_size=688", "model.config.num_hidden_layers=4",
          "model.config.num_attention_heads=4", "model.config.num_key_value_heads=4",
          "model.config.max_position_embeddings=16384", "train.precision=fp32"]
-
-
-def kept_for_backward(cfg, shard, batch: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves in one forward + loss (parameters excluded)."""
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config(cfg.model, VOCAB))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    def keep_logits(module, args, output):  # alive until the loss is computed, as the plan counts them
-        pack(output.logits)
-
-    model.register_forward_hook(keep_logits)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        lm_loss(model, batch, EOS if cfg.data.document_masking else None, shard)
-    return sum(kept.values())
-
-
-def memory_rank(rank: int, size: int, port: int, overrides: list[str], seq_len: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
-                      LOCAL_RANK=str(rank))
-    import deepspeed
-
-    from trainer import sequence_parallel
-    deepspeed.init_distributed("gloo", verbose=False)
-    cfg = load_config(DEMO, MODEL + overrides + [f"data.seq_len={seq_len}", "train.micro_batch_size=1",
-                                                 f"train.global_batch_size={size}", f"launch.nproc_per_node={size}",
-                                                 f"parallel.sequence={size}"])
-    shard = sequence_parallel.setup(model_config(cfg.model, VOCAB), size, 1, seq_len, cfg.data.document_masking)
-    generator = torch.Generator().manual_seed(1)
-    batch = torch.randint(1, VOCAB, (1, seq_len + 1), generator=generator)
-    batch[torch.rand(batch.shape, generator=generator) < 1 / 200] = EOS  # documents of ~200 tokens
-    measured = kept_for_backward(cfg, shard, batch)
-    arch = dataclasses.replace(architecture(cfg, VOCAB), attention="sdpa")
-    estimated = activation_bytes(arch, "fp32", 1, seq_len // size) + document_mask_bytes(cfg, arch)
-    if rank == 0:
-        Path(out).write_text(json.dumps({"measured": measured, "estimated": estimated}))
-
-
-def memory(sequence: int, masking: bool, seq_len: int) -> dict:
-    with socket.socket() as s, tempfile.NamedTemporaryFile(suffix=".json") as out:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        mp.spawn(memory_rank, args=(sequence, port, [f"data.document_masking={str(masking).lower()}"], seq_len,
-                                    out.name), nprocs=sequence)
-        return json.loads(Path(out.name).read_text())
 
 
 def tokens_per_s(sequence: int, seq_len: int, steps: int) -> float:
@@ -110,7 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
     for masking in (False, True):
-        whole, split = memory(1, masking, args.seq_len), memory(2, masking, args.seq_len)
+        whole, split = (split_activations(DEMO, MODEL, ranks, masking, args.seq_len) for ranks in (1, 2))
         print(f"activations kept for backward at seq {args.seq_len}, document masking {masking}: sequence split "
               f"over 2 ranks / whole {split['measured'] / whole['measured']:.3f} "
               f"({split['measured'] / 2**20:.0f} vs {whole['measured'] / 2**20:.0f} MiB per rank); measured / "

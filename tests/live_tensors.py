@@ -1,11 +1,17 @@
-"""Live tensor memory on CPU, measured from Python's own objects: what tests/test_plan.py and
-bench/memory_per_stage.py compare ZeRO's accounting with."""
+"""Live tensor memory on CPU, measured from Python's own objects: what tests/test_plan.py,
+tests/test_sequence_parallel.py and the memory benchmarks compare zerotrain's memory model with."""
 
 from __future__ import annotations
 
 import gc
+import json
+import os
+import socket
+import tempfile
 import warnings
 import weakref
+from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -32,3 +38,67 @@ class NewStorages:
         old = {t.untyped_storage().data_ptr() for t in (ref() for ref in self.before) if t is not None}
         new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors()}
         return sum(n for ptr, n in new.items() if ptr not in old)
+
+
+def kept_for_backward(model, run) -> int:
+    """Bytes of the distinct storages autograd saves while `run()` runs a forward of `model` and its loss, plus
+    what is alive around the loss without being saved: the model's output logits and the tensors `run`
+    returns. The activations a memory model counts; the parameters are not activations."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, logits: pack(logits))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        alive = run() or []
+    hook.remove()
+    for t in alive:
+        pack(t)
+    return sum(kept.values())
+
+
+def split_activations(config: Path, overrides: list[str], ranks: int, masking: bool, seq_len: int) -> dict:
+    """{measured, estimated}: the activations of one sample of `seq_len` tokens (random, eos every ~200) kept
+    by rank 0 of `ranks` gloo ranks sharing its sequence (parallel.sequence), and what trainer/memory.py
+    estimates for a rank."""
+    with socket.socket() as s, tempfile.NamedTemporaryFile(suffix=".json") as out:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        overrides = [*overrides, f"data.document_masking={str(masking).lower()}", f"data.seq_len={seq_len}",
+                     "train.micro_batch_size=1", f"train.global_batch_size={ranks}",
+                     f"launch.nproc_per_node={ranks}", f"parallel.sequence={ranks}"]
+        torch.multiprocessing.spawn(_split_rank, args=(ranks, port, str(config), overrides, out.name), nprocs=ranks)
+        return json.loads(Path(out.name).read_text())
+
+
+def _split_rank(rank: int, ranks: int, port: int, config: str, overrides: list[str], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ranks),
+                      LOCAL_RANK=str(rank))
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    from trainer import sequence_parallel
+    from trainer.config import load_config
+    from trainer.memory import activation_bytes, architecture, document_mask_bytes
+    from trainer.model import lm_loss, model_config
+
+    deepspeed.init_distributed("gloo", verbose=False)
+    cfg, vocab, eos = load_config(config, overrides), 8192, 0
+    seq_len = cfg.data.seq_len
+    shard = sequence_parallel.setup(model_config(cfg.model, vocab), ranks, 1, seq_len, cfg.data.document_masking)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config(cfg.model, vocab))
+    generator = torch.Generator().manual_seed(1)
+    batch = torch.randint(1, vocab, (1, seq_len + 1), generator=generator)
+    batch[torch.rand(batch.shape, generator=generator) < 1 / 200] = eos
+    loss = partial(lm_loss, model, batch, eos if cfg.data.document_masking else None, shard)
+    measured = kept_for_backward(model, lambda: [loss()])  # fp32: the logits need no copy for the loss
+    arch = architecture(cfg, vocab)
+    estimated = activation_bytes(arch, cfg.train.precision, 1, seq_len // ranks) + document_mask_bytes(cfg, arch)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"measured": measured, "estimated": estimated}))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, TINY
-from live_tensors import NewStorages
+from live_tensors import NewStorages, kept_for_backward
 from launcher.plan import deepspeed_estimate, flops_per_token, parse_memory, plan
 from trainer.memory import OPTIONS, GiB, Option, activation_bytes, architecture, estimate, recommend
 from trainer.config import ConfigError, load_config
@@ -130,24 +130,17 @@ def test_activation_estimate_matches_saved_tensors(dtype, attention):
 
     cfg = load_config(TINY, SMALL + ["data.seq_len=128"])
     model = AutoModelForCausalLM.from_config(model_config(cfg.model, VOCAB), attn_implementation=attention).to(dtype)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     batch = torch.randint(0, VOCAB, (2, 129))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(input_ids=batch[:, :-1]).logits
-        as_fp32 = logits.float()  # what lm_loss does: both are alive around the loss
+
+    def forward_and_loss():
+        as_fp32 = model(input_ids=batch[:, :-1]).logits.float()  # what lm_loss does: both alive around the loss
         F.cross_entropy(as_fp32.flatten(0, 1), batch[:, 1:].flatten())
-    for t in (logits, as_fp32):
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return [as_fp32]
+
+    kept = kept_for_backward(model, forward_and_loss)
     arch = dataclasses.replace(architecture(cfg, VOCAB), attention=attention)
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
-    ratio = sum(kept.values()) / activation_bytes(arch, precision, 2, 128)
+    ratio = kept / activation_bytes(arch, precision, 2, 128)
     print(f"activations {precision} {attention}: measured / estimated {ratio:.3f}")
     assert abs(ratio - 1) <= TOLERANCE, f"{precision} {attention}: measured / estimated activations = {ratio:.3f}"
 

@@ -9,6 +9,7 @@ import pytest
 from transformers import LlamaConfig
 
 from conftest import STEPS, TINY, read_metrics, tiny_args, train_losses, zerotrain
+from live_tensors import split_activations
 from trainer.config import ConfigError, load_config
 from trainer.model import check_sequence_split
 
@@ -62,6 +63,16 @@ def test_a_sequence_parallel_run_resumes_without_it(ranks, sequence, speeches_da
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s] for s in range(7, STEPS + 1)] == pytest.approx([expected[s] for s in range(7, STEPS + 1)],
                                                                    abs=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_the_plan_counts_a_ranks_activations_under_a_sequence_split():
+    """Within 15% (like the stage estimates): what rank 0 of 2 keeps for backward against trainer/memory.py."""
+    for masking in (False, True):
+        kept = split_activations(TINY, ["model.config.max_position_embeddings=1024"], 2, masking, 512)
+        ratio = kept["measured"] / kept["estimated"]
+        print(f"sequence split over 2 ranks, document masking {masking}: measured / estimated {ratio:.3f}")
+        assert abs(ratio - 1) <= 0.15, (masking, kept)
 
 
 @pytest.mark.parametrize("overrides,message", [
