@@ -72,6 +72,9 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_memory_gib: float, voc
     for flag, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node), ("--gpu-memory", gpu_memory_gib)):
         if not value > 0:
             raise ConfigError(f"{flag}: must be more than 0 (got {value})")
+    if (nodes * gpus_per_node) % cfg.parallel.sequence:
+        raise ConfigError(f"parallel.sequence: {cfg.parallel.sequence} does not divide the {nodes * gpus_per_node} "
+                          "GPUs of --nodes x --gpus-per-node")
     arch = architecture(cfg, vocab_size)
     estimates = [estimate(cfg, arch, option, nodes, gpus_per_node) for option in OPTIONS]
     usable = gpu_memory_gib * (1 - MARGIN) * GiB
@@ -102,6 +105,14 @@ def _flops(n: float) -> str:
         if n >= 1e6 else f"{n:,.0f} FLOP"
 
 
+def _accumulation(cfg: Config, world: int) -> str:
+    t = cfg.train
+    per_step = t.micro_batch_size * world // cfg.parallel.sequence  # a sequence group trains the same samples
+    if t.global_batch_size % per_step:
+        return f"NOT a multiple of micro-batch x data-parallel ranks = {per_step}: zerotrain refuses this run"
+    return f"gradient accumulation {t.global_batch_size // per_step}"
+
+
 def _header(cfg: Config, arch: Architecture, est: Estimate, nodes: int, gpus_per_node: int,
             gpu_memory_gib: float, mem: Units) -> list[str]:
     t, s, world, e = cfg.train, cfg.data.seq_len, nodes * gpus_per_node, element_bytes(cfg.train.precision)
@@ -109,9 +120,6 @@ def _header(cfg: Config, arch: Architecture, est: Estimate, nodes: int, gpus_per
     embeddings = (f"embeddings {_count(arch.embedding)} in + {_count(arch.lm_head)} out" if arch.lm_head
                   else f"embeddings {_count(arch.embedding)} (tied)")
     sequence = cfg.parallel.sequence
-    per_step = t.micro_batch_size * world // sequence  # a sequence group trains the same samples
-    accumulation = (f"gradient accumulation {t.global_batch_size // per_step}" if t.global_batch_size % per_step == 0
-                    else f"NOT a multiple of micro-batch x data-parallel ranks = {per_step}: zerotrain refuses this run")
     split = f", {s // sequence} per rank of a sequence group of {sequence}" if sequence > 1 else ""
     states = ("4 B gradients + 8 B Adam moments (+ a 4 B fp32 master partition at stages 1-3)" if e == 4
               else "2 B gradients + 12 B optimizer states (4 B fp32 master + 8 B Adam moments)")
@@ -122,7 +130,7 @@ def _header(cfg: Config, arch: Architecture, est: Estimate, nodes: int, gpus_per
         f"             {arch.layers} layers, hidden {arch.hidden}, {arch.heads} heads (KV dim {arch.kv_dim}), "
         f"MLP {arch.intermediate}{' gated' if arch.gated_mlp else ''}, vocab {arch.vocab}, attention {arch.attention}",
         f"batch        {t.global_batch_size} x {s} = {_count(t.global_batch_size * s)} tokens per step; "
-        f"micro-batch {t.micro_batch_size} per rank, {accumulation}",
+        f"micro-batch {t.micro_batch_size} per rank, {_accumulation(cfg, world)}",
         f"compute      6 x {_count(arch.multiplying)} + 12 x {arch.layers} x {arch.hidden} x {s} = "
         f"{_flops(per_token)} per token ({12 * arch.layers * arch.hidden * s / per_token:.0%} attention), "
         f"{_flops(per_token * t.global_batch_size * s)} per step",

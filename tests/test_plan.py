@@ -249,6 +249,12 @@ def test_vocabulary_comes_from_init_from_or_the_tokenizer(tmp_path):
         architecture(load_config(TINY, [f"tokenizer.path={tmp_path / 'missing'}"]))
 
 
+def test_a_sequence_degree_that_does_not_divide_the_gpus_is_refused():
+    cfg = load_config(REPO / "configs" / "llama_8b_32k.yaml", cuda_available=True)
+    with pytest.raises(ConfigError, match="^parallel.sequence: 8 does not divide the 6 GPUs of --nodes x --gpus"):
+        plan(cfg, 1, 6, 80)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # --gpu-memory
 

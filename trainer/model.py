@@ -96,12 +96,17 @@ class Architecture:
         return self.params - (0 if self.tied else self.embedding)
 
 
+def attention_of(config: PretrainedConfig) -> str:
+    """The attention implementation the model will use: model.attention, else transformers' default, sdpa."""
+    return getattr(config, "_attn_implementation", None) or "sdpa"
+
+
 def _on_meta(section: ModelSection, config: PretrainedConfig) -> PreTrainedModel:
     """The model with meta tensors: shapes without memory, so a 70B model builds in seconds. Its shapes do not
     depend on the attention kernel: built with sdpa where the run's needs a package this machine may lack."""
     from accelerate import init_empty_weights
 
-    if (getattr(config, "_attn_implementation", None) or "").startswith("flash_attention"):
+    if attention_of(config).startswith("flash_attention"):
         config = copy.deepcopy(config)
         config._attn_implementation = "sdpa"
     with init_empty_weights():
@@ -140,10 +145,10 @@ def check_sequence_split(config: PretrainedConfig, size: int) -> None:
     """Pre-flight of parallel.sequence: the model's attention can be split `size` ways."""
     if size == 1:
         return
-    attention = getattr(config, "_attn_implementation", None) or "sdpa"
+    attention = attention_of(config)
     if attention not in SEQUENCE_SPLIT_ATTENTIONS:
-        raise ConfigError(f"parallel.sequence: {attention} attention cannot be split over a sequence group; use "
-                          f"one of {', '.join(SEQUENCE_SPLIT_ATTENTIONS)} (model.config.attn_implementation)")
+        raise ConfigError(f"parallel.sequence: {attention} attention cannot be split over a sequence group; set "
+                          f"model.attention to one of {', '.join(SEQUENCE_SPLIT_ATTENTIONS)}")
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or \
         config.num_attention_heads
     if heads % size:
@@ -191,7 +196,7 @@ def architecture(section: ModelSection, config: PretrainedConfig) -> Architectur
         gated_mlp=any(name.rsplit(".", 1)[-1] in ("gate_proj", "w1", "gate_up_proj")
                       for name, _ in model.named_modules()),
         vocab=config.vocab_size,
-        attention=getattr(config, "_attn_implementation", None) or "sdpa",
+        attention=attention_of(config),
     )
 
 
@@ -233,11 +238,12 @@ def check_document_masking(config: PretrainedConfig) -> None:
     from the position_ids it is given; a model that does not would attend across documents without a word."""
     mapping = AutoModelForCausalLM._model_mapping
     model_class = mapping[type(config)] if type(config) in mapping else None
-    if model_class is None or "position_ids" not in inspect.signature(model_class.forward).parameters or \
-            not re.search(r"\bcreate_(sliding_window_)?causal_mask\b", inspect.getsource(inspect.getmodule(model_class))):
-        raise ConfigError(f"data.document_masking: model type {config.model_type} does not build its attention mask from "
-                          "position_ids (transformers' create_causal_mask), so documents could not be kept apart; "
-                          "set data.document_masking: false for this model")
+    takes_positions = model_class is not None and "position_ids" in inspect.signature(model_class.forward).parameters
+    if not (takes_positions and re.search(r"\bcreate_(sliding_window_)?causal_mask\b",
+                                          inspect.getsource(inspect.getmodule(model_class)))):
+        raise ConfigError(f"data.document_masking: model type {config.model_type} does not build its attention "
+                          "mask from position_ids (transformers' create_causal_mask), so documents could not be "
+                          "kept apart; set data.document_masking: false for this model")
 
 
 def classification_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

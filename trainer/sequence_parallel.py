@@ -23,7 +23,10 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 from transformers import PretrainedConfig
+from transformers.masking_utils import find_packed_sequence_indices
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from trainer.model import attention_of
 
 
 @dataclass
@@ -56,7 +59,7 @@ def setup(config: PretrainedConfig, size: int, micro_batch_size: int, seq_len: i
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = [dist.new_group(list(range(first, first + size))) for first in range(0, world, size)]
     group = groups[rank // size]
-    attention = getattr(config, "_attn_implementation", None) or "sdpa"
+    attention = attention_of(config)
     core = ALL_ATTENTION_FUNCTIONS[attention]
     if document_masking and attention == "sdpa":
         core = _documents_kept_apart(core)
@@ -78,16 +81,17 @@ def setup(config: PretrainedConfig, size: int, micro_batch_size: int, seq_len: i
 
 
 def _documents_kept_apart(core):
-    """sdpa over the gathered sequence, attending only within each document: positions restart at each one.
+    """sdpa over the gathered sequence, attending only within each document, which transformers finds where
+    the positions restart (as it does without a sequence split); no mask when every sample is one document.
     Every layer gathers the same positions: one mask serves them all (sdpa keeps it for backward)."""
     last = {"positions": None, "mask": None}
 
     def attend(module, query, key, value, attention_mask, *args, **kwargs):
         positions = kwargs["position_ids"]  # gathered over the group by UlyssesSPAttentionHF
         if last["positions"] is None or not torch.equal(last["positions"], positions):
-            document = (positions == 0).cumsum(-1)
-            causal = torch.ones(positions.shape[-1], positions.shape[-1], dtype=torch.bool,
-                                device=positions.device).tril()
-            last.update(positions=positions, mask=((document[:, :, None] == document[:, None, :]) & causal)[:, None])
+            document = find_packed_sequence_indices(positions)
+            mask = None if document is None else (document[:, :, None] == document[:, None, :]) & torch.ones(
+                positions.shape[-1], positions.shape[-1], dtype=torch.bool, device=positions.device).tril()
+            last.update(positions=positions, mask=None if mask is None else mask[:, None])
         return core(module, query, key, value, last["mask"], *args, **kwargs)
     return attend
