@@ -121,6 +121,14 @@ class ParallelSection(Section):
     # Ulysses sequence parallelism: each sample's sequence split over this many ranks (activations / N). The
     # data-parallel degree is the world size over it; train.global_batch_size stays samples per optimizer step.
     sequence: int = Field(1, ge=1)
+    # AutoTP tensor parallelism: each linear layer's weight split over this many ranks (model states / N, the
+    # embedding replicated); they train the same samples. ZeRO 0-2.
+    tensor: int = Field(1, ge=1)
+
+    @property
+    def model_parallel(self) -> int:
+        """Consecutive ranks that train the same samples (a sequence or a tensor group; they do not compose)."""
+        return self.sequence * self.tensor
 
 
 class Config(Section):
@@ -142,8 +150,8 @@ class Config(Section):
 
     @property
     def data_parallel_size(self) -> int:
-        """The ranks that train different samples: a sequence group trains the same ones."""
-        return self.world_size // self.parallel.sequence
+        """The ranks that train different samples: a sequence or tensor group trains the same ones."""
+        return self.world_size // self.parallel.model_parallel
 
     @property
     def grad_accum(self) -> int:
@@ -335,7 +343,8 @@ def _check_combinations(cfg: Config, cuda_available: bool | None) -> None:
     _check_parallel(cfg)
     per_step = t.micro_batch_size * cfg.data_parallel_size
     if t.global_batch_size % per_step:
-        degree = "world size" if cfg.parallel.sequence == 1 else "data-parallel degree (world / parallel.sequence)"
+        degree = "world size" if cfg.parallel.model_parallel == 1 else \
+            "data-parallel degree (world / parallel.sequence / parallel.tensor)"
         raise ConfigError(
             f"train.global_batch_size: {t.global_batch_size} is not divisible by "
             f"train.micro_batch_size ({t.micro_batch_size}) x {degree} ({cfg.data_parallel_size})"
@@ -365,7 +374,12 @@ def _check_combinations(cfg: Config, cuda_available: bool | None) -> None:
 
 
 def _check_parallel(cfg: Config) -> None:
-    sequence = cfg.parallel.sequence
+    sequence, tensor = cfg.parallel.sequence, cfg.parallel.tensor
+    if sequence > 1 and tensor > 1:  # DeepSpeed 0.19.8's AutoTP mesh is 2-D: data x tensor
+        raise ConfigError("parallel.tensor: does not compose with parallel.sequence (DeepSpeed's tensor-parallel "
+                          "mesh is data x tensor only); choose one of them")
+    if tensor > 1:
+        _check_tensor(cfg)
     if cfg.world_size % sequence:
         raise ConfigError(f"parallel.sequence: {sequence} does not divide the world size ({cfg.world_size})")
     if cfg.data.seq_len % sequence:
@@ -373,6 +387,18 @@ def _check_parallel(cfg: Config) -> None:
     if sequence > 1 and cfg.model.task != "causal_lm":
         raise ConfigError("parallel.sequence: splits the sequences of packed text (model.task causal_lm); a "
                           "classification example is short and attends both ways")
+
+
+def _check_tensor(cfg: Config) -> None:
+    tensor = cfg.parallel.tensor
+    if cfg.world_size % tensor:
+        raise ConfigError(f"parallel.tensor: {tensor} does not divide the world size ({cfg.world_size})")
+    if cfg.zero.stage == 3:  # measured: its batch-size check counts the world one way, then the other
+        raise ConfigError("parallel.tensor: DeepSpeed 0.19.8 cannot initialise tensor parallelism at zero.stage 3 "
+                          "(its train_batch_size check contradicts itself); use zero.stage 0, 1 or 2")
+    if cfg.model.task != "causal_lm":
+        raise ConfigError("parallel.tensor: splits decoder language models (model.task causal_lm); a "
+                          "classification encoder is small enough for data parallelism")
 
 
 def _check_task(cfg: Config) -> None:

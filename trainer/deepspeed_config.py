@@ -37,8 +37,9 @@ def deepspeed_config(cfg: Config, num_parameters: int, load_universal: bool = Fa
         aio = _nvme(cfg, zero, largest_parameter or num_parameters)
     return {
         # DeepSpeed sees every rank as data-parallel (trainer/sequence_parallel.py): a sequence group's slices
-        # of a sample count as samples to it.
-        "train_batch_size": t.global_batch_size * cfg.parallel.sequence,
+        # of a sample count as samples to it. Under AutoTP its batch check counts every rank too (measured),
+        # though it averages gradients over the data-parallel ranks only.
+        "train_batch_size": t.global_batch_size * cfg.parallel.model_parallel,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": o.grad_clip,
@@ -53,7 +54,8 @@ def deepspeed_config(cfg: Config, num_parameters: int, load_universal: bool = Fa
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2**31 - 1,  # zerotrain logs its own metrics
         "wall_clock_breakdown": False,
-    } | ({"aio": aio} if aio else {})
+    } | ({"aio": aio} if aio else {}) | (
+        {"tensor_parallel": {"autotp_size": cfg.parallel.tensor}} if cfg.parallel.tensor > 1 else {})
 
 
 # DeepSpeed swaps a tensor to NVMe only if it has at least this many bytes (swap_tensor.utils.MIN_AIO_BYTES);

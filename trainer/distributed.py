@@ -25,7 +25,9 @@ class Rank:
     world_size: int
     local_rank: int
     device: torch.device
-    sequence: int = 1  # parallel.sequence: consecutive ranks share each sample, each a slice of its sequence
+    # parallel.sequence x parallel.tensor: consecutive ranks share each sample, each a slice of its sequence
+    # or of the model's weights
+    model_parallel: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -33,12 +35,12 @@ class Rank:
 
     @property
     def data_rank(self) -> int:
-        """Which samples this rank trains: the same as the rest of its sequence group."""
-        return self.rank // self.sequence
+        """Which samples this rank trains: the same as the rest of its sequence or tensor group."""
+        return self.rank // self.model_parallel
 
     @property
     def data_world(self) -> int:
-        return self.world_size // self.sequence
+        return self.world_size // self.model_parallel
 
 
 def die_with_parent() -> None:
@@ -49,7 +51,7 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def init(timeout: timedelta, sequence: int = 1) -> Rank:
+def init(timeout: timedelta, model_parallel: int = 1) -> Rank:
     """Join the process group described by the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR...). A dead
     peer must end the job, not hang it: its collectives give up after `timeout` (launch.collective_timeout)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -66,7 +68,7 @@ def init(timeout: timedelta, sequence: int = 1) -> Rank:
         timeout=timeout,
         verbose=False,
     )
-    return Rank(dist.get_rank(), dist.get_world_size(), local_rank, device, sequence)
+    return Rank(dist.get_rank(), dist.get_world_size(), local_rank, device, model_parallel)
 
 
 def to_device(batch, device: torch.device):

@@ -158,6 +158,22 @@ def check_sequence_split(config: PretrainedConfig, size: int) -> None:
                           "one another")
 
 
+def check_tensor_split(config: PretrainedConfig, size: int) -> None:
+    """Pre-flight of parallel.tensor: DeepSpeed's AutoTP follows the model's transformers tensor-parallel plan
+    (column-split q/k/v and MLP inputs, row-split outputs), which needs every split dimension divisible."""
+    if size == 1:
+        return
+    if not getattr(config, "base_model_tp_plan", None):
+        raise ConfigError(f"parallel.tensor: transformers has no tensor-parallel plan for {config.model_type} "
+                          "models (Llama, Mistral, Qwen2 have one); use data parallelism")
+    dims = {"attention heads": config.num_attention_heads,
+            "key/value heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            "MLP width (intermediate_size)": config.intermediate_size, "vocabulary": config.vocab_size}
+    for name, value in dims.items():
+        if value % size:
+            raise ConfigError(f"parallel.tensor: {size} does not divide the model's {name} ({value})")
+
+
 def run_on_meta(section: ModelSection, config: PretrainedConfig, micro_batch_size: int, seq_len: int,
                 where: str = "model.config") -> None:
     """One forward pass at the run's shapes on the meta device: whatever shape does not fit raises here."""

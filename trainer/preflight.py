@@ -11,7 +11,8 @@ from trainer import checkpoint, resources
 from trainer.config import Config, ConfigError
 from trainer.data import TrainingData, open_data
 from trainer.deepspeed_config import check_nvme_offload
-from trainer.model import check_attention_installed, check_document_masking, check_runs, check_sequence_split
+from trainer.model import (check_attention_installed, check_document_masking, check_runs, check_sequence_split,
+                           check_tensor_split)
 from trainer.resume import ResumePoint, check_continues, decide
 
 
@@ -36,6 +37,7 @@ def preflight(cfg: Config, resume: str, allow_data_change: bool, on_training_mac
     if cfg.data.document_masking:
         check_document_masking(model)
     check_sequence_split(model, cfg.parallel.sequence)
+    check_tensor_split(model, cfg.parallel.tensor)
     checked = _resume(cfg, data, resume, allow_data_change)
     checked.notes += resources.check(cfg, model, on_training_machine)
     if on_training_machine:

@@ -54,7 +54,7 @@ def train(cfg: Config, resume_run: bool) -> int:
     """Returns the rank's exit code: 0 when train.max_steps is reached or early stopping ended the run,
     monitors.EXIT_SAVED when a stop signal ended it after a save, monitors.EXIT_FAILED when nothing could be saved."""
     stop = StopRequest()  # first: a signal during start-up must not kill the rank
-    rank = distributed.init(timedelta(seconds=cfg.launch.collective_timeout), cfg.parallel.sequence)
+    rank = distributed.init(timedelta(seconds=cfg.launch.collective_timeout), cfg.parallel.model_parallel)
     _setup_logging(cfg.run_dir, rank)
     log.info(f"rank {rank.rank} of {rank.world_size} (local rank {rank.local_rank}) on {socket.gethostname()}, "
              f"device {rank.device}")
