@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from accelerate import init_empty_weights
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from data_pipeline import load_tokenizer
-from trainer import checkpoint
+from trainer import checkpoint, universal
 from trainer.config import ConfigError, load_config
 from trainer.data import open_data
 from trainer.model import AUTO_MODELS
@@ -47,7 +48,7 @@ def export(run_dir: Path, out_dir: Path, tag: str | None = None) -> tuple[Path, 
                           "optimizer offload")
     data = open_data(cfg)
     tokenizer = load_tokenizer(data.tokenizer_dir, require_eos=False)
-    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=found.tag)
+    state_dict = _fp32_weights(ckpt, cfg)
     auto = AUTO_MODELS[cfg.model.task]
     with init_empty_weights():  # no throw-away initialisation of a large model
         model = auto.from_config(data.model_config(cfg.model))
@@ -59,3 +60,21 @@ def export(run_dir: Path, out_dir: Path, tag: str | None = None) -> tuple[Path, 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir, auto.__name__, found.damaged
+
+
+def _fp32_weights(ckpt: Path, cfg) -> dict:
+    """The whole fp32 master weights. DeepSpeed's consolidation joins ZeRO partitions, not tensor slices: those
+    of a tensor-parallel run come from its universal conversion, one a resume made beside it or one made here
+    (in a temporary folder beside the checkpoint: it takes about the checkpoint's size)."""
+    if cfg.parallel.tensor == 1:
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    if cfg.zero.stage == 0:
+        raise ConfigError(f"{ckpt}: a ZeRO-0 checkpoint of a tensor-parallel run keeps its weights sliced in its "
+                          "model files, which DeepSpeed's universal conversion does not read; save at zero.stage "
+                          "1 or 2 to export")
+    made = checkpoint.universal_dir(ckpt.parent, ckpt.name)
+    if made.is_dir():
+        return universal.weights(made)
+    with tempfile.TemporaryDirectory(prefix=f"{ckpt.name}.export-", dir=ckpt.parent) as tmp:
+        universal.convert_here(ckpt, Path(tmp) / "universal")
+        return universal.weights(Path(tmp) / "universal")

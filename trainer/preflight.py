@@ -13,7 +13,7 @@ from trainer.data import TrainingData, open_data
 from trainer.deepspeed_config import check_nvme_offload
 from trainer.model import (check_attention_installed, check_document_masking, check_runs, check_sequence_split,
                            check_tensor_split)
-from trainer.resume import ResumePoint, check_continues, decide
+from trainer.resume import Layout, ResumePoint, check_continues, decide
 
 
 @dataclass
@@ -53,12 +53,12 @@ def _resume(cfg: Config, data: TrainingData, resume: str, allow_data_change: boo
     if tags and resume == "none":
         raise ConfigError(f"run.output_dir: {cfg.run_dir} already holds checkpoints (latest {tags[-1]}); "
                           "pass --resume auto to continue it, or choose another run.output_dir")
-    point = decide(cfg.run_dir, cfg.world_size, checksums=False)
+    point = decide(cfg.run_dir, Layout.of(cfg), checksums=False)
     if point is None:
         return Preflight(data, None)
     state = checkpoint.read_state(point.folder(cfg.run_dir))
     if state.step >= cfg.train.max_steps:  # about to say the run is finished: only if its checkpoint is intact
-        point = decide(cfg.run_dir, cfg.world_size, checksums=True)
+        point = decide(cfg.run_dir, Layout.of(cfg), checksums=True)
         state = checkpoint.read_state(point.folder(cfg.run_dir))
     notes = [f"checkpoint {problem}; falling back to an older one" for problem in point.damaged]
     if state.data_fingerprint != data.fingerprint and not allow_data_change:
@@ -70,9 +70,10 @@ def _resume(cfg: Config, data: TrainingData, resume: str, allow_data_change: boo
                      "the run continues from the saved weights with fresh Adam moments (not an exact resume)")
     if point.other_ranks:
         if not data.resumes_on_other_ranks:
-            raise ConfigError(f"launch.nproc_per_node: checkpoint {point.tag} was saved by {point.saved_ranks} ranks; "
-                              "streaming data resumes on as many ranks only (prepared data resumes on any number)")
-        notes.append(f"checkpoint {point.tag} was saved by {point.saved_ranks} ranks; resuming on {cfg.world_size} "
+            raise ConfigError(f"launch.nproc_per_node: checkpoint {point.tag} was saved by {point.saved}; "
+                              "streaming data resumes on ranks laid out the same only (prepared data resumes on "
+                              "any)")
+        notes.append(f"checkpoint {point.tag} was saved by {point.saved}; resuming on {Layout.of(cfg)} "
                      f"(global batch {cfg.train.global_batch_size} kept, gradient accumulation {cfg.grad_accum})")
         if point.universal:
             notes.append("its ZeRO partitions will load through a universal checkpoint")

@@ -25,19 +25,42 @@ from trainer.config import Config, ConfigError, dotted, load_config, short
 
 
 @dataclass(frozen=True)
+class Layout:
+    """How a run's ranks are laid out: how many, and in sequence or tensor groups (parallel.*)."""
+
+    ranks: int
+    sequence: int = 1
+    tensor: int = 1
+
+    @classmethod
+    def of(cls, cfg: Config) -> "Layout":
+        return cls(cfg.world_size, cfg.parallel.sequence, cfg.parallel.tensor)
+
+    def same_files(self, other: "Layout") -> bool:
+        """Whether DeepSpeed's files fit: a rank's ZeRO partition and tensor slice depend on these two (the
+        sequence groups are invisible to DeepSpeed)."""
+        return (self.ranks, self.tensor) == (other.ranks, other.tensor)
+
+    def __str__(self) -> str:
+        groups = "".join(f", parallel.{name} {n}" for name, n in (("sequence", self.sequence),
+                                                                  ("tensor", self.tensor)) if n > 1)
+        return f"{self.ranks} rank{'s' * (self.ranks > 1)}{groups}"
+
+
+@dataclass(frozen=True)
 class ResumePoint:
     tag: str
-    saved_ranks: int
-    other_ranks: bool  # saved by another number of ranks
-    universal: bool  # ... and partitioned by ZeRO: load its universal conversion
+    saved: Layout
+    other_ranks: bool  # saved by other ranks, or laid out otherwise: their RNG and stream states do not map
+    universal: bool  # ... and DeepSpeed's files do not fit these ranks: load its universal conversion
     damaged: tuple[str, ...] = ()  # newer checkpoints passed over, and why
 
     def folder(self, run_dir: Path) -> Path:
         return checkpoints_dir(run_dir) / self.tag
 
 
-def decide(run_dir: Path, world_size: int, checksums: bool) -> ResumePoint | None:
-    """The checkpoint a resumed run on `world_size` ranks starts from; None when the run has none. Checkpoints
+def decide(run_dir: Path, now: Layout, checksums: bool) -> ResumePoint | None:
+    """The checkpoint a resumed run laid out as `now` starts from; None when the run has none. Checkpoints
     that are all damaged are refused."""
     if not checkpoint.saved_tags(checkpoints_dir(run_dir)):
         return None
@@ -45,13 +68,21 @@ def decide(run_dir: Path, world_size: int, checksums: bool) -> ResumePoint | Non
     if found.tag is None:
         raise ConfigError(f"run.output_dir: no intact checkpoint in {checkpoints_dir(run_dir)} to resume from "
                           f"({found.damaged[0]})")
-    folder = checkpoints_dir(run_dir) / found.tag
-    saved = saved_world_size(folder)
-    other = saved != world_size
-    return ResumePoint(found.tag, saved, other, other and partitioned(folder), tuple(found.damaged))
+    return _point(checkpoints_dir(run_dir), found.tag, now, found.damaged)
 
 
-def choose(run_dir: Path, log, group) -> ResumePoint | None:
+def _point(root: Path, tag: str, now: Layout, damaged) -> ResumePoint:
+    folder = root / tag
+    saved = saved_layout(folder)
+    convert = not saved.same_files(now) and partitioned(folder)
+    if saved.tensor != now.tensor and not convert:
+        raise ConfigError(f"parallel.tensor: checkpoint {tag} was saved at ZeRO stage 0 with parallel.tensor "
+                          f"{saved.tensor}; DeepSpeed loads its optimizer state (kept in the model files) at that "
+                          f"degree only: resume with parallel.tensor {saved.tensor}")
+    return ResumePoint(tag, saved, saved != now, convert, tuple(damaged))
+
+
+def choose(run_dir: Path, now: Layout, log, group) -> ResumePoint | None:
     """Collective over `group` (gloo, with a timeout for long work), before the engine is built: the newest
     checkpoint whose checksums the ranks verify, each its share of the bytes; saved by another number of ranks
     with ZeRO partitions, the ranks convert it to a universal one together. Every rank reaches the same
@@ -75,8 +106,7 @@ def choose(run_dir: Path, log, group) -> ResumePoint | None:
         if damaged:
             raise ConfigError(f"run.output_dir: no intact checkpoint in {root} to resume from ({damaged[0]})")
         return None
-    other = saved_world_size(folder) != world
-    point = ResumePoint(tag, saved_world_size(folder), other, other and partitioned(folder), tuple(damaged))
+    point = _point(root, tag, now, damaged)
     if point.universal and not universal_dir(root, tag).exists():
         started = time.perf_counter()
         convert_to_universal(run_dir, tag, group, log)
@@ -111,8 +141,9 @@ def _repair_zero3_universal_load(engine, weight_decays: list[float]) -> None:
             state["step"] = state["step"].clone()
 
 
-def saved_world_size(folder: Path) -> int:
-    return len(list(folder.glob("rank*.pt")))
+def saved_layout(folder: Path) -> Layout:
+    parallel = load_config(folder / "config.yaml").parallel
+    return Layout(len(list(folder.glob("rank*.pt"))), parallel.sequence, parallel.tensor)
 
 
 def partitioned(folder: Path) -> bool:

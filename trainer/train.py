@@ -74,7 +74,7 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_run: b
     # Verifying and converting checkpoints, and committing saves, wait for the slowest rank's share of long
     # work: on a group of their own, not bounded by launch.collective_timeout.
     long_work = dist.new_group(backend="gloo", timeout=distributed.LONG_WORK_TIMEOUT)
-    point = resume.choose(cfg.run_dir, log.info, long_work) if resume_run else None
+    point = resume.choose(cfg.run_dir, resume.Layout.of(cfg), log.info, long_work) if resume_run else None
     state, own = resume.read_position(cfg.run_dir, point) if point else (TrainState(), None)
     # The loader's workers start now, before the model and optimizer exist: forked later, each would keep a
     # copy of every page the rank writes afterwards (copy on write), multiplying the rank's memory.

@@ -5,17 +5,20 @@ work item per saved rank), then merges each parameter's fragments into zero/<par
 work item per parameter), with a local process pool. Here the ranks of the resuming job split both phases
 (saved ranks, then parameters by size) using its own functions, and rank 0 does the short serial end (the
 parameters without optimizer state, the common optimizer state, the model files). The result is what the
-command writes (tested: the same tensors). Checkpoints with pipeline, tensor or expert parallelism are not
-zerotrain's and are refused by DeepSpeed's own checks below.
+command writes (tested: the same tensors). Tensor-parallel (AutoTP) checkpoints at ZeRO 1-2 convert like any
+other: DeepSpeed joins each parameter's tensor slices along the layout the checkpoint records. Pipeline- and
+expert-parallel ones are not zerotrain's and are refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import itertools
 import os
 import shutil
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -31,9 +34,7 @@ def convert(folder: Path, out: Path, group, log, workers: int = 1) -> None:
     """Collective over `group`: `folder`'s universal conversion into `out` (which must not exist yet). Each rank
     works its share with `workers` processes (DeepSpeed's own pool: the cores this rank may use)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    args = argparse.Namespace(input_folder=str(folder), output_folder=str(out), num_extract_workers=workers,
-                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)
+    args = _arguments(folder, out, workers)
     optim_files = ds._get_optim_files(str(folder))
     stage3_files = ds._filter_zero3_optim_files(optim_files)
     stage = ds._get_zero_stage(stage3_files or optim_files)
@@ -47,6 +48,24 @@ def convert(folder: Path, out: Path, group, log, workers: int = 1) -> None:
         shutil.rmtree(out / "tmp", ignore_errors=True)
         fsync_tree(out)
     dist.barrier(group)
+
+
+def convert_here(folder: Path, out: Path) -> None:
+    """`folder`'s universal conversion by this process alone (DeepSpeed's own command; its report to stderr)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        ds.main(_arguments(folder, out, workers=1))
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 parameters of a universal checkpoint, by name."""
+    return {path.parent.name: torch.load(path, map_location="cpu", weights_only=True)[PARAM]
+            for path in sorted((folder / "zero").glob("*/fp32.pt"))}
+
+
+def _arguments(folder: Path, out: Path, workers: int) -> argparse.Namespace:
+    return argparse.Namespace(input_folder=str(folder), output_folder=str(out), num_extract_workers=workers,
+                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
 
 
 def _stage_1_2(args, rank: int, world: int, group) -> None:
