@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from trainer.config import Config, ConfigError
 from trainer.memory import OPTIONS, Estimate, GiB, Option, architecture, element_bytes, estimate, recommend
-from trainer.model import Architecture
+from trainer.model import Architecture, check_sequence_split, check_tensor_split, model_config
 from trainer.perf import flops_per_token
 
 MARGIN = 0.10  # of GPU memory left free for the CUDA context, NCCL's buffers and allocator fragmentation
@@ -72,19 +72,26 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_memory_gib: float, voc
     for flag, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node), ("--gpu-memory", gpu_memory_gib)):
         if not value > 0:
             raise ConfigError(f"{flag}: must be more than 0 (got {value})")
-    if (nodes * gpus_per_node) % cfg.parallel.sequence:
-        raise ConfigError(f"parallel.sequence: {cfg.parallel.sequence} does not divide the {nodes * gpus_per_node} "
-                          "GPUs of --nodes x --gpus-per-node")
+    for name, degree in (("sequence", cfg.parallel.sequence), ("tensor", cfg.parallel.tensor)):
+        if (nodes * gpus_per_node) % degree:
+            raise ConfigError(f"parallel.{name}: {degree} does not divide the {nodes * gpus_per_node} GPUs of "
+                              "--nodes x --gpus-per-node")
     arch = architecture(cfg, vocab_size)
-    estimates = [estimate(cfg, arch, option, nodes, gpus_per_node) for option in OPTIONS]
+    estimates = _estimates(cfg, arch, nodes, gpus_per_node)
     usable = gpu_memory_gib * (1 - MARGIN) * GiB
     # small models read better in MiB
     mem = Units("GiB", GiB) if max(est.peak() for est in estimates) >= GiB else Units("MiB", 2**20)
     lines = (_header(cfg, arch, estimates[0], nodes, gpus_per_node, gpu_memory_gib, mem)
              + _table(estimates, usable, gpus_per_node, mem)
-             + _verdict(cfg, arch, estimates, usable, gpus_per_node, mem)
+             + _verdict(cfg, arch, estimates, usable, nodes, gpus_per_node, mem)
              + _cross_check(arch, estimates, nodes, gpus_per_node, cfg.train.precision, mem))
     return "\n".join(lines) + "\n"
+
+
+def _estimates(cfg: Config, arch: Architecture, nodes: int, gpus_per_node: int) -> list[Estimate]:
+    """Every ZeRO stage and offload choice zerotrain can run with the config's parallel degrees."""
+    return [estimate(cfg, arch, option, nodes, gpus_per_node) for option in OPTIONS
+            if cfg.parallel.tensor == 1 or option.stage < 3]  # AutoTP: ZeRO 0-2
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,7 @@ def _flops(n: float) -> str:
 
 def _accumulation(cfg: Config, world: int) -> str:
     t = cfg.train
-    per_step = t.micro_batch_size * world // cfg.parallel.sequence  # a sequence group trains the same samples
+    per_step = t.micro_batch_size * world // cfg.parallel.model_parallel  # a group trains the same samples
     if t.global_batch_size % per_step:
         return f"NOT a multiple of micro-batch x data-parallel ranks = {per_step}: zerotrain refuses this run"
     return f"gradient accumulation {t.global_batch_size // per_step}"
@@ -119,8 +126,10 @@ def _header(cfg: Config, arch: Architecture, est: Estimate, nodes: int, gpus_per
     per_token = flops_per_token(arch, s)
     embeddings = (f"embeddings {_count(arch.embedding)} in + {_count(arch.lm_head)} out" if arch.lm_head
                   else f"embeddings {_count(arch.embedding)} (tied)")
-    sequence = cfg.parallel.sequence
+    sequence, tensor = cfg.parallel.sequence, cfg.parallel.tensor
     split = f", {s // sequence} per rank of a sequence group of {sequence}" if sequence > 1 else ""
+    held = [f"             a rank of a tensor group of {tensor} holds {_count(arch.held(tensor))} of them (the "
+            "linear layers split, embedding and norms whole); ZeRO 0-2"] if tensor > 1 else []
     states = ("4 B gradients + 8 B Adam moments (+ a 4 B fp32 master partition at stages 1-3)" if e == 4
               else "2 B gradients + 12 B optimizer states (4 B fp32 master + 8 B Adam moments)")
     return [
@@ -129,6 +138,7 @@ def _header(cfg: Config, arch: Architecture, est: Estimate, nodes: int, gpus_per
         f"model        {cfg.model.type}, {arch.params:,} parameters ({_count(arch.params)}), {embeddings}",
         f"             {arch.layers} layers, hidden {arch.hidden}, {arch.heads} heads (KV dim {arch.kv_dim}), "
         f"MLP {arch.intermediate}{' gated' if arch.gated_mlp else ''}, vocab {arch.vocab}, attention {arch.attention}",
+        *held,
         f"batch        {t.global_batch_size} x {s} = {_count(t.global_batch_size * s)} tokens per step; "
         f"micro-batch {t.micro_batch_size} per rank, {_accumulation(cfg, world)}",
         f"compute      6 x {_count(arch.multiplying)} + 12 x {arch.layers} x {arch.hidden} x {s} = "
@@ -161,8 +171,8 @@ def _table(estimates: list[Estimate], usable: float, gpus_per_node: int, mem: Un
     ]
 
 
-def _verdict(cfg: Config, arch: Architecture, estimates: list[Estimate], usable: float, gpus_per_node: int,
-             mem: Units) -> list[str]:
+def _verdict(cfg: Config, arch: Architecture, estimates: list[Estimate], usable: float, nodes: int,
+             gpus_per_node: int, mem: Units) -> list[str]:
     chosen = recommend(estimates, usable)
     configured = Option(cfg.zero.stage, cfg.zero.offload_optimizer != "none", cfg.zero.offload_param != "none")
     if chosen is None:
@@ -182,6 +192,7 @@ def _verdict(cfg: Config, arch: Architecture, estimates: list[Estimate], usable:
                      "exceed the GPU, and more GPUs cannot help:")
         lines.append("             ZeRO partitions model states, not activations")
     same = chosen is not None and chosen[0].option == configured
+    lines += _parallel_hint(cfg, arch, chosen, usable, nodes, gpus_per_node, mem)
     lines.append(f"configured:  {configured}" + ("" if same or chosen is None else " (not the recommendation)"))
     lines += _start_up(cfg, arch, usable, gpus_per_node, mem)
     saving = next(est for est in estimates if est.option == configured).save_copy if configured in OPTIONS else 0
@@ -190,6 +201,30 @@ def _verdict(cfg: Config, arch: Architecture, estimates: list[Estimate], usable:
                      f"while it is written: up to {mem(saving)} {mem.name} per rank, {mem(saving * gpus_per_node)} "
                      f"{mem.name} per node")
     return lines + [""]
+
+
+def _parallel_hint(cfg: Config, arch: Architecture, chosen: tuple[Estimate, bool] | None, usable: float,
+                   nodes: int, gpus_per_node: int, mem: Units) -> list[str]:
+    """When the run needs offload or activation checkpointing, or nothing fits, and it splits neither sequences
+    nor weights yet: the smallest tensor or sequence degree within a node with which a stage fits without them."""
+    if cfg.parallel.model_parallel > 1 or (chosen and not chosen[1] and not chosen[0].option.offload_optimizer):
+        return []
+    config = model_config(cfg.model, arch.vocab)
+    for degree in (d for d in (2, 4, 8) if d <= gpus_per_node and gpus_per_node % d == 0):
+        for name, check in (("tensor", check_tensor_split), ("sequence", check_sequence_split)):
+            run = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={name: degree})})
+            try:
+                check(config, degree)
+            except ConfigError:
+                continue
+            if name == "sequence" and cfg.data.seq_len % degree:
+                continue
+            fits = [est for est in _estimates(run, arch, nodes, gpus_per_node)
+                    if not est.option.offload_optimizer and est.peak() <= usable]
+            if fits:
+                return [f"             or parallel.{name}: {degree} (within a node): {fits[0].option} fits without "
+                        f"offload or checkpointing, peak {mem(fits[0].peak())} {mem.name}"]
+    return []
 
 
 def _start_up(cfg: Config, arch: Architecture, usable: float, gpus_per_node: int, mem: Units) -> list[str]:

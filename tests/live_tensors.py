@@ -61,17 +61,19 @@ def kept_for_backward(model, run) -> int:
     return sum(kept.values())
 
 
-def split_activations(config: Path, overrides: list[str], ranks: int, masking: bool, seq_len: int) -> dict:
+def split_activations(config: Path, overrides: list[str], ranks: int, masking: bool, seq_len: int,
+                      split: str = "sequence") -> dict:
     """{measured, estimated}: the activations of one sample of `seq_len` tokens (random, eos every ~200) kept
-    by rank 0 of `ranks` gloo ranks sharing its sequence (parallel.sequence), and what trainer/memory.py
-    estimates for a rank."""
+    by rank 0 of `ranks` gloo ranks sharing it (`split`: parallel.sequence or parallel.tensor), and what
+    trainer/memory.py estimates for a rank; with the tensor split also the parameter bytes a rank holds
+    ({params_measured, params_estimated})."""
     with socket.socket() as s, tempfile.NamedTemporaryFile(suffix=".json") as out:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.close()
         overrides = [*overrides, f"data.document_masking={str(masking).lower()}", f"data.seq_len={seq_len}",
-                     "train.micro_batch_size=1", f"train.global_batch_size={ranks}",
-                     f"launch.nproc_per_node={ranks}", f"parallel.sequence={ranks}"]
+                     "train.micro_batch_size=1", f"train.global_batch_size={1 if split == 'tensor' else ranks}",
+                     f"launch.nproc_per_node={ranks}", f"parallel.{split}={ranks}"]
         torch.multiprocessing.spawn(_split_rank, args=(ranks, port, str(config), overrides, out.name), nprocs=ranks)
         return json.loads(Path(out.name).read_text())
 
@@ -84,21 +86,28 @@ def _split_rank(rank: int, ranks: int, port: int, config: str, overrides: list[s
 
     from trainer import sequence_parallel
     from trainer.config import load_config
+    from trainer.deepspeed_config import deepspeed_config
     from trainer.memory import activation_bytes, architecture, document_mask_bytes
     from trainer.model import lm_loss, model_config
 
     deepspeed.init_distributed("gloo", verbose=False)
     cfg, vocab, eos = load_config(config, overrides), 8192, 0
-    seq_len = cfg.data.seq_len
-    shard = sequence_parallel.setup(model_config(cfg.model, vocab), ranks, 1, seq_len, cfg.data.document_masking)
+    seq_len, sequence, tensor = cfg.data.seq_len, cfg.parallel.sequence, cfg.parallel.tensor
+    shard = sequence_parallel.setup(model_config(cfg.model, vocab), sequence, 1, seq_len, cfg.data.document_masking)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config(cfg.model, vocab))
+    arch = architecture(cfg, vocab)
+    if tensor > 1:  # AutoTP slices the model when DeepSpeed's engine is built
+        model = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                     config=deepspeed_config(cfg, arch.held(tensor)))[0].module
     generator = torch.Generator().manual_seed(1)
     batch = torch.randint(1, vocab, (1, seq_len + 1), generator=generator)
     batch[torch.rand(batch.shape, generator=generator) < 1 / 200] = eos
     loss = partial(lm_loss, model, batch, eos if cfg.data.document_masking else None, shard)
     measured = kept_for_backward(model, lambda: [loss()])  # fp32: the logits need no copy for the loss
-    arch = architecture(cfg, vocab)
-    estimated = activation_bytes(arch, cfg.train.precision, 1, seq_len // ranks) + document_mask_bytes(cfg, arch)
+    estimated = activation_bytes(arch, cfg.train.precision, 1, seq_len // sequence, tensor=tensor) \
+        + document_mask_bytes(cfg, arch)
+    params = {"params_measured": sum(4 * p.numel() for p in model.parameters()), "params_estimated": 4 *
+              arch.held(tensor)}
     if rank == 0:
-        Path(out).write_text(json.dumps({"measured": measured, "estimated": estimated}))
+        Path(out).write_text(json.dumps({"measured": measured, "estimated": estimated} | params))

@@ -72,12 +72,13 @@ def element_bytes(precision: str) -> int:
 
 
 def activation_bytes(arch: Architecture, precision: str, micro_batch: int, seq_len: int,
-                     checkpointing: bool = False) -> int:
-    """Activations kept for backward by one micro-batch (formula in the module docstring)."""
+                     checkpointing: bool = False, tensor: int = 1) -> int:
+    """Activations kept for backward by one micro-batch (formula in the module docstring). A rank of a tensor
+    group of `tensor` keeps its heads' and its MLP slice's share; the norms' and the head's are whole."""
     e, h = element_bytes(precision), arch.hidden
     scores = (4 + e) * arch.heads * seq_len if arch.attention == "eager" else 0
-    layer = (2 * (4 + 2 * e) * h + e * (3 * h + 2 * arch.kv_dim) + (4 if arch.gated_mlp else 2) * e
-             * arch.intermediate + scores)
+    split = e * (3 * h + 2 * arch.kv_dim) + (4 if arch.gated_mlp else 2) * e * arch.intermediate + scores
+    layer = 2 * (4 + 2 * e) * h + split // tensor
     head = (4 + 2 * e) * h + (e + 4 + (4 if e < 4 else 0)) * arch.vocab  # fp32 logits need no copy
     per_token = (arch.layers * e * h + layer if checkpointing else arch.layers * layer) + head
     return micro_batch * seq_len * per_token
@@ -171,11 +172,12 @@ def model_states(precision: str, option: Option, n_params: int, world: int) -> t
     return params, grads, optimizer * part, step, 0
 
 
-def buffers(arch: Architecture, precision: str, option: Option, zero, world: int) -> tuple[int, int]:
-    """(resident, transient) DeepSpeed buffer bytes per rank."""
+def buffers(arch: Architecture, held: int, precision: str, option: Option, zero, world: int) -> tuple[int, int]:
+    """(resident, transient) DeepSpeed buffer bytes per rank, which holds `held` parameters (its tensor slice)
+    and shares them with `world` data-parallel ranks."""
     from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
 
-    e, P = element_bytes(precision), arch.params
+    e, P = element_bytes(precision), held
     if option.stage == 0:  # the engine all-reduces gradients flattened into buffers of this many elements
         return 0, e * min(P, MEMORY_OPT_ALLREDUCE_SIZE) if world > 1 else 0
     if option.stage == 1:  # reduced at the end of backward, a flattened bucket at a time
@@ -190,18 +192,21 @@ def buffers(arch: Architecture, precision: str, option: Option, zero, world: int
 
 
 def estimate(cfg: Config, arch: Architecture, option: Option, nodes: int, gpus_per_node: int) -> Estimate:
-    world, t = nodes * gpus_per_node, cfg.train
-    params, grads, optimizer, step, host = model_states(t.precision, option, arch.params, world)
-    zero = zero_config(cfg, option, nodes, gpus_per_node, arch.params)
-    resident, transient = buffers(arch, t.precision, option, zero, world)
+    t, tensor = cfg.train, cfg.parallel.tensor
+    # ZeRO partitions a rank's tensor slice over the ranks holding the same slice
+    held, world = arch.held(tensor), nodes * gpus_per_node // tensor
+    params, grads, optimizer, step, host = model_states(t.precision, option, held, world)
+    zero = zero_config(cfg, option, nodes, gpus_per_node, held)
+    resident, transient = buffers(arch, held, t.precision, option, zero, world)
     # A rank of a sequence group holds its slice of every activation; attention holds the whole sequence with
     # that share of the heads: the same bytes. The document mask spans the whole sequence.
     tokens = cfg.data.seq_len // cfg.parallel.sequence
     return Estimate(option, params, grads, optimizer, resident, transient, step,
-                    activation_bytes(arch, t.precision, t.micro_batch_size, tokens) + document_mask_bytes(cfg, arch),
-                    activation_bytes(arch, t.precision, t.micro_batch_size, tokens, checkpointing=True)
+                    activation_bytes(arch, t.precision, t.micro_batch_size, tokens, tensor=tensor)
+                    + document_mask_bytes(cfg, arch),
+                    activation_bytes(arch, t.precision, t.micro_batch_size, tokens, True, tensor)
                     + document_mask_bytes(cfg, arch, checkpointing=True),
-                    host, save_copy_bytes(arch, t.precision, option, world))
+                    host, save_copy_bytes(held, t.precision, option, world))
 
 
 def document_mask_bytes(cfg: Config, arch: Architecture, checkpointing: bool = False) -> int:
@@ -215,13 +220,14 @@ def document_mask_bytes(cfg: Config, arch: Architecture, checkpointing: bool = F
     return cfg.train.micro_batch_size * cfg.data.seq_len ** 2 * (1 + layers * element_bytes(cfg.train.precision))
 
 
-def save_copy_bytes(arch: Architecture, precision: str, option: Option, world: int) -> int:
+def save_copy_bytes(held: int, precision: str, option: Option, world: int) -> int:
     """The host copy of rank 0's share of a checkpoint, which an asynchronous save (checkpoint.async) holds until
     it is written: its part of the fp32 master weights and Adam moments (all of them at stage 0), and the 16-bit
-    weights - its partition at stage 3, all of them at stages 0-2, where rank 0 writes the model file."""
-    part = math.ceil(arch.params / world)
-    optimizer = 12 * (arch.params if option.stage == 0 else part)
-    return optimizer + element_bytes(precision) * (part if option.stage == 3 else arch.params)
+    weights - its partition at stage 3, all of them at stages 0-2, where rank 0 writes the model file. `held`:
+    the parameters of its tensor slice, shared with `world` data-parallel ranks."""
+    part = math.ceil(held / world)
+    optimizer = 12 * (held if option.stage == 0 else part)
+    return optimizer + element_bytes(precision) * (part if option.stage == 3 else held)
 
 
 def recommend(estimates: list[Estimate], usable: float) -> tuple[Estimate, bool] | None:

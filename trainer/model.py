@@ -7,6 +7,7 @@ Tasks: `causal_lm` (AutoModelForCausalLM, next-token prediction) and `classifica
 from __future__ import annotations
 
 import copy
+import fnmatch
 import inspect
 import re
 from dataclasses import dataclass
@@ -88,6 +89,12 @@ class Architecture:
     gated_mlp: bool
     vocab: int
     attention: str  # the attention implementation transformers chose: sdpa, eager, flash_attention_2, ...
+    tensor_split: int  # parameters parallel.tensor splits: the linear layers of the model's tensor-parallel plan
+
+    def held(self, tensor: int) -> int:
+        """Parameters one rank of a tensor group of `tensor` holds: its slice of the split layers, and the rest
+        (input embedding, norms) whole."""
+        return self.params - self.tensor_split + self.tensor_split // tensor
 
     @property
     def multiplying(self) -> int:
@@ -213,7 +220,20 @@ def architecture(section: ModelSection, config: PretrainedConfig) -> Architectur
                       for name, _ in model.named_modules()),
         vocab=config.vocab_size,
         attention=attention_of(config),
+        tensor_split=_tensor_split(model, config),
     )
+
+
+def _tensor_split(model: PreTrainedModel, config: PretrainedConfig) -> int:
+    """Parameters in the layers transformers' tensor-parallel plan splits (what DeepSpeed's AutoTP follows), and
+    the output layer unless it is the (replicated) input embedding."""
+    plan = getattr(config, "base_model_tp_plan", None) or {}
+    split = {id(p): p.numel() for name, module in model.named_modules()
+             if any(fnmatch.fnmatch(name, f"*{pattern}") for pattern in plan) for p in module.parameters()}
+    head = model.get_output_embeddings()
+    if plan and head is not None and head.weight is not model.get_input_embeddings().weight:
+        split[id(head.weight)] = head.weight.numel()
+    return sum(split.values())
 
 
 def lm_loss(model, batch: torch.Tensor, eos_id: int | None = None, shard=None) -> torch.Tensor:
