@@ -227,6 +227,22 @@ def test_report_flags_what_70b_lacks():
     report = plan(load_config(REPO / "configs" / "llama_70b.yaml", cuda_available=True), 16, 8, 80)
     assert "only with activation checkpointing" in report and "each rank builds only its partition" in report
     assert "recommended: ZeRO-3 " in report
+    # the smallest degree within a node that needs neither checkpointing nor offload: tensor 2/4 and sequence 2 do not
+    assert "or parallel.sequence: 4 (within a node): ZeRO-3 fits without offload or checkpointing" in report
+
+
+def test_a_tensor_parallel_plan_counts_a_ranks_slice():
+    cfg = load_config(REPO / "configs" / "llama_70b.yaml", ["zero.stage=1", "parallel.tensor=8",
+                                                             "model.gradient_checkpointing=true"], cuda_available=True)
+    arch = architecture(cfg)
+    report = plan(cfg, 16, 8, 80)
+    assert "a rank of a tensor group of 8 holds 8.85B" in report and not re.search("^ZeRO-3", report, re.M)
+    assert "recommended: ZeRO-1 " in report and "or parallel." not in report  # already split
+    whole = estimate(cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"tensor": 1})}), arch,
+                     Option(1), 16, 8)
+    split = estimate(cfg, arch, Option(1), 16, 8)
+    assert split.params == 2 * arch.held(8) and arch.held(8) < arch.params / 7  # bf16 weights of the slice
+    assert split.activations < whole.activations / 2
 
 
 def test_flops_count_the_multiplying_parameters():

@@ -6,7 +6,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from transformers import LlamaConfig
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import STEPS, TINY, read_metrics, tiny_args, train_losses, zerotrain
 from live_tensors import split_activations
@@ -45,6 +46,13 @@ def test_a_sequence_split_over_two_ranks_trains_the_losses_of_one_rank(stage, ma
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s] for s in sorted(got)] == pytest.approx([expected[s] for s in sorted(got)], abs=TOLERANCE)
     assert val_losses(split) and val_losses(split) == pytest.approx(val_losses(alone), abs=TOLERANCE)
+    if (stage, masking) == (2, "true"):  # its checkpoint is a plain one: it exports 1 rank's model
+        for run_dir in (alone, split):
+            zerotrain("export", run_dir, tmp_path / f"{run_dir.name}-export")
+        ids = torch.arange(1, 20).unsqueeze(0)
+        logits = [AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}-export")(input_ids=ids).logits
+                  for name in (alone.name, split.name)]
+        torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def test_a_data_parallel_run_resumes_tensor_parallel(tiny_run, tiny_data, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_tensor_parallel_run_exports_the_whole_model(tp_run, tiny_run, tmp_path):
+def test_a_tensor_parallel_run_exports_the_whole_model(tp_run, tiny_run, tiny_data, tmp_path):
     """The slices joined: the Hugging Face model of the data-parallel run, up to training's rounding."""
     zerotrain("export", tp_run, tmp_path / "split")
     zerotrain("export", tiny_run, tmp_path / "whole")
@@ -98,6 +98,11 @@ def test_a_tensor_parallel_run_exports_the_whole_model(tp_run, tiny_run, tmp_pat
     ids = torch.arange(1, 20).unsqueeze(0)
     logits = [AutoModelForCausalLM.from_pretrained(tmp_path / e)(input_ids=ids).logits for e in ("split", "whole")]
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    # ... and a tensor-parallel run starts from it (model.init_from): from the trained weights, not fresh ones
+    again = tmp_path / "again"
+    zerotrain("train", *tiny_args(again, tiny_data, f"model.init_from={tmp_path / 'split'}", "model.config={}",
+                                  "parallel.tensor=2", "zero.stage=1", "train.max_steps=2", "checkpoint.every=0"))
+    assert train_losses(again)[1] < train_losses(tiny_run)[1] - 0.3  # fresh weights start at tiny_run's step 1
 
 
 @pytest.mark.slow
