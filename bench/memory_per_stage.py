@@ -24,20 +24,18 @@ deepspeed.zero.Init: less memory at start-up, the same states after a step).
 
 import argparse
 import gc
-import json
 import os
 import resource
-import socket
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # live_tensors: measured as tests/test_plan.py does
+sys.path.insert(0, str(REPO / "tests"))  # live_tensors, ranks: measured as tests/test_plan.py does
 from live_tensors import NewStorages  # noqa: E402
+from ranks import join, spawn, write_result  # noqa: E402
 DEMO = REPO / "configs" / "demo.yaml"
 VOCAB = 8192
 MiB = 2**20
@@ -63,22 +61,7 @@ def run_config(args, stage: int):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# live tensor bytes (tests/test_plan.py's method)
-
-
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # one rank
-
-
-def join(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
 
 
 def engine_for(cfg, default_buckets: bool = False):
@@ -150,7 +133,7 @@ def states_rank(rank: int, world: int, port: int, args, out: str) -> None:
     import torch.distributed as dist
 
     results = {stage: model_state_bytes(run_config(args, stage)) for stage in (0, 1, 2, 3)}
-    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    write_result(out, rank, results)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -172,27 +155,13 @@ def rss_rank(rank: int, world: int, port: int, args, stage: int, default_buckets
         engine.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     _, allocated = measured_step(engine, cfg, storages, in_backward=True)
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"peak_rss": peak, "allocated": allocated}))
+    write_result(out, rank, {"peak_rss": peak, "allocated": allocated})
     dist.barrier()
     dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(fn, ranks: int, *args) -> list[dict]:
-    """`ranks` fresh processes joined in one gloo group; every rank's JSON result."""
-    with tempfile.TemporaryDirectory() as out:
-        torch.multiprocessing.start_processes(fn, args=(ranks, free_port(), *args, out), nprocs=ranks,
-                                              start_method="spawn")
-        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
 def report_states(args) -> None:

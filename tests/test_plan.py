@@ -6,10 +6,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import os
 import re
-import socket
 import sys
 
 import pytest
@@ -18,6 +16,7 @@ import torch.nn.functional as F
 
 from conftest import REPO, TINY
 from live_tensors import NewStorages, kept_for_backward
+from ranks import spawn, write_result
 from launcher.plan import deepspeed_estimate, flops_per_token, parse_memory, plan
 from trainer.memory import OPTIONS, GiB, Option, activation_bytes, architecture, estimate, recommend
 from trainer.config import ConfigError, load_config
@@ -77,19 +76,13 @@ def measure_rank(rank: int, world: int, port: int, combos: list, out: str) -> No
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     results = {f"{stage}-{precision}": peak_model_states(small_config(stage, precision, world))
                for stage, precision in combos}
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
+    write_result(out, rank, results)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def measured(tmp_path, world: int, combos: list) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.start_processes(measure_rank, args=(world, port, combos, str(tmp_path)), nprocs=world,
-                                          start_method="spawn")
-    return json.loads((tmp_path / "rank0.json").read_text())
+def measured(world: int, combos: list) -> dict:
+    return spawn(measure_rank, world, combos)[0]
 
 
 def estimated(stage: int, precision: str, world: int) -> int:
@@ -107,14 +100,14 @@ def check(results: dict, world: int) -> None:
         assert abs(ratio - 1) <= TOLERANCE, f"ZeRO-{key}: measured / estimated = {ratio:.3f}"
 
 
-def test_model_states_match_deepspeed_on_one_process(tmp_path):
+def test_model_states_match_deepspeed_on_one_process():
     combos = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ("bf16", "fp32")]
-    check(measured(tmp_path, 1, combos), 1)
+    check(measured(1, combos), 1)
 
 
 @pytest.mark.slow
-def test_model_states_match_deepspeed_partitioned_over_two_ranks(tmp_path):
-    check(measured(tmp_path, 2, [(0, "bf16"), (1, "bf16"), (2, "bf16"), (2, "fp32"), (3, "bf16")]), 2)
+def test_model_states_match_deepspeed_partitioned_over_two_ranks():
+    check(measured(2, [(0, "bf16"), (1, "bf16"), (2, "bf16"), (2, "fp32"), (3, "bf16")]), 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------

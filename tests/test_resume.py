@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 from conftest import STEPS, VICTIMS, end, endless_args, kill, last_step, live_ranks, rank_pid, read_metrics, start, \
     tiny_args, train_losses, training, wait_for, zerotrain
+from ranks import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -206,10 +206,8 @@ def test_the_ranks_convert_to_universal_as_deepspeeds_command_does(tiny_run, tmp
     subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
                     "--output_folder", str(tmp_path / "command"), "--inject_missing_state"], check=True,
                    capture_output=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_convert_as_rank, args=(3, port, str(folder), str(tmp_path / "ranks")), nprocs=3)
+    torch.multiprocessing.spawn(_convert_as_rank, args=(3, free_port(), str(folder), str(tmp_path / "ranks")),
+                                nprocs=3)
     files = {p.relative_to(tmp_path / "command") for p in (tmp_path / "command" / "zero").rglob("*.pt")}
     assert files and files == {p.relative_to(tmp_path / "ranks") for p in (tmp_path / "ranks" / "zero").rglob("*.pt")}
     for name in files:

@@ -71,6 +71,9 @@ class TrainSection(Section):
     global_batch_size: int = Field(ge=1)  # sequences per optimizer step, all ranks; fixes grad accumulation
     max_steps: int = Field(ge=1)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # The dtype gradients are summed in over the micro-batches of a step. Default: fp32 under bf16 at ZeRO 1-3
+    # (bf16 sums lose precision every micro-batch), else the training precision (see Config.grad_accum_dtype).
+    grad_accum_dtype: Literal["bf16", "fp16", "fp32"] | None = None
     log_every: int = Field(10, ge=1)
     max_nonfinite_steps: int = Field(3, ge=1)  # stop after this many NaN/inf losses in a row (none are saved)
 
@@ -160,6 +163,14 @@ class Config(Section):
     @property
     def run_dir(self) -> Path:
         return self.run.output_dir
+
+    @property
+    def grad_accum_dtype(self) -> str:
+        """train.grad_accum_dtype, or its default: fp32 under bf16 where DeepSpeed 0.19.8 can (ZeRO 1-3)."""
+        t = self.train
+        if t.grad_accum_dtype is not None:
+            return t.grad_accum_dtype
+        return "fp32" if t.precision == "bf16" and self.zero.stage > 0 else t.precision
 
     @property
     def async_saves(self) -> bool:
@@ -349,6 +360,7 @@ def _check_combinations(cfg: Config, cuda_available: bool | None) -> None:
             f"train.global_batch_size: {t.global_batch_size} is not divisible by "
             f"train.micro_batch_size ({t.micro_batch_size}) x {degree} ({cfg.data_parallel_size})"
         )
+    _check_grad_accum(cfg)
     if cfg.optim.warmup_steps > t.max_steps:
         raise ConfigError(f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps ({t.max_steps})")
     if z.offload_param != "none" and z.stage != 3:
@@ -387,6 +399,21 @@ def _check_parallel(cfg: Config) -> None:
     if sequence > 1 and cfg.model.task != "causal_lm":
         raise ConfigError("parallel.sequence: splits the sequences of packed text (model.task causal_lm); a "
                           "classification example is short and attends both ways")
+
+
+def _check_grad_accum(cfg: Config) -> None:
+    t = cfg.train
+    if t.grad_accum_dtype in (None, t.precision):
+        return
+    if t.grad_accum_dtype != "fp32":
+        raise ConfigError(f"train.grad_accum_dtype: {t.grad_accum_dtype} under {t.precision} training; gradients "
+                          "accumulate in fp32 or in the training precision")
+    if t.precision == "fp16":
+        raise ConfigError("train.grad_accum_dtype: fp32 accumulation is supported under bf16 here (fp16 runs keep "
+                          "DeepSpeed's fp16 accumulation with its loss scaling); set it to fp16 or leave it out")
+    if cfg.zero.stage == 0:  # DeepSpeed: NotImplementedError("unsupported mix of model_dtype=... grad_accum_dtype")
+        raise ConfigError("train.grad_accum_dtype: DeepSpeed 0.19.8 accumulates bf16 gradients in fp32 only under "
+                          "ZeRO (zero.stage 1-3); at stage 0 leave it out (bf16) or use zero.stage 1")
 
 
 def _check_tensor(cfg: Config) -> None:

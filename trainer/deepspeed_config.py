@@ -44,6 +44,9 @@ def deepspeed_config(cfg: Config, num_parameters: int, load_universal: bool = Fa
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": o.grad_clip,
         "bf16": {"enabled": t.precision == "bf16"},
+        # fp32 under bf16: DeepSpeed sums the micro-batches' gradients into fp32 partitions (stages 2-3) or,
+        # at stage 1, swaps its ZeRO optimizer for its BF16_Optimizer, which keeps fp32 gradients
+        "data_types": {"grad_accum_dtype": cfg.grad_accum_dtype},
         "fp16": {"enabled": t.precision == "fp16"},
         "optimizer": {
             "type": "AdamW",

@@ -63,10 +63,11 @@ def export(run_dir: Path, out_dir: Path, tag: str | None = None) -> tuple[Path, 
 
 
 def _fp32_weights(ckpt: Path, cfg) -> dict:
-    """The whole fp32 master weights. DeepSpeed's consolidation joins ZeRO partitions, not tensor slices: those
-    of a tensor-parallel run come from its universal conversion, one a resume made beside it or one made here
-    (in a temporary folder beside the checkpoint: it takes about the checkpoint's size)."""
-    if cfg.parallel.tensor == 1:
+    """The whole fp32 master weights. DeepSpeed's consolidation joins the partitions of its ZeRO optimizer; the
+    tensor slices of a tensor-parallel run, and the partitions of its BF16_Optimizer (ZeRO 1 summing bf16
+    gradients in fp32: bf16_zero_* files), come from the universal conversion instead: one a resume made beside
+    the checkpoint, or one made here (in a temporary folder beside it: it takes about the checkpoint's size)."""
+    if cfg.parallel.tensor == 1 and not any(ckpt.glob("bf16_zero_pp_rank_*")):
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     if cfg.zero.stage == 0:
         raise ConfigError(f"{ckpt}: a ZeRO-0 checkpoint of a tensor-parallel run keeps its weights sliced in its "

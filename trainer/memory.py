@@ -11,7 +11,10 @@ From it, the run config and the cluster shape (nodes x GPUs per node = the data-
   Adam moments), the partitioned parts divided by N. fp32 training: 4 + 4 + 8 B, plus the separate 4 B fp32 master
   partition DeepSpeed keeps at stages 1-3. What DeepSpeed 0.19 allocates on top (measured on CPU, see
   tests/test_plan.py): an fp32 copy of the gradients for the optimizer step; at stage 3 its reduce bucket and the
-  small "persistent" parameters kept whole on every rank.
+  small "persistent" parameters kept whole on every rank. Gradients summed over micro-batches in fp32 under
+  bf16 (train.grad_accum_dtype's default at stages 1-3) take 4 B: at stage 1 DeepSpeed's BF16_Optimizer keeps
+  every gradient in fp32 beside its bf16 one (and steps with it in place), at stages 2-3 the gradient
+  partition is fp32 (at stage 2 the optimizer steps with it in place).
 - DeepSpeed's buffers, from the DeepSpeed config zerotrain writes (trainer/deepspeed_config.py) read back through
   DeepSpeed's own config class, so its defaults apply: gradient reduce buckets (two with overlap_comm), and at
   stage 3 the gathered parameters (up to max_live_parameters + prefetch_bucket_size).
@@ -123,6 +126,7 @@ class Estimate:
     activations_checkpointed: int
     host: int  # CPU memory per rank for offloaded states
     save_copy: int  # CPU memory an asynchronous save holds while it is written (rank 0's, the largest)
+    accumulate: str  # the dtype gradients are summed in over micro-batches (Config.grad_accum_dtype)
 
     @property
     def states(self) -> int:
@@ -153,10 +157,14 @@ def persistent_params(arch: Architecture, zero) -> int:
     return kept
 
 
-def model_states(precision: str, option: Option, n_params: int, world: int) -> tuple[int, int, int, int, int]:
+def model_states(precision: str, option: Option, n_params: int, world: int, accumulate: str | None = None) \
+        -> tuple[int, int, int, int, int]:
     """(params, grads, optimizer, step, host) bytes per rank: the model states on the GPU, what the optimizer step
-    adds to them (DeepSpeed hands the optimizer fp32 gradients), and the host memory of offloaded states."""
+    adds to them (DeepSpeed hands the optimizer fp32 gradients), and the host memory of offloaded states.
+    `accumulate`: the dtype gradients are summed in over micro-batches (Config.grad_accum_dtype; default the
+    precision)."""
     w = g = element_bytes(precision)
+    a = element_bytes(accumulate or precision)
     # fp32 training at stage 0 updates the weights in place; every other case keeps an fp32 master copy
     optimizer = (0 if precision == "fp32" and option.stage == 0 else 4) + 8
     P, part = n_params, math.ceil(n_params / world)
@@ -165,8 +173,13 @@ def model_states(precision: str, option: Option, n_params: int, world: int) -> t
     params = w * part if option.stage == 3 else w * P
     if option.offload_optimizer:  # fp32 master, moments and gradients on the host; reduced gradients go there
         host = (optimizer + 4) * part + (w * part if option.offload_param else 0)
-        return 0 if option.offload_param else params, g * P if option.stage == 1 else 0, 0, 0, host
-    grads = g * P if option.stage == 1 else g * part  # stage 1 reduces them only once backward is over
+        grads = (g + (a if a > g else 0)) * P if option.stage == 1 else 0  # stage 1: + their fp32 sums
+        return 0 if option.offload_param else params, grads, 0, 0, host
+    if option.stage == 1 and a > g:  # DeepSpeed's BF16_Optimizer: every gradient in fp32 beside the 16-bit one,
+        return params, (g + a) * P, optimizer * part, 0, 0  # which its step then uses in place (measured)
+    grads = g * P if option.stage == 1 else a * part  # stage 1 reduces them only once backward is over
+    if option.stage == 2 and a > g:  # the fp32 gradient partition is what the optimizer steps with
+        return params, grads, optimizer * part, 0, 0
     # stage 1 reduces the gradients straight into the fp32 partition and frees the 16-bit ones
     step = 4 * part - (g * P if option.stage == 1 else 0)
     return params, grads, optimizer * part, step, 0
@@ -195,7 +208,8 @@ def estimate(cfg: Config, arch: Architecture, option: Option, nodes: int, gpus_p
     t, tensor = cfg.train, cfg.parallel.tensor
     # ZeRO partitions a rank's tensor slice over the ranks holding the same slice
     held, world = arch.held(tensor), nodes * gpus_per_node // tensor
-    params, grads, optimizer, step, host = model_states(t.precision, option, held, world)
+    accumulate = cfg.model_copy(update={"zero": option.zero_section()}).grad_accum_dtype
+    params, grads, optimizer, step, host = model_states(t.precision, option, held, world, accumulate)
     zero = zero_config(cfg, option, nodes, gpus_per_node, held)
     resident, transient = buffers(arch, held, t.precision, option, zero, world)
     # A rank of a sequence group holds its slice of every activation; attention holds the whole sequence with
@@ -206,7 +220,7 @@ def estimate(cfg: Config, arch: Architecture, option: Option, nodes: int, gpus_p
                     + document_mask_bytes(cfg, arch),
                     activation_bytes(arch, t.precision, t.micro_batch_size, tokens, True, tensor)
                     + document_mask_bytes(cfg, arch, checkpointing=True),
-                    host, save_copy_bytes(held, t.precision, option, world))
+                    host, save_copy_bytes(held, t.precision, option, world), accumulate)
 
 
 def document_mask_bytes(cfg: Config, arch: Architecture, checkpointing: bool = False) -> int:
@@ -232,10 +246,13 @@ def save_copy_bytes(held: int, precision: str, option: Option, world: int) -> in
 
 def recommend(estimates: list[Estimate], usable: float) -> tuple[Estimate, bool] | None:
     """The lowest stage that fits without offload, else with offload; failing both, the same with activation
-    checkpointing. Returns (estimate, needs checkpointing) or None."""
-    for checkpointing in (False, True):
-        for offload in (False, True):
-            for est in estimates:
-                if est.option.offload_optimizer == offload and est.peak(checkpointing) <= usable:
-                    return est, checkpointing
+    checkpointing. Stages that sum gradients in fp32 come first: under bf16, DeepSpeed 0.19.8 sums them in bf16
+    at stage 0. Returns (estimate, needs checkpointing) or None."""
+    for exact in (True, False):
+        for checkpointing in (False, True):
+            for offload in (False, True):
+                for est in estimates:
+                    if (est.accumulate == "fp32") == exact and est.option.offload_optimizer == offload and \
+                            est.peak(checkpointing) <= usable:
+                        return est, checkpointing
     return None

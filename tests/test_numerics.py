@@ -1,0 +1,118 @@
+"""Numerics of a training step: under bf16, gradients are summed over the micro-batches of a step in fp32 (the
+default at ZeRO 1-3), and such runs checkpoint, resume and export like any other."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import TINY, read_metrics, tiny_args, train_losses, zerotrain
+from ranks import join, spawn, write_result
+from trainer.config import ConfigError, load_config
+
+MICRO_BATCHES = 16  # the 1B preset's accumulation
+
+
+def accumulation_error(stage: int, grad_accum_dtype: str | None) -> float:
+    """The largest relative error (norm) over parameters of DeepSpeed's summed gradient of MICRO_BATCHES
+    bf16 micro-batches, against the same bf16 micro-batch gradients summed in fp64."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from trainer.deepspeed_config import deepspeed_config
+    from trainer.model import build_model, lm_loss, model_config
+
+    sets = ["train.precision=bf16", f"zero.stage={stage}", "train.micro_batch_size=2", "launch.nproc_per_node=1",
+            f"train.global_batch_size={2 * MICRO_BATCHES}"]
+    cfg = load_config(TINY, sets + ([f"train.grad_accum_dtype={grad_accum_dtype}"] if grad_accum_dtype else []))
+    assert cfg.grad_accum_dtype == (grad_accum_dtype or "fp32")  # fp32 is the default
+    torch.manual_seed(0)
+    model, reference = (build_model(cfg.model, model_config(cfg.model, 512)) for _ in range(2))
+    reference.load_state_dict(model.state_dict())
+    for p in reference.parameters():  # bf16 weights as DeepSpeed makes them (buffers such as RoPE's stay fp32)
+        p.data = p.data.bfloat16()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=deepspeed_config(cfg, sum(p.numel() for p in model.parameters())))
+    summed = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in reference.named_parameters()}
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(MICRO_BATCHES):
+        batch = torch.randint(0, 512, (2, cfg.data.seq_len + 1), generator=generator)
+        engine.backward(lm_loss(engine, batch))
+        reference.zero_grad()
+        (lm_loss(reference, batch) / MICRO_BATCHES).backward()  # DeepSpeed divides each micro-batch's loss so
+        for name, p in reference.named_parameters():
+            summed[name] += p.grad.double()
+    errors = [((safe_get_full_grad(p).double() - summed[name]).norm() / summed[name].norm()).item()
+              for name, p in engine.module.named_parameters()]
+    return max(errors)
+
+
+CASES = [(1, None), (1, "bf16"), (2, None), (3, None), (3, "bf16")]
+
+
+def _accumulate(rank: int, world: int, port: int, out: str) -> None:
+    join(rank, world, port)
+    # DeepSpeed 0.19.8 at stage 2 with bf16 sums keeps no full gradient to read after the last micro-batch
+    # ("Gradients are only available immediately after backward"): its bf16 error is not measured
+    write_result(out, rank, {f"{stage}-{dtype}": accumulation_error(stage, dtype) for stage, dtype in CASES})
+
+
+@pytest.mark.slow
+def test_gradients_summed_in_fp32_match_the_exact_sum_closer_than_bf16_sums():
+    errors = spawn(_accumulate, 1)[0]
+    print("relative error of the gradient summed over 16 bf16 micro-batches (ZeRO stage-sum dtype):", errors)
+    for stage in (1, 2, 3):
+        assert errors[f"{stage}-None"] < 1e-6  # fp32 sums: rounding of 16 additions (measured 3e-9)
+    for stage in (1, 3):
+        assert errors[f"{stage}-bf16"] > 100 * errors[f"{stage}-None"]  # bf16 sums: measured 5e-3
+
+
+@pytest.mark.slow
+def test_a_bf16_run_summing_in_fp32_resumes_on_other_ranks_and_exports(tiny_data, tmp_path):
+    """ZeRO 1: DeepSpeed's BF16_Optimizer, whose checkpoints only the universal conversion reads."""
+    run_dir = tmp_path / "bf16"
+    settings = ["train.precision=bf16", "zero.stage=1"]
+    zerotrain("train", *tiny_args(run_dir, tiny_data, *settings))
+    assert list((run_dir / "checkpoints" / "step_00000012").glob("bf16_zero_pp_rank_*"))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000012")
+    (resumed / "checkpoints" / "latest").write_text("step_00000006")
+    result = zerotrain("train", *tiny_args(resumed, tiny_data, *settings), "--nproc", "1", "--resume", "auto")
+    assert "universal checkpoint" in result.stdout
+    expected, got = train_losses(run_dir), train_losses(resumed)
+    # 1 rank against 2: bf16 forwards of another batch split (measured within 1e-3)
+    assert [got[s] for s in range(7, 13)] == pytest.approx([expected[s] for s in range(7, 13)], abs=1e-2)
+    zerotrain("export", run_dir, tmp_path / "export")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    shard = next((tiny_data / "shakespeare").glob("*-validation_*.bin"))  # 16-bit token ids (vocabulary 512)
+    samples = torch.from_numpy(np.fromfile(shard, dtype="<u2")[:64 * 33].astype(np.int64)).view(64, 33)
+    with torch.no_grad():
+        loss = model(input_ids=samples, labels=samples).loss.item()
+    val = [r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r][-1]
+    assert loss == pytest.approx(val, abs=0.15), (loss, val)  # the joined weights are the trained model
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.precision=bf16", "zero.stage=0", "train.grad_accum_dtype=fp32"],
+     "train.grad_accum_dtype: DeepSpeed 0.19.8 accumulates bf16 gradients in fp32 only under ZeRO"),
+    (["train.precision=fp32", "train.grad_accum_dtype=bf16"], "train.grad_accum_dtype: bf16 under fp32 training"),
+    (["train.precision=fp16", "train.grad_accum_dtype=fp32"],
+     "train.grad_accum_dtype: fp32 accumulation is supported under bf16 here"),
+])
+def test_impossible_accumulation_dtypes_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+@pytest.mark.parametrize("precision,stage,expected", [("bf16", 0, "bf16"), ("bf16", 1, "fp32"), ("bf16", 3, "fp32"),
+                                                      ("fp32", 2, "fp32"), ("fp16", 2, "fp16")])
+def test_gradients_are_summed_in_fp32_by_default_where_deepspeed_can(precision, stage, expected):
+    from trainer.deepspeed_config import deepspeed_config
+
+    cfg = load_config(TINY, [f"train.precision={precision}", f"zero.stage={stage}"])
+    assert deepspeed_config(cfg, 1_000_000)["data_types"] == {"grad_accum_dtype": expected}
