@@ -8,15 +8,8 @@ tokens/s per rank over the steps after the first (start-up).
 """
 
 import argparse
-import json
-import statistics
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo.yaml"
+from demo_runs import prepare, train
 
 
 def main() -> None:
@@ -27,28 +20,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--precision", default="bf16")
     args = parser.parse_args()
-    subprocess.run([sys.executable, "-m", "launcher.cli", "prepare", str(DEMO)], cwd=REPO, check=True,
-                   capture_output=True)
-    with tempfile.TemporaryDirectory(dir=REPO / "runs" if (REPO / "runs").exists() else None) as tmp:
-        run_dir = Path(tmp) / "mfu"
-        sets = [f"run.output_dir={run_dir}", f"model.config.hidden_size={args.hidden}",
-                f"model.config.intermediate_size={args.hidden * 8 // 3}", f"model.config.num_hidden_layers={args.layers}",
-                f"model.config.num_attention_heads={args.hidden // 64}",
-                f"model.config.num_key_value_heads={args.hidden // 64}", "data.seq_len=256",
-                f"train.micro_batch_size={args.micro_batch}", f"train.global_batch_size={2 * args.micro_batch}",
-                f"train.max_steps={args.steps}", "optim.warmup_steps=1", "train.log_every=1", "eval.every=0",
-                f"train.precision={args.precision}", "checkpoint.every=0"]
-        subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(DEMO),
-                        *[a for s in sets for a in ("--set", s)]], cwd=REPO, check=True, capture_output=True)
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        log = (run_dir / "logs" / "rank0.log").read_text()
-    steps = [r for r in records if "perf/mfu" in r and r["step"] > 1]
-    median = {key: statistics.median(r[key] for r in steps)
-              for key in ("perf/mfu", "perf/model_tflops_per_rank", "perf/tokens_per_s_per_rank")}
-    model = next(line for line in log.splitlines() if "parameters" in line).split("INFO ")[1]
-    peak = next(line for line in log.splitlines() if "MFU against" in line).split("INFO ")[1]
-    print(f"{model}\n{peak}\nmedians over steps 2-{args.steps}: MFU {median['perf/mfu']:.3f}, "
-          f"{median['perf/model_tflops_per_rank']:.3f} TFLOP/s and "
+    prepare()
+    run = train([f"model.config.hidden_size={args.hidden}", f"model.config.intermediate_size={args.hidden * 8 // 3}",
+                 f"model.config.num_hidden_layers={args.layers}", f"model.config.num_attention_heads={args.hidden // 64}",
+                 f"model.config.num_key_value_heads={args.hidden // 64}", "data.seq_len=256",
+                 f"train.micro_batch_size={args.micro_batch}", f"train.global_batch_size={2 * args.micro_batch}",
+                 f"train.max_steps={args.steps}", f"train.precision={args.precision}"])
+    median = {key: run.median(key) for key in ("perf/mfu", "perf/model_tflops_per_rank", "perf/tokens_per_s_per_rank")}
+    print(f"{run.log_line('parameters')}\n{run.log_line('MFU against')}\nmedians over steps 2-{args.steps}: MFU "
+          f"{median['perf/mfu']:.3f}, {median['perf/model_tflops_per_rank']:.3f} TFLOP/s and "
           f"{median['perf/tokens_per_s_per_rank']:,.0f} tokens/s per rank")
 
 

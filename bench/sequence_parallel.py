@@ -12,34 +12,22 @@
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from demo_runs import DEMO, REPO, prepare, train
 
 sys.path.insert(0, str(REPO / "tests"))  # live_tensors: measured as tests/test_plan.py does
 from live_tensors import split_activations  # noqa: E402
 
-DEMO = REPO / "configs" / "demo.yaml"
 MODEL = ["model.config.hidden_size=256", "model.config.intermediate_size=688", "model.config.num_hidden_layers=4",
          "model.config.num_attention_heads=4", "model.config.num_key_value_heads=4",
          "model.config.max_position_embeddings=16384", "train.precision=fp32"]
 
 
 def tokens_per_s(sequence: int, seq_len: int, steps: int) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        sets = MODEL + [f"run.output_dir={tmp}/run", f"data.seq_len={seq_len}", "train.micro_batch_size=2",
-                        "train.global_batch_size=4", f"train.max_steps={steps}", "train.log_every=1",
-                        "optim.warmup_steps=1", "eval.every=0", "checkpoint.every=0", f"parallel.sequence={sequence}"]
-        subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(DEMO), "--nproc", "2",
-                        *[a for s in sets for a in ("--set", s)]], cwd=REPO, check=True, capture_output=True)
-        records = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
-        return statistics.median(r["perf/tokens_per_s"] for r in records if "perf/tokens_per_s" in r and r["step"] > 2)
+    run = train(MODEL + [f"data.seq_len={seq_len}", "train.micro_batch_size=2", "train.global_batch_size=4",
+                         f"train.max_steps={steps}", f"parallel.sequence={sequence}"])
+    return run.median("perf/tokens_per_s", after=2)
 
 
 def main() -> None:
@@ -55,8 +43,7 @@ def main() -> None:
               f"({split['measured'] / 2**20:.0f} vs {whole['measured'] / 2**20:.0f} MiB per rank); measured / "
               f"plan's estimate {whole['measured'] / whole['estimated']:.3f} whole, "
               f"{split['measured'] / split['estimated']:.3f} split")
-    subprocess.run([sys.executable, "-m", "launcher.cli", "prepare", str(DEMO)], cwd=REPO, check=True,
-                   capture_output=True)
+    prepare()
     # the same samples per optimizer step: 2 data-parallel ranks x 2 micro-batches, or 1 sequence group x 2 x 2
     data_parallel, split = (tokens_per_s(s, args.train_seq_len, args.steps) for s in (1, 2))
     print(f"tokens/s at seq {args.train_seq_len} on 2 ranks: sequence split / data parallel "

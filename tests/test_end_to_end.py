@@ -86,10 +86,10 @@ def test_export_loads_in_transformers_with_the_trained_logits(tiny_run, tiny_dat
 
 @pytest.mark.parametrize("stage,checkpointing", [(0, False), (1, False), (3, False), (2, True), (3, True)])
 def test_every_zero_stage_trains_like_stage_2(stage, checkpointing, tiny_run, tiny_data, tmp_path):
-    """Same seed and data: the same losses at every stage, with activation checkpointing or without. (Stage 3
-    builds the model whole here, as the others do: zero.Init draws other initial weights.)"""
+    """Same seed and data: the same losses at every stage, with activation checkpointing or without; stage 3
+    builds the model partitioned (deepspeed.zero.Init) from the same initial weights."""
     run_dir = tmp_path / f"stage{stage}"
-    zerotrain("train", *tiny_args(run_dir, tiny_data, f"zero.stage={stage}", "zero.partitioned_init=false",
+    zerotrain("train", *tiny_args(run_dir, tiny_data, f"zero.stage={stage}",
                                   f"model.gradient_checkpointing={checkpointing}"))
     expected, got = train_losses(tiny_run), train_losses(run_dir)
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)

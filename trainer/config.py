@@ -101,7 +101,7 @@ class CheckpointSection(Section):
 class ZeroSection(Section):
     stage: Literal[0, 1, 2, 3] = 2
     # Stage 3: build the model already partitioned (deepspeed.zero.Init), so no rank ever holds all of it.
-    # Its random initialisation then differs from the whole-model one of stages 0-2 (same distribution).
+    # Its initial weights are the whole build's (trainer/initialization.py draws them per module from the seed).
     partitioned_init: bool = True
     # Where optimizer states (fp32 master, Adam moments; stage 1-3, nvme: stage 3) and parameters (stage 3) live
     # between uses: cpu memory, or swap files in zero.nvme_path (DeepSpeed's async_io op, which needs libaio).

@@ -13,6 +13,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from trainer.config import Config
 from trainer.data import TrainingData
 from trainer.deepspeed_config import deepspeed_config
+from trainer.initialization import initialise
 from trainer.model import Architecture, architecture, build_model
 from trainer.optim import param_groups, warmup_cosine
 
@@ -29,10 +30,12 @@ def build_engine(cfg: Config, data: TrainingData, load_universal: bool) -> tuple
     ds_config = deepspeed_config(cfg, arch.held(cfg.parallel.tensor), load_universal, largest_parameter=max(arch.sizes))
     log.info(f"model: {config.model_type} ({cfg.model.task}), {arch.params / 1e6:.2f}M parameters, ZeRO stage "
              f"{cfg.zero.stage}, {cfg.train.precision}, grad accumulation {cfg.grad_accum}")
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    torch.manual_seed(cfg.run.seed)  # the same dropout and other draws on every rank
     # While this object lives, transformers builds (and loads) models inside deepspeed.zero.Init.
     zero_init = HfDeepSpeedConfig(ds_config) if cfg.zero.stage == 3 and cfg.zero.partitioned_init else None
     model = build_model(cfg.model, config)
+    if cfg.model.init_from is None:  # the same weights at every stage, partitioned or not, on any number of ranks
+        initialise(model, cfg.run.seed, partitioned=zero_init is not None)
     if zero_init:
         held = sum(p.ds_tensor.numel() for p in model.parameters())
         log.info(f"model built partitioned (deepspeed.zero.Init): this rank holds {held / 1e6:.2f}M of "
