@@ -69,6 +69,22 @@ BAD = [
      "eval.best_metric: val/ppl is a language-model metric"),
     (["data.labels=[one]"], "data.labels: list should have at least 2 items"),
     (["run.name.first=x"], "--set run.name.first: run.name is not a section"),
+    (["parallel.sequence=3"], "parallel.sequence: 3 does not divide the world size (2)"),
+    (["parallel.sequence=2", "data.seq_len=33", "model.config.max_position_embeddings=64"],
+     "parallel.sequence: 2 does not divide data.seq_len (33)"),
+    (["parallel.sequence=2", "train.global_batch_size=6"],
+     "train.global_batch_size: 6 is not divisible by train.micro_batch_size (4) x data-parallel degree"),
+    (["parallel.tensor=3"], "parallel.tensor: 3 does not divide the world size (2)"),
+    (["parallel.tensor=2", "zero.stage=3"], "parallel.tensor: DeepSpeed 0.19.8 cannot initialise tensor parallelism"),
+    (["parallel.tensor=2", "parallel.sequence=2", "launch.nproc_per_node=4", "train.global_batch_size=4"],
+     "parallel.tensor: does not compose with parallel.sequence"),
+    (["parallel.tensor=2", "train.global_batch_size=6"],
+     "train.global_batch_size: 6 is not divisible by train.micro_batch_size (4) x data-parallel degree"),
+    (["train.precision=bf16", "zero.stage=0", "train.grad_accum_dtype=fp32"],
+     "train.grad_accum_dtype: DeepSpeed 0.19.8 accumulates bf16 gradients in fp32 only under ZeRO"),
+    (["train.precision=fp32", "train.grad_accum_dtype=bf16"], "train.grad_accum_dtype: bf16 under fp32 training"),
+    (["train.precision=fp16", "train.grad_accum_dtype=fp32"],
+     "train.grad_accum_dtype: fp32 accumulation is supported under bf16 here"),
 ]
 
 

@@ -1,5 +1,6 @@
 """Numerics of a training step: under bf16, gradients are summed over the micro-batches of a step in fp32 (the
-default at ZeRO 1-3), and such runs checkpoint, resume and export like any other."""
+default at ZeRO 1-3), and such runs checkpoint, resume and export like any other; the initial weights do not
+depend on the ZeRO stage or the ranks; the loss chunked over tokens equals the whole one."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import TINY, read_metrics, tiny_args, train_losses, zerotrain
 from ranks import join, spawn, write_result
-from trainer.config import ConfigError, load_config
+from trainer.config import load_config
 
 MICRO_BATCHES = 16  # the 1B preset's accumulation
 
@@ -97,18 +98,6 @@ def test_a_bf16_run_summing_in_fp32_resumes_on_other_ranks_and_exports(tiny_data
     assert loss == pytest.approx(val, abs=0.15), (loss, val)  # the joined weights are the trained model
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["train.precision=bf16", "zero.stage=0", "train.grad_accum_dtype=fp32"],
-     "train.grad_accum_dtype: DeepSpeed 0.19.8 accumulates bf16 gradients in fp32 only under ZeRO"),
-    (["train.precision=fp32", "train.grad_accum_dtype=bf16"], "train.grad_accum_dtype: bf16 under fp32 training"),
-    (["train.precision=fp16", "train.grad_accum_dtype=fp32"],
-     "train.grad_accum_dtype: fp32 accumulation is supported under bf16 here"),
-])
-def test_impossible_accumulation_dtypes_are_refused(overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(TINY, overrides)
-
-
 @pytest.mark.parametrize("precision,stage,expected", [("bf16", 0, "bf16"), ("bf16", 1, "fp32"), ("bf16", 3, "fp32"),
                                                       ("fp32", 2, "fp32"), ("fp16", 2, "fp16")])
 def test_gradients_are_summed_in_fp32_by_default_where_deepspeed_can(precision, stage, expected):
@@ -157,3 +146,46 @@ def test_the_initial_weights_do_not_depend_on_partitioned_building_or_ranks():
     partitioned); GPT-2 too, whose _init_weights redraws its children (scaled residual projections)."""
     for result in spawn(_built, 2):
         assert result == {"llama": {"same": True, "seed_matters": True}, "gpt2": {"same": True, "seed_matters": True}}
+
+
+@pytest.mark.parametrize("dtype,masking", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_a_chunked_loss_gives_the_loss_and_gradients_of_the_whole_one(dtype, masking):
+    """train.loss_chunk_tokens (chunks of 7 tokens of 2 x 32: uneven), plain and document-masked."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from trainer.model import lm_loss
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                         num_attention_heads=2, num_key_value_heads=2,
+                                                         vocab_size=512)).to(dtype)
+    batch = torch.randint(1, 512, (2, 33))
+    batch[:, 10] = 0  # an eos
+    results = []
+    for chunk in (None, 7):
+        model.zero_grad()
+        loss = lm_loss(model, batch, eos_id=0 if masking else None, chunk=chunk)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the summation order of the loss
+    assert chunked.item() == pytest.approx(whole.item(), rel=tolerance)
+    for a, b in zip(whole_grads, chunked_grads):
+        torch.testing.assert_close(b.float(), a.float(), rtol=tolerance, atol=tolerance * 1e-2)
+
+
+def test_the_loss_is_chunked_when_its_fp32_logits_would_be_large():
+    from trainer.model import loss_chunk
+
+    assert loss_chunk(4 * 2048, 128256, None) == 2**26 // (4 * 128256)  # 130 tokens: 64 MiB of fp32 logits
+    assert loss_chunk(8 * 128, 8192, None) is None  # the demo: 32 MiB in all
+    assert loss_chunk(8 * 128, 8192, 100) == 100 and loss_chunk(4 * 2048, 128256, 0) is None
+
+
+@pytest.mark.slow
+def test_a_run_with_a_chunked_loss_trains_the_losses_of_the_whole_one(tiny_run, tiny_data, tmp_path):
+    """The real CLI at ZeRO 3 (built partitioned) on 2 ranks, the loss in chunks of 20 tokens (of 4 x 32), against
+    tiny_run (ZeRO 2, whole loss)."""
+    run_dir = tmp_path / "chunked"
+    zerotrain("train", *tiny_args(run_dir, tiny_data, "zero.stage=3", "train.loss_chunk_tokens=20"))
+    assert train_losses(run_dir) == pytest.approx(train_losses(tiny_run), rel=1e-5, abs=1e-6)

@@ -138,6 +138,26 @@ def test_activation_estimate_matches_saved_tensors(dtype, attention):
     assert abs(ratio - 1) <= TOLERANCE, f"{precision} {attention}: measured / estimated activations = {ratio:.3f}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_chunked_loss_keeps_only_the_models_logits(dtype):
+    """train.loss_chunk_tokens: the fp32 copy of the logits and its log-softmax are recomputed chunk by chunk in
+    backward, not kept; the plan counts what is."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.model import lm_loss, model_config
+
+    cfg = load_config(TINY, SMALL + ["data.seq_len=128"])
+    model = AutoModelForCausalLM.from_config(model_config(cfg.model, VOCAB)).to(dtype)
+    batch = torch.randint(0, VOCAB, (2, 129))
+    kept = kept_for_backward(model, lambda: [lm_loss(model, batch, chunk=37)])
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    whole, chunked = (activation_bytes(architecture(cfg, VOCAB), precision, 2, 128, chunked_loss=c)
+                      for c in (False, True))
+    print(f"activations {precision}, chunked loss: measured / estimated {kept / chunked:.3f} "
+          f"(estimate whole / chunked {whole / chunked:.2f})")
+    assert abs(kept / chunked - 1) <= TOLERANCE
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # big models: DeepSpeed's estimators
 

@@ -83,18 +83,6 @@ def test_the_plan_counts_a_ranks_activations_under_a_sequence_split():
         assert abs(ratio - 1) <= 0.15, (masking, kept)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["parallel.sequence=3"], "parallel.sequence: 3 does not divide the world size (2)"),
-    (["parallel.sequence=2", "data.seq_len=33", "model.config.max_position_embeddings=64"],
-     "parallel.sequence: 2 does not divide data.seq_len (33)"),
-    (["parallel.sequence=2", "train.global_batch_size=6"],
-     "train.global_batch_size: 6 is not divisible by train.micro_batch_size (4) x data-parallel degree"),
-])
-def test_impossible_sequence_splits_are_refused_before_any_rank_starts(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_config(TINY, overrides)
-
-
 def test_attention_that_cannot_be_split_is_refused():
     check_sequence_split(LlamaConfig(num_attention_heads=4, num_key_value_heads=2), 2)
     check_sequence_split(LlamaConfig(num_attention_heads=8, num_key_value_heads=2), 4)  # kv heads replicated

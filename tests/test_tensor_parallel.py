@@ -117,20 +117,6 @@ def test_the_plan_counts_a_ranks_slice_of_the_model_and_its_activations():
     assert kept["params_measured"] == kept["params_estimated"]
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["parallel.tensor=3"], "parallel.tensor: 3 does not divide the world size (2)"),
-    (["parallel.tensor=2", "zero.stage=3"], "parallel.tensor: DeepSpeed 0.19.8 cannot initialise tensor "
-                                            "parallelism at zero.stage 3"),
-    (["parallel.tensor=2", "parallel.sequence=2", "launch.nproc_per_node=4", "train.global_batch_size=4"],
-     "parallel.tensor: does not compose with parallel.sequence"),
-    (["parallel.tensor=2", "train.global_batch_size=6"],
-     "train.global_batch_size: 6 is not divisible by train.micro_batch_size (4) x data-parallel degree"),
-])
-def test_impossible_tensor_splits_are_refused_before_any_rank_starts(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_config(TINY, overrides)
-
-
 def test_models_that_cannot_be_split_are_refused():
     check_tensor_split(LlamaConfig(num_attention_heads=8, num_key_value_heads=4, intermediate_size=256,
                                    vocab_size=512), 4)

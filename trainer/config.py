@@ -76,6 +76,10 @@ class TrainSection(Section):
     grad_accum_dtype: Literal["bf16", "fp16", "fp32"] | None = None
     log_every: int = Field(10, ge=1)
     max_nonfinite_steps: int = Field(3, ge=1)  # stop after this many NaN/inf losses in a row (none are saved)
+    # Tokens per chunk of the causal-LM loss, each chunk's fp32 logits recomputed in backward instead of kept: the
+    # fp32 copy of a micro-batch's logits never exists. Default: chunks of 64 MiB of fp32 logits when the whole
+    # would exceed 512 MiB (large vocabularies, long sequences); 0: never chunk.
+    loss_chunk_tokens: int | None = Field(None, ge=0)
 
 
 class EvalSection(Section):

@@ -27,7 +27,7 @@ from data_pipeline.sources import source_units
 from data_pipeline.streaming import StreamingPackedDataset
 from trainer.config import Config, ModelSection
 from trainer.distributed import Rank, die_with_parent
-from trainer.model import classification_loss, lm_loss, model_config
+from trainer.model import classification_loss, lm_loss, loss_chunk, model_config
 from trainer.validation import ClassifierValidation, Validation, validation_batch_counts
 
 if TYPE_CHECKING:  # imports DeepSpeed, which the CLI's pre-flight does without
@@ -67,7 +67,9 @@ class TrainingData:
     def loss(self, cfg: Config, shard: SequenceShard | None = None) -> Callable:
         """The loss of a micro-batch: `loss(model, batch)`. Packed text: next-token prediction, each document
         on its own with data.document_masking, this rank's slice of each sequence with `shard`."""
-        return partial(lm_loss, eos_id=self.eos_id if cfg.data.document_masking else None, shard=shard)
+        tokens = cfg.train.micro_batch_size * cfg.data.seq_len // cfg.parallel.sequence
+        return partial(lm_loss, eos_id=self.eos_id if cfg.data.document_masking else None, shard=shard,
+                       chunk=loss_chunk(tokens, self.vocab_size, cfg.train.loss_chunk_tokens))
 
     def batches(self, cfg: Config, rank: Rank, consumed_samples: int, stream_state: dict | None) -> Batches:
         raise NotImplementedError

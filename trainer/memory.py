@@ -25,7 +25,7 @@ From it, the run config and the cluster shape (nodes x GPUs per node = the data-
     + 4e·i           gated MLP: gate, SiLU(gate), up, their product (2e·i for a plain MLP)
     + (4 + e)·a·s    only with eager attention (scores and softmax kept; SDPA/flash recompute them)
   = 22h + 4kv + 8i B per token and layer for bf16 with SDPA, plus the head: final norm (4 + 2e)·h and the logits
-  (e·V, their fp32 copy 4V and its log-softmax 4V). Full activation checkpointing keeps e·h per layer (its input)
+  (e·V, their fp32 copy 4V and its log-softmax 4V; only e·V with a chunked loss, train.loss_chunk_tokens). Full activation checkpointing keeps e·h per layer (its input)
   plus one layer's activations recomputed during backward.
 - Peak per GPU = model states + resident buffers + max(backward buffers + activations, the optimizer step's fp32
   gradients); it must fit in the GPU's memory less MARGIN.
@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass
 
 from trainer.config import Config, ConfigError, ZeroSection
-from trainer.model import Architecture, model_config
+from trainer.model import Architecture, loss_chunk, model_config
 from trainer.model import architecture as model_architecture
 
 GiB = 2**30
@@ -75,14 +75,16 @@ def element_bytes(precision: str) -> int:
 
 
 def activation_bytes(arch: Architecture, precision: str, micro_batch: int, seq_len: int,
-                     checkpointing: bool = False, tensor: int = 1) -> int:
+                     checkpointing: bool = False, tensor: int = 1, chunked_loss: bool = False) -> int:
     """Activations kept for backward by one micro-batch (formula in the module docstring). A rank of a tensor
-    group of `tensor` keeps its heads' and its MLP slice's share; the norms' and the head's are whole."""
+    group of `tensor` keeps its heads' and its MLP slice's share; the norms' and the head's are whole. A chunked
+    loss (train.loss_chunk_tokens) keeps the model's logits only, not their fp32 copy and log-softmax."""
     e, h = element_bytes(precision), arch.hidden
     scores = (4 + e) * arch.heads * seq_len if arch.attention == "eager" else 0
     split = e * (3 * h + 2 * arch.kv_dim) + (4 if arch.gated_mlp else 2) * e * arch.intermediate + scores
     layer = 2 * (4 + 2 * e) * h + split // tensor
-    head = (4 + 2 * e) * h + (e + 4 + (4 if e < 4 else 0)) * arch.vocab  # fp32 logits need no copy
+    logits = e if chunked_loss else e + 4 + (4 if e < 4 else 0)  # fp32 logits need no copy
+    head = (4 + 2 * e) * h + logits * arch.vocab
     per_token = (arch.layers * e * h + layer if checkpointing else arch.layers * layer) + head
     return micro_batch * seq_len * per_token
 
@@ -215,10 +217,11 @@ def estimate(cfg: Config, arch: Architecture, option: Option, nodes: int, gpus_p
     # A rank of a sequence group holds its slice of every activation; attention holds the whole sequence with
     # that share of the heads: the same bytes. The document mask spans the whole sequence.
     tokens = cfg.data.seq_len // cfg.parallel.sequence
+    chunked = loss_chunk(t.micro_batch_size * tokens, arch.vocab, t.loss_chunk_tokens) is not None
     return Estimate(option, params, grads, optimizer, resident, transient, step,
-                    activation_bytes(arch, t.precision, t.micro_batch_size, tokens, tensor=tensor)
+                    activation_bytes(arch, t.precision, t.micro_batch_size, tokens, False, tensor, chunked)
                     + document_mask_bytes(cfg, arch),
-                    activation_bytes(arch, t.precision, t.micro_batch_size, tokens, True, tensor)
+                    activation_bytes(arch, t.precision, t.micro_batch_size, tokens, True, tensor, chunked)
                     + document_mask_bytes(cfg, arch, checkpointing=True),
                     host, save_copy_bytes(held, t.precision, option, world), accumulate)
 

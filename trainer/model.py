@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig, \
     PreTrainedModel
@@ -236,15 +237,32 @@ def _tensor_split(model: PreTrainedModel, config: PretrainedConfig) -> int:
     return sum(split.values())
 
 
-def lm_loss(model, batch: torch.Tensor, eos_id: int | None = None, shard=None) -> torch.Tensor:
+# train.loss_chunk_tokens' default: chunks of this many bytes of fp32 logits, when the whole exceeds AUTO_CHUNKING
+CHUNK_BYTES, AUTO_CHUNKING = 2**26, 2**29
+
+
+def loss_chunk(tokens_per_micro_batch: int, vocab_size: int, configured: int | None) -> int | None:
+    """Tokens per chunk of the causal-LM loss (train.loss_chunk_tokens), None for the whole micro-batch at once."""
+    if configured is not None:
+        return configured or None
+    if 4 * tokens_per_micro_batch * vocab_size <= AUTO_CHUNKING:
+        return None
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
+
+
+def lm_loss(model, batch: torch.Tensor, eos_id: int | None = None, shard=None, chunk: int | None = None) \
+        -> torch.Tensor:
     """Next-token cross-entropy on packed samples of seq_len + 1 tokens. With `eos_id` (data.document_masking)
     each document of a sample is trained as if alone: positions restart after every eos, attention stays within
     a document and nothing is predicted from an eos (the next document's first token is not its continuation).
-    With `shard` (trainer.sequence_parallel.SequenceShard) this rank runs its slice of every sequence."""
+    With `shard` (trainer.sequence_parallel.SequenceShard) this rank runs its slice of every sequence. With
+    `chunk`, the cross-entropy takes that many tokens at a time (token_losses)."""
     inputs, labels = batch[:, :-1], batch[:, 1:]
     if eos_id is None and shard is None:
         logits = model(input_ids=inputs).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        if chunk is None:
+            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        return token_losses(logits, labels, chunk).mean()
     # transformers reads restarting position_ids as packed documents when no attention mask (and no cache) is
     # given: sdpa, eager and flex get a block-diagonal causal mask, flash-attention its variable-length kernel.
     if eos_id is None:
@@ -256,9 +274,24 @@ def lm_loss(model, batch: torch.Tensor, eos_id: int | None = None, shard=None) -
         inputs, labels, positions = shard.cut(inputs), shard.cut(labels), shard.cut(positions)
         predicted = None if predicted is None else shard.cut(predicted)
     logits = model(input_ids=inputs, position_ids=positions, use_cache=False).logits
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    losses = token_losses(logits, labels, chunk)
     part = (losses if predicted is None else losses * predicted.flatten()).sum() / count
     return part if shard is None else shard.whole(part)
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Each token's cross-entropy, in fp32. With `chunk`, that many tokens at a time, each chunk checkpointed:
+    backward recomputes its fp32 logits and log-softmax instead of keeping them, so only the model's own
+    (16-bit) logits stay alive over the micro-batch - not their fp32 copy and log-softmax (8 B per logit)."""
+    logits, labels = logits.flatten(0, 1), labels.flatten()
+    if chunk is None or chunk >= len(labels):
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    return torch.cat([checkpoint(_fp32_cross_entropy, part, target, use_reentrant=False)
+                      for part, target in zip(logits.split(chunk), labels.split(chunk))])
+
+
+def _fp32_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
 def document_positions(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
