@@ -258,6 +258,9 @@ def _cross_check(arch: Architecture, estimates: list[Estimate], nodes: int, gpus
              "(2 B per parameter / N): ours/theirs = 20/18 = 1.11 at 16-bit."]
     if precision == "fp32":
         lines.append("DeepSpeed's estimators assume 16-bit training; this run trains in fp32.")
+    if any(est.accumulate == "fp32" and precision != "fp32" for est in estimates):
+        lines.append("They also assume gradients summed in 16 bits; this run sums them in fp32 at stages 1-3 "
+                     "(train.grad_accum_dtype).")
     for est in estimates:
         theirs = deepspeed_estimate(arch, est.option, nodes, gpus_per_node)
         if theirs is None:
