@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 import signal
 import subprocess
@@ -93,6 +94,22 @@ def mixture_data(corpus, tmp_path_factory) -> tuple[str, Path]:
     prepared = tmp_path_factory.mktemp("prepared") / "mixture"
     zerotrain("prepare", TINY, "--set", f"data.sources={sources}", "--set", f"data.prepared_dir={prepared}")
     return sources, prepared
+
+
+def as_of_step_6(run_dir: Path, copy: Path) -> Path:
+    """A copy of a finished tiny run as it stood after its step-6 checkpoint: the step-12 one never happened."""
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_00000012")
+    (copy / "checkpoints" / "latest").write_text("step_00000006")
+    return copy
+
+
+def resumed_like(resumed: Path, uninterrupted: Path, tolerance: float) -> bool:
+    """Whether a run resumed from step 6 logged every step once and steps 7-12 with the uninterrupted losses."""
+    expected, got = train_losses(uninterrupted), train_losses(resumed)
+    after = range(7, STEPS + 1)
+    return sorted(got) == list(range(1, STEPS + 1)) and \
+        [got[s] for s in after] == pytest.approx([expected[s] for s in after], abs=tolerance)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import STEPS, VICTIMS, end, endless_args, kill, last_step, live_ranks, rank_pid, read_metrics, start, \
-    tiny_args, train_losses, training, wait_for, zerotrain
+from conftest import STEPS, VICTIMS, as_of_step_6, end, endless_args, kill, last_step, live_ranks, rank_pid, \
+    read_metrics, start, tiny_args, train_losses, training, wait_for, zerotrain
 from ranks import free_port
 
 pytestmark = pytest.mark.slow
@@ -27,10 +27,7 @@ pytestmark = pytest.mark.slow
 
 def test_resume_auto_continues_with_identical_losses(tiny_run, tiny_data, tmp_path):
     # The run as it stood after its step-6 checkpoint: the later checkpoint never happened.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tiny_run, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000012")
-    (resumed / "checkpoints" / "latest").write_text("step_00000006")
+    resumed = as_of_step_6(tiny_run, tmp_path / "resumed")
     half_written = resumed / "checkpoints" / "step_00000012.partial"  # as a save killed midway leaves it
     half_written.mkdir()
     (half_written / "mp_rank_00_model_states.pt").write_bytes(b"truncated")

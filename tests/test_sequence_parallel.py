@@ -3,13 +3,12 @@ global batch, at ZeRO 1-3, with and without document masking; checkpoints resume
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import STEPS, TINY, read_metrics, tiny_args, train_losses, zerotrain
+from conftest import STEPS, TINY, as_of_step_6, read_metrics, resumed_like, tiny_args, train_losses, zerotrain
 from live_tensors import split_activations
 from trainer.config import ConfigError, load_config
 from trainer.model import check_sequence_split
@@ -60,17 +59,11 @@ def test_a_sequence_split_over_two_ranks_trains_the_losses_of_one_rank(stage, ma
 def test_a_sequence_parallel_run_resumes_without_it(ranks, sequence, speeches_data, split_run, tmp_path):
     """Saved with the sequence split over 2 ranks; resumed by 2 data-parallel ranks (the same files: no
     conversion) and by 1 rank (through a universal checkpoint), exactly where it stood."""
-    resumed = tmp_path / "resumed"
-    shutil.copytree(split_run, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000012")
-    (resumed / "checkpoints" / "latest").write_text("step_00000006")
+    resumed = as_of_step_6(split_run, tmp_path / "resumed")
     result = zerotrain("train", *tiny_args(resumed, speeches_data, "data.document_masking=true",
                                            f"parallel.sequence={sequence}"), "--nproc", str(ranks), "--resume", "auto")
     assert ("universal checkpoint" in result.stdout) == (ranks == 1)
-    expected, got = train_losses(split_run), train_losses(resumed)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    assert [got[s] for s in range(7, STEPS + 1)] == pytest.approx([expected[s] for s in range(7, STEPS + 1)],
-                                                                   abs=TOLERANCE)
+    assert resumed_like(resumed, split_run, TOLERANCE)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from conftest import STEPS, TINY, read_metrics, tiny_args, train_losses, zerotrain
+from conftest import STEPS, TINY, as_of_step_6, read_metrics, resumed_like, tiny_args, train_losses, zerotrain
 from live_tensors import split_activations
 from trainer.config import ConfigError, load_config
 from trainer.model import check_tensor_split
@@ -58,10 +58,7 @@ def test_weights_split_over_two_ranks_train_the_losses_of_data_parallelism(stage
 
 
 def resumed_from_step_6(run_dir, tmp_path, prepared, ranks: int, *settings: str):
-    resumed = tmp_path / "resumed"
-    shutil.copytree(run_dir, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000012")
-    (resumed / "checkpoints" / "latest").write_text("step_00000006")
+    resumed = as_of_step_6(run_dir, tmp_path / "resumed")
     result = zerotrain("train", *tiny_args(resumed, prepared, *settings), "--nproc", str(ranks), "--resume", "auto")
     return resumed, result
 
@@ -74,19 +71,14 @@ def test_a_tensor_parallel_run_resumes_at_another_degree(ranks, tensor, tp_run, 
     resumed, result = resumed_from_step_6(tp_run, tmp_path, tiny_data, ranks, "zero.stage=1",
                                           f"parallel.tensor={tensor}")
     assert ("universal checkpoint" in result.stdout) == (tensor == 1)
-    expected, got = train_losses(tp_run), train_losses(resumed)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    assert [got[s] for s in range(7, STEPS + 1)] == pytest.approx([expected[s] for s in range(7, STEPS + 1)],
-                                                                   abs=TOLERANCE)
+    assert resumed_like(resumed, tp_run, TOLERANCE)
 
 
 @pytest.mark.slow
 def test_a_data_parallel_run_resumes_tensor_parallel(tiny_run, tiny_data, tmp_path):
     resumed, result = resumed_from_step_6(tiny_run, tmp_path, tiny_data, 2, "parallel.tensor=2")
     assert "universal checkpoint" in result.stdout
-    expected, got = train_losses(tiny_run), train_losses(resumed)
-    assert [got[s] for s in range(7, STEPS + 1)] == pytest.approx([expected[s] for s in range(7, STEPS + 1)],
-                                                                   abs=TOLERANCE)
+    assert resumed_like(resumed, tiny_run, TOLERANCE)
 
 
 @pytest.mark.slow
