@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, accumulation_dtype
 from trainer.memory import OPTIONS, Estimate, GiB, Option, architecture, element_bytes, estimate, recommend
 from trainer.model import Architecture, check_sequence_split, check_tensor_split, model_config
 from trainer.perf import flops_per_token
@@ -121,8 +121,7 @@ def _accumulation(cfg: Config, world: int) -> str:
 
 
 def _accumulation_dtypes(cfg: Config) -> str:
-    by_stage = {stage: cfg.model_copy(update={"zero": cfg.zero.model_copy(update={"stage": stage})}).grad_accum_dtype
-                for stage in range(4)}
+    by_stage = {stage: accumulation_dtype(cfg.train, stage) for stage in range(4)}
     if len(set(by_stage.values())) == 1:
         return by_stage[0]
     return f"{by_stage[1]} at ZeRO 1-3, {by_stage[0]} at ZeRO 0 (DeepSpeed 0.19.8 sums in fp32 only under ZeRO)"
@@ -216,7 +215,7 @@ def _parallel_hint(cfg: Config, arch: Architecture, chosen: tuple[Estimate, bool
                    nodes: int, gpus_per_node: int, mem: Units) -> list[str]:
     """When the run needs offload or activation checkpointing, or nothing fits, and it splits neither sequences
     nor weights yet: the smallest tensor or sequence degree within a node with which a stage fits without them."""
-    if cfg.parallel.model_parallel > 1 or (chosen and not chosen[1] and not chosen[0].option.offload_optimizer):
+    if cfg.parallel.model_parallel > 1 or _plain(chosen):
         return []
     config = model_config(cfg.model, arch.vocab)
     for degree in (d for d in (2, 4, 8) if d <= gpus_per_node and gpus_per_node % d == 0):
@@ -228,12 +227,17 @@ def _parallel_hint(cfg: Config, arch: Architecture, chosen: tuple[Estimate, bool
                 continue
             if name == "sequence" and cfg.data.seq_len % degree:
                 continue
-            fits = [est for est in _estimates(run, arch, nodes, gpus_per_node)
-                    if not est.option.offload_optimizer and est.peak() <= usable]
-            if fits:
-                return [f"             or parallel.{name}: {degree} (within a node): {fits[0].option} fits without "
-                        f"offload or checkpointing, peak {mem(fits[0].peak())} {mem.name}"]
+            there = recommend(_estimates(run, arch, nodes, gpus_per_node), usable)
+            if _plain(there):
+                est = there[0]
+                return [f"             or parallel.{name}: {degree} (within a node): {est.option} fits without "
+                        f"offload or checkpointing, peak {mem(est.peak())} {mem.name}"]
     return []
+
+
+def _plain(chosen: tuple[Estimate, bool] | None) -> bool:
+    """Whether a recommendation needs neither optimizer offload nor activation checkpointing."""
+    return chosen is not None and not chosen[1] and not chosen[0].option.offload_optimizer
 
 
 def _start_up(cfg: Config, arch: Architecture, usable: float, gpus_per_node: int, mem: Units) -> list[str]:

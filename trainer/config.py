@@ -170,11 +170,12 @@ class Config(Section):
 
     @property
     def grad_accum_dtype(self) -> str:
-        """train.grad_accum_dtype, or its default: fp32 under bf16 where DeepSpeed 0.19.8 can (ZeRO 1-3)."""
-        t = self.train
-        if t.grad_accum_dtype is not None:
-            return t.grad_accum_dtype
-        return "fp32" if t.precision == "bf16" and self.zero.stage > 0 else t.precision
+        return accumulation_dtype(self.train, self.zero.stage)
+
+    @property
+    def rank_tokens(self) -> int:
+        """Tokens one rank runs per micro-batch: its slice of each sequence under parallel.sequence."""
+        return self.train.micro_batch_size * self.data.seq_len // self.parallel.sequence
 
     @property
     def async_saves(self) -> bool:
@@ -188,6 +189,14 @@ class Config(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def accumulation_dtype(train: TrainSection, stage: int) -> str:
+    """train.grad_accum_dtype, or its default at ZeRO `stage`: fp32 under bf16 where DeepSpeed 0.19.8 can (stages
+    1-3), else the training precision."""
+    if train.grad_accum_dtype is not None:
+        return train.grad_accum_dtype
+    return "fp32" if train.precision == "bf16" and stage > 0 else train.precision
 
 
 def load_config(path: str | Path, overrides: list[str] = (), *, cuda_available: bool | None = None) -> Config:

@@ -67,9 +67,8 @@ class TrainingData:
     def loss(self, cfg: Config, shard: SequenceShard | None = None) -> Callable:
         """The loss of a micro-batch: `loss(model, batch)`. Packed text: next-token prediction, each document
         on its own with data.document_masking, this rank's slice of each sequence with `shard`."""
-        tokens = cfg.train.micro_batch_size * cfg.data.seq_len // cfg.parallel.sequence
         return partial(lm_loss, eos_id=self.eos_id if cfg.data.document_masking else None, shard=shard,
-                       chunk=loss_chunk(tokens, self.vocab_size, cfg.train.loss_chunk_tokens))
+                       chunk=loss_chunk(cfg.rank_tokens, self.vocab_size, cfg.train.loss_chunk_tokens))
 
     def batches(self, cfg: Config, rank: Rank, consumed_samples: int, stream_state: dict | None) -> Batches:
         raise NotImplementedError

@@ -27,7 +27,8 @@ def build_engine(cfg: Config, data: TrainingData, load_universal: bool) -> tuple
     a universal checkpoint (saved by another number of ranks)."""
     config = data.model_config(cfg.model)
     arch = architecture(cfg.model, config)
-    ds_config = deepspeed_config(cfg, arch.held(cfg.parallel.tensor), load_universal, largest_parameter=max(arch.sizes))
+    ds_config = deepspeed_config(cfg, arch.held(cfg.parallel.tensor), load_universal,
+                                 largest_parameter=max(arch.sizes))
     log.info(f"model: {config.model_type} ({cfg.model.task}), {arch.params / 1e6:.2f}M parameters, ZeRO stage "
              f"{cfg.zero.stage}, {cfg.train.precision}, grad accumulation {cfg.grad_accum}")
     torch.manual_seed(cfg.run.seed)  # the same dropout and other draws on every rank

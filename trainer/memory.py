@@ -25,8 +25,8 @@ From it, the run config and the cluster shape (nodes x GPUs per node = the data-
     + 4e·i           gated MLP: gate, SiLU(gate), up, their product (2e·i for a plain MLP)
     + (4 + e)·a·s    only with eager attention (scores and softmax kept; SDPA/flash recompute them)
   = 22h + 4kv + 8i B per token and layer for bf16 with SDPA, plus the head: final norm (4 + 2e)·h and the logits
-  (e·V, their fp32 copy 4V and its log-softmax 4V; only e·V with a chunked loss, train.loss_chunk_tokens). Full activation checkpointing keeps e·h per layer (its input)
-  plus one layer's activations recomputed during backward.
+  (e·V, their fp32 copy 4V and its log-softmax 4V; only e·V with a chunked loss, train.loss_chunk_tokens). Full
+  activation checkpointing keeps e·h per layer (its input) plus one layer's activations recomputed during backward.
 - Peak per GPU = model states + resident buffers + max(backward buffers + activations, the optimizer step's fp32
   gradients); it must fit in the GPU's memory less MARGIN.
 """
@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from trainer.config import Config, ConfigError, ZeroSection
+from trainer.config import Config, ConfigError, ZeroSection, accumulation_dtype
 from trainer.model import Architecture, loss_chunk, model_config
 from trainer.model import architecture as model_architecture
 
@@ -210,14 +210,14 @@ def estimate(cfg: Config, arch: Architecture, option: Option, nodes: int, gpus_p
     t, tensor = cfg.train, cfg.parallel.tensor
     # ZeRO partitions a rank's tensor slice over the ranks holding the same slice
     held, world = arch.held(tensor), nodes * gpus_per_node // tensor
-    accumulate = cfg.model_copy(update={"zero": option.zero_section()}).grad_accum_dtype
+    accumulate = accumulation_dtype(t, option.stage)
     params, grads, optimizer, step, host = model_states(t.precision, option, held, world, accumulate)
     zero = zero_config(cfg, option, nodes, gpus_per_node, held)
     resident, transient = buffers(arch, held, t.precision, option, zero, world)
     # A rank of a sequence group holds its slice of every activation; attention holds the whole sequence with
     # that share of the heads: the same bytes. The document mask spans the whole sequence.
     tokens = cfg.data.seq_len // cfg.parallel.sequence
-    chunked = loss_chunk(t.micro_batch_size * tokens, arch.vocab, t.loss_chunk_tokens) is not None
+    chunked = loss_chunk(cfg.rank_tokens, arch.vocab, t.loss_chunk_tokens) is not None
     return Estimate(option, params, grads, optimizer, resident, transient, step,
                     activation_bytes(arch, t.precision, t.micro_batch_size, tokens, False, tensor, chunked)
                     + document_mask_bytes(cfg, arch),
