@@ -80,6 +80,9 @@ class TrainSection(Section):
     # fp32 copy of a micro-batch's logits never exists. Default: chunks of 64 MiB of fp32 logits when the whole
     # would exceed 512 MiB (large vocabularies, long sequences); 0: never chunk.
     loss_chunk_tokens: int | None = Field(None, ge=0)
+    # torch.compile (inductor) the model, through DeepSpeed's engine.compile(), and the loss's fp32 cross-entropy.
+    # Off by default: compiling costs each launch tens of seconds on CPU (see README: Compile).
+    compile: bool = False
 
 
 class EvalSection(Section):

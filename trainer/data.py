@@ -27,7 +27,7 @@ from data_pipeline.sources import source_units
 from data_pipeline.streaming import StreamingPackedDataset
 from trainer.config import Config, ModelSection
 from trainer.distributed import Rank, die_with_parent
-from trainer.model import classification_loss, lm_loss, loss_chunk, model_config
+from trainer.model import classification_loss, fp32_cross_entropy, lm_loss, loss_chunk, model_config
 from trainer.validation import ClassifierValidation, Validation, validation_batch_counts
 
 if TYPE_CHECKING:  # imports DeepSpeed, which the CLI's pre-flight does without
@@ -68,7 +68,8 @@ class TrainingData:
         """The loss of a micro-batch: `loss(model, batch)`. Packed text: next-token prediction, each document
         on its own with data.document_masking, this rank's slice of each sequence with `shard`."""
         return partial(lm_loss, eos_id=self.eos_id if cfg.data.document_masking else None, shard=shard,
-                       chunk=loss_chunk(cfg.rank_tokens, self.vocab_size, cfg.train.loss_chunk_tokens))
+                       chunk=loss_chunk(cfg.rank_tokens, self.vocab_size, cfg.train.loss_chunk_tokens),
+                       cross_entropy=torch.compile(fp32_cross_entropy) if cfg.train.compile else fp32_cross_entropy)
 
     def batches(self, cfg: Config, rank: Rank, consumed_samples: int, stream_state: dict | None) -> Batches:
         raise NotImplementedError

@@ -50,4 +50,6 @@ def build_engine(cfg: Config, data: TrainingData, load_universal: bool) -> tuple
         config=ds_config,
     )
     del zero_init
+    if cfg.train.compile:  # compiled lazily, at the first forward and backward
+        engine.compile()  # DeepSpeed's: torch.compile of the module, its ZeRO hooks kept around it
     return engine, arch

@@ -10,6 +10,7 @@ import copy
 import fnmatch
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -250,19 +251,23 @@ def loss_chunk(tokens_per_micro_batch: int, vocab_size: int, configured: int | N
     return max(1, CHUNK_BYTES // (4 * vocab_size))
 
 
-def lm_loss(model, batch: torch.Tensor, eos_id: int | None = None, shard=None, chunk: int | None = None) \
-        -> torch.Tensor:
+def fp32_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each token's cross-entropy, the logits upcast to fp32 (under train.compile: one fused kernel)."""
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+def lm_loss(model, batch: torch.Tensor, eos_id: int | None = None, shard=None, chunk: int | None = None,
+            cross_entropy: Callable = fp32_cross_entropy) -> torch.Tensor:
     """Next-token cross-entropy on packed samples of seq_len + 1 tokens. With `eos_id` (data.document_masking)
     each document of a sample is trained as if alone: positions restart after every eos, attention stays within
     a document and nothing is predicted from an eos (the next document's first token is not its continuation).
     With `shard` (trainer.sequence_parallel.SequenceShard) this rank runs its slice of every sequence. With
-    `chunk`, the cross-entropy takes that many tokens at a time (token_losses)."""
+    `chunk`, the cross-entropy takes that many tokens at a time (token_losses). `cross_entropy`: the per-token
+    fp32 cross-entropy to use (train.compile passes a compiled one)."""
     inputs, labels = batch[:, :-1], batch[:, 1:]
     if eos_id is None and shard is None:
         logits = model(input_ids=inputs).logits
-        if chunk is None:
-            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-        return token_losses(logits, labels, chunk).mean()
+        return token_losses(logits, labels, chunk, cross_entropy).mean()
     # transformers reads restarting position_ids as packed documents when no attention mask (and no cache) is
     # given: sdpa, eager and flex get a block-diagonal causal mask, flash-attention its variable-length kernel.
     if eos_id is None:
@@ -274,24 +279,21 @@ def lm_loss(model, batch: torch.Tensor, eos_id: int | None = None, shard=None, c
         inputs, labels, positions = shard.cut(inputs), shard.cut(labels), shard.cut(positions)
         predicted = None if predicted is None else shard.cut(predicted)
     logits = model(input_ids=inputs, position_ids=positions, use_cache=False).logits
-    losses = token_losses(logits, labels, chunk)
+    losses = token_losses(logits, labels, chunk, cross_entropy)
     part = (losses if predicted is None else losses * predicted.flatten()).sum() / count
     return part if shard is None else shard.whole(part)
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, chunk: int | None = None,
+                 cross_entropy: Callable = fp32_cross_entropy) -> torch.Tensor:
     """Each token's cross-entropy, in fp32. With `chunk`, that many tokens at a time, each chunk checkpointed:
     backward recomputes its fp32 logits and log-softmax instead of keeping them, so only the model's own
     (16-bit) logits stay alive over the micro-batch - not their fp32 copy and log-softmax (8 B per logit)."""
     logits, labels = logits.flatten(0, 1), labels.flatten()
     if chunk is None or chunk >= len(labels):
-        return F.cross_entropy(logits.float(), labels, reduction="none")
-    return torch.cat([checkpoint(_fp32_cross_entropy, part, target, use_reentrant=False)
+        return cross_entropy(logits, labels)
+    return torch.cat([checkpoint(cross_entropy, part, target, use_reentrant=False)
                       for part, target in zip(logits.split(chunk), labels.split(chunk))])
-
-
-def _fp32_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
 def document_positions(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from data_pipeline import DataError, DataFile
 from data_pipeline.files import share
 from data_pipeline.record import verify_file
-from trainer import distributed
+from trainer import compilation, distributed
 from trainer.config import TrainSection
 from trainer.perf import Throughput, memory_gib
 
@@ -35,13 +35,14 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Window:
-    """Loss and wall time since the last log line; time spent validating or saving is left out."""
+    """Loss and wall time since the last log line; time spent validating, saving or compiling is left out."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.loss_sum = torch.zeros((), device=device)
         self.steps = 0
         self.start = time.perf_counter()
+        self.compiled = compilation.seconds()  # compile time so far
         self.train_seconds = 0.0  # over the whole run, the first window (start-up) excluded
         self.train_steps = 0
         self.flushes = 0
@@ -54,7 +55,9 @@ class Window:
         """(mean loss over the ranks and steps of the window, steps, seconds); starts the next window."""
         mean = mean or (lambda values: distributed.all_mean(values, self.device))
         loss = mean([self.loss_sum.item() / self.steps])[0]
-        seconds, steps = time.perf_counter() - self.start, self.steps
+        compiled = compilation.seconds()
+        seconds, steps = time.perf_counter() - self.start - (compiled - self.compiled), self.steps
+        self.compiled = compiled
         if self.flushes:
             self.train_seconds += seconds
             self.train_steps += steps
@@ -66,6 +69,7 @@ class Window:
 
     def exclude_since_last(self) -> None:
         self.start = time.perf_counter()
+        self.compiled = compilation.seconds()
 
 
 class LossSpikes:
@@ -257,11 +261,14 @@ class Monitors:
         loss, steps, seconds = self.window.flush()
         self.last_loss = loss
         norm = engine.get_global_grad_norm()
+        if self.t.compile and self.window.flushes == 1:  # the first log line of this launch
+            log.info(compilation.describe())
         return {"train/loss": loss, "train/lr": lr, "train/grad_norm": float("nan") if norm is None else float(norm),
                 "train/loss_spikes": self.spikes.count(step, loss), "train/nonfinite_steps": self.nonfinite.in_a_row,
                 # steps DeepSpeed skipped for non-finite gradients (ZeRO 1-3, and fp16 loss scaling)
                 "train/skipped_steps": getattr(engine, "skipped_steps", 0), "train/tokens_seen": tokens_seen,
-                **self.throughput.metrics(steps, seconds), **self.phases.flush(steps), **memory_gib(self.device)}
+                **self.throughput.metrics(steps, seconds), **self.phases.flush(steps), **memory_gib(self.device),
+                **(compilation.metrics() if self.t.compile else {})}
 
     def exclude_since_last(self) -> None:
         """Validation or a save just ran: not training time."""

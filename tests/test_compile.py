@@ -1,0 +1,53 @@
+"""train.compile: the compiled model and loss train the losses of eager runs at every ZeRO stage; what compiling
+cost and where dynamo broke the graph are logged, and compiling is not counted as training time."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from conftest import read_metrics, tiny_args, train_losses, zerotrain
+from trainer import compilation
+from trainer.monitors import Window
+
+
+def test_graph_breaks_are_counted_with_their_reason():
+    def twice(x):
+        print("a graph break")
+        return x * 2
+
+    torch._dynamo.reset()
+    before = compilation.graph_breaks()
+    torch.compile(twice)(torch.ones(3))
+    reasons = {reason: count - before.get(reason, 0) for reason, count in compilation.graph_breaks().items()}
+    assert reasons == {next(r for r in reasons if "print" in r): 1}, reasons
+    assert "graph break x1: " in compilation.describe()
+
+
+def test_compiling_is_not_counted_as_training_time():
+    window = Window(torch.device("cpu"))
+    started = time.perf_counter()
+    torch.compile(lambda x: (x.sin() + 1).sum())(torch.randn(8))  # compiled here, seconds of it
+    window.add(torch.ones(()))
+    _, steps, seconds = window.flush(mean=lambda values: values)
+    wall = time.perf_counter() - started
+    assert steps == 1 and compilation.seconds() > 0.5 and seconds < wall - 0.5, (seconds, wall)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_a_compiled_run_trains_the_losses_of_an_eager_one(stage, tiny_run, tiny_data, tmp_path):
+    """tiny_run (ZeRO 2, eager) is what every stage compiled trains: fp32, within the last digits of reordered sums.
+    Stage 3's parameter hooks break the graph (DeepSpeed marks them not to be compiled): counted and named."""
+    run_dir = tmp_path / f"compiled{stage}"
+    zerotrain("train", *tiny_args(run_dir, tiny_data, f"zero.stage={stage}", "train.compile=true", "eval.every=0",
+                                  "checkpoint.every=0"))
+    assert train_losses(run_dir) == pytest.approx(train_losses(tiny_run), rel=1e-5, abs=1e-6)
+    validation = [[r["val/loss"] for r in read_metrics(run) if "val/loss" in r][-1] for run in (run_dir, tiny_run)]
+    assert validation[0] == pytest.approx(validation[1], rel=1e-5)  # the eval-mode graph, compiled at the end
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    last = [r for r in read_metrics(run_dir) if "compile/seconds" in r][-1]
+    assert "compiled in" in log and last["compile/seconds"] > 0 and last["compile/graphs"] >= 2
+    assert (last["compile/graph_breaks"] > 0) == (stage == 3) == ("graph break x" in log)
