@@ -13,6 +13,7 @@ steps, one validation batch, the final save) and the final checkpoint's save tim
 from the same run; each run's directory is deleted afterwards (a 1B ZeRO checkpoint is ~14 GB).
 
     python3 bench/gpu_llama_1b.py                    # on the GPU machine: 3 stages, ~4-6 minutes
+    python3 bench/gpu_llama_1b.py --stages 1 --set train.compile=true   # compiled, ZeRO 1
     .venv/bin/python bench/gpu_llama_1b.py --smoke   # anywhere (CPU): a 2-layer, hidden-64 model, 2 steps each
 
 Needs zerotrain's dependencies beside a CUDA torch; nothing is installed and nothing fetched. An offline GPU
@@ -104,7 +105,7 @@ def train_overrides(work: Path, args, stage: int) -> list[str]:
             f"zero.stage={stage}", "launch.nnodes=1", "launch.nproc_per_node=1",
             f"train.micro_batch_size={args.micro_batch}", f"train.global_batch_size={args.micro_batch}",
             f"train.max_steps={steps}", "optim.warmup_steps=1", f"train.log_every={args.warmup}", "eval.every=0",
-            "eval.batches=1", "checkpoint.every=0", "checkpoint.keep_last=1"]
+            "eval.batches=1", "checkpoint.every=0", "checkpoint.keep_last=1", *args.set]
 
 
 def summarise(run_dir: Path, warmup: int) -> dict:
@@ -162,6 +163,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--warmup", type=int, default=4, help="steps before the timed ones (also the log window)")
     parser.add_argument("--timed", type=int, default=12, help="timed steps (a multiple of --warmup)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="more overrides of every run, e.g. train.compile=true, train.loss_chunk_tokens=4096")
     parser.add_argument("--smoke", action="store_true", help="tiny model, short sequences, 1 + 1 steps: a CPU check")
     parser.add_argument("--workdir", help="scratch folder (default: a new temporary one, deleted at the end)")
     parser.add_argument("--budget", type=float, default=450, help="seconds: a stage that would start later is "

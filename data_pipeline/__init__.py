@@ -2,7 +2,7 @@
 labelled rows -> label ids and padded token arrays for classification. Also the file primitives (durable writes,
 checksums, fingerprints) and the user-error base that every layer shares."""
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
-from data_pipeline.dataset import PackedDataset, packed_sources
+from data_pipeline.dataset import PackedDataset, packed_sources, stack_numpy
 from data_pipeline.errors import DataError, UserError
 from data_pipeline.labelled import LabelledData, LabelledSplit, prepare_labelled
 from data_pipeline.manifest import Manifest
@@ -30,6 +30,7 @@ __all__ = [
     "load_tokenizer",
     "prepare",
     "prepare_labelled",
+    "stack_numpy",
     "tokenizer_fingerprint",
     "train_bpe",
 ]

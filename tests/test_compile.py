@@ -21,19 +21,20 @@ def test_graph_breaks_are_counted_with_their_reason():
     torch._dynamo.reset()
     before = compilation.graph_breaks()
     torch.compile(twice)(torch.ones(3))
-    reasons = {reason: count - before.get(reason, 0) for reason, count in compilation.graph_breaks().items()}
+    reasons = {reason: count - before.get(reason, 0) for reason, count in compilation.graph_breaks().items()
+               if count > before.get(reason, 0)}
     assert reasons == {next(r for r in reasons if "print" in r): 1}, reasons
     assert "graph break x1: " in compilation.describe()
 
 
 def test_compiling_is_not_counted_as_training_time():
+    started, before = time.perf_counter(), compilation.seconds()
     window = Window(torch.device("cpu"))
-    started = time.perf_counter()
-    torch.compile(lambda x: (x.sin() + 1).sum())(torch.randn(8))  # compiled here, seconds of it
+    torch.compile(lambda x: (x.sin() + 1).sum())(torch.randn(8))  # traced here (compiled, or from the cache)
     window.add(torch.ones(()))
     _, steps, seconds = window.flush(mean=lambda values: values)
-    wall = time.perf_counter() - started
-    assert steps == 1 and compilation.seconds() > 0.5 and seconds < wall - 0.5, (seconds, wall)
+    wall, compiling = time.perf_counter() - started, compilation.seconds() - before
+    assert steps == 1 and compiling > 0 and seconds <= wall - compiling, (seconds, wall, compiling)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate, default_convert
 
 from data_pipeline import (
     DataConfig,
@@ -24,6 +24,7 @@ from data_pipeline import (
     eval_batches,
     load_tokenizer,
     prepare,
+    stack_numpy,
     tokenizer_fingerprint,
 )
 
@@ -199,12 +200,17 @@ def test_token_store_pickles_without_its_maps(prepared):
 
 
 def test_dataloader_workers_read_the_sampled_samples(prepared):
-    # spawn, not fork: the worker gets the dataset by pickle, as on platforms without fork.
+    # spawn, not fork: the worker gets the dataset by pickle, as on platforms without fork. Batches stacked as
+    # numpy in the worker (as the trainer's loader does), tensors again here.
     ds = PackedDataset(prepared[0].store("train"), 64)
     sampler = GlobalBatchSampler(GlobalOrder([len(ds)], [1.0], seed=0), 8, 4, rank=1, world_size=2)
-    loader = DataLoader(ds, batch_sampler=sampler, num_workers=1, multiprocessing_context="spawn")
-    for indices, batch in zip(sampler, itertools.islice(loader, 3)):
-        assert torch.equal(batch, torch.stack([ds[i] for i in indices]))
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=1, multiprocessing_context="spawn",
+                        collate_fn=stack_numpy)
+    for indices, batch in zip(sampler, itertools.islice(map(default_convert, loader), 3)):
+        assert torch.equal(batch, torch.stack([ds[i] for i in indices])) and batch.dtype == torch.int64
+    examples = [{"input_ids": ds[i][:8], "labels": torch.tensor(i)} for i in range(3)]  # classification's
+    assert all(torch.equal(a, b) for a, b in zip(default_convert(stack_numpy(examples)).values(),
+                                                 default_collate(examples).values()))
 
 
 def steps_at(world_size, num_steps, *, sizes=(50,), weights=(1.0,), global_batch=12, micro_batch=2, seed=7,

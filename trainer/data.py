@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_convert
 from transformers import PretrainedConfig
 
 from data_pipeline import GlobalBatchSampler, GlobalOrder, LabelledData, Manifest, load_tokenizer, packed_sources, \
-    tokenizer_fingerprint
+    stack_numpy, tokenizer_fingerprint
 from data_pipeline.files import fingerprint
 from data_pipeline.record import PreparedRecord
 from data_pipeline.sources import source_units
@@ -184,10 +184,9 @@ def _ordered(cfg: Config, dataset, order: GlobalOrder, rank: Rank, consumed_samp
                                  consumed_samples)
     # Its own generator: starting the workers must not draw from the global RNG, whose state a resumed run
     # restores (dropout would then differ from the uninterrupted run's).
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=rank.device.type == "cuda", worker_init_fn=_init_worker,
-                        generator=torch.Generator().manual_seed(cfg.run.seed))
-    return iter(loader)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=stack_numpy,
+                        worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(cfg.run.seed))
+    return map(default_convert, loader)  # tensors again, sharing the arrays' memory
 
 
 def _init_worker(worker_id: int) -> None:

@@ -72,10 +72,13 @@ def init(timeout: timedelta, model_parallel: int = 1) -> Rank:
 
 
 def to_device(batch, device: torch.device):
-    """A token tensor (pretraining) or a dict of tensors (classification) on the rank's device."""
+    """A token tensor (pretraining) or a dict of tensors (classification) on the rank's device. To a GPU through
+    pinned memory, so the copy runs asynchronously (torch's pinned-block cache reuses a block only after it)."""
     if isinstance(batch, dict):
-        return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
-    return batch.to(device, non_blocking=True)
+        return {name: to_device(tensor, device) for name, tensor in batch.items()}
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
 
 
 def all_mean(values: list[float], device: torch.device) -> list[float]:
