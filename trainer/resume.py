@@ -171,10 +171,11 @@ def convert_to_universal(run_dir: Path, tag: str, group, log) -> Path:
 
 
 # What a resume may change: where the run lives, how fast it learns from here, how long it trains, how it logs,
-# evaluates, checkpoints and launches, memory-only switches. Everything else must equal the checkpoint's.
+# evaluates, checkpoints and launches, memory- and speed-only switches. Everything else must equal the checkpoint's.
 MAY_CHANGE = ("run.name", "run.output_dir", "model.init_from", "model.gradient_checkpointing", "model.attention",
               "optim.", "train.micro_batch_size", "train.global_batch_size", "train.max_steps", "train.log_every",
-              "train.max_nonfinite_steps", "eval.", "checkpoint.", "launch.", "zero.nvme_path",
+              "train.max_nonfinite_steps", "train.loss_chunk_tokens", "train.compile", "eval.", "checkpoint.",
+              "launch.", "zero.nvme_path",
               "zero.partitioned_init", "data.num_workers", "data.prepared_dir", "parallel.")
 # What the data is (files, tokenizer, splits): judged by the data's fingerprint, which --allow-data-change
 # overrides; the same data may be described differently (moved, another spelling of a path).
