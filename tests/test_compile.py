@@ -4,39 +4,13 @@ counted as training time."""
 
 from __future__ import annotations
 
-import time
+import re
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import as_of_step_6, read_metrics, resumed_like, tiny_args, train_losses, zerotrain
-from trainer import compilation
-from trainer.monitors import Window
-
-
-def test_graph_breaks_are_counted_with_their_reason():
-    def twice(x):
-        print("a graph break")
-        return x * 2
-
-    torch._dynamo.reset()
-    before = compilation.graph_breaks()
-    torch.compile(twice)(torch.ones(3))
-    reasons = {reason: count - before.get(reason, 0) for reason, count in compilation.graph_breaks().items()
-               if count > before.get(reason, 0)}
-    assert reasons == {next(r for r in reasons if "print" in r): 1}, reasons
-    assert "graph break x1: " in compilation.describe()
-
-
-def test_compiling_is_not_counted_as_training_time():
-    started, before = time.perf_counter(), compilation.seconds()
-    window = Window(torch.device("cpu"))
-    torch.compile(lambda x: (x.sin() + 1).sum())(torch.randn(8))  # traced here (compiled, or from the cache)
-    window.add(torch.ones(()))
-    _, steps, seconds = window.flush(mean=lambda values: values)
-    wall, compiling = time.perf_counter() - started, compilation.seconds() - before
-    assert steps == 1 and compiling > 0 and seconds <= wall - compiling, (seconds, wall, compiling)
 
 
 @pytest.mark.slow
@@ -54,6 +28,11 @@ def test_a_compiled_run_trains_the_losses_of_an_eager_one(stage, tiny_run, tiny_
     last = [r for r in read_metrics(run_dir) if "compile/seconds" in r][-1]
     assert "compiled in" in log and last["compile/seconds"] > 0 and last["compile/graphs"] >= 2
     assert (last["compile/graph_breaks"] > 0) == (stage == 3) == ("graph break x" in log)
+    if stage == 3:  # each reason once, in dynamo's words, with its count
+        hook = r"graph break x\d+: Skip calling function .*_pre_forward_module_hook.*torch.compiler.disable"
+        assert re.search(hook, log)
+    first = read_metrics(run_dir)[0]  # step 1, which compiled: its time without the compiling
+    assert first["step"] == 1 and first["perf/step_s"] < first["compile/seconds"], first
 
 
 @pytest.mark.slow
