@@ -16,7 +16,7 @@ export DS_BUILD_OPS := 0
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup data demo finetune-demo test test-fast lock clean bench-data
+.PHONY: setup data demo finetune-demo test test-fast lock clean bench-data gpu-wheels
 
 setup: $(VENV)/.installed
 data: $(SHAKESPEARE)/.fetched $(MINILM)/.fetched $(ROTTEN)/.fetched
@@ -109,3 +109,15 @@ clean:
 # Real English text (about 53 MB) for the data-pipeline benchmarks, in data/bench-corpus: see bench/fetch_corpus.py.
 bench-data: setup
 	$(PY) bench/fetch_corpus.py
+
+# Wheels for the offline GPU machine (bench/gpu_check.sh installs them there): what its image lacks or holds at
+# another version, Python 3.12 x86-64, pinned by constraints.txt. DeepSpeed as a pure-Python wheel (ops JIT-built).
+GPU_WHEELS := transformers datasets dill multiprocess pydantic pydantic_core annotated-types typing-inspection \
+	typing_extensions hjson
+gpu-wheels: setup
+	rm -rf .whl && mkdir -p .whl
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -c constraints.txt deepspeed -w .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-c constraints.txt -d .whl $(GPU_WHEELS)
+	du -sh .whl

@@ -183,10 +183,11 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_llama_1b-"))
     results = []
     try:
-        words = int(1.5 * (args.warmup + args.timed) * args.micro_batch * args.seq_len) + 50_000
-        write_corpus(work / "corpus" / "synthetic.jsonl", words)
+        corpus = work / "corpus" / "synthetic.jsonl"
+        if not corpus.exists():  # a --workdir shared by several invocations prepares once (rewriting would not)
+            write_corpus(corpus, int(1.5 * (args.warmup + args.timed) * args.micro_batch * args.seq_len) + 50_000)
         prep = zerotrain("prepare", data_overrides(work, args), work / "prepare.log")
-        print(f"corpus: {words:,} words; zerotrain prepare: {prep:.0f} s", flush=True)
+        print(f"corpus: {corpus.stat().st_size / 1e6:.1f} MB; zerotrain prepare: {prep:.0f} s", flush=True)
         for stage in args.stages:
             left = args.budget - (time.perf_counter() - started)
             if left < 60:

@@ -56,10 +56,13 @@ def convert_here(folder: Path, out: Path) -> None:
         ds.main(_arguments(folder, out, workers=1))
 
 
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The whole fp32 parameters of a universal checkpoint, by name."""
-    return {path.parent.name: torch.load(path, map_location="cpu", weights_only=True)[PARAM]
-            for path in sorted((folder / "zero").glob("*/fp32.pt"))}
+def weights(folder: Path, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The whole fp32 parameters of a universal checkpoint, by name, in the model's `shapes`. A ZeRO-3 conversion
+    stores each parameter as its partitions joined (flat, padded to a multiple of the ranks), not in a dict."""
+    loaded = {name: torch.load(folder / "zero" / name / "fp32.pt", map_location="cpu", weights_only=True)
+              for name in shapes}
+    return {name: (t[PARAM] if isinstance(t, dict) else t.flatten()[:shapes[name].numel()]).view(shapes[name])
+            for name, t in loaded.items()}
 
 
 def _arguments(folder: Path, out: Path, workers: int) -> argparse.Namespace:
