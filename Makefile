@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# and apt-get can install it (root on Debian/Ubuntu, as in CI), install libaio-dev; elsewhere NVMe offload is
 	# unavailable (a run asking for it stops with one line) and everything else works. The op itself compiles
 	# (7.5 CPU-minutes) on the first NVMe run, not here: the demo does not need it.
-	$(PY) -c 'from trainer.deepspeed_config import async_io_available as ok; exit(not ok())' 2>/dev/null || \
+	$(PY) -c 'from trainer.engine.nvme import async_io_available as ok; exit(not ok())' 2>/dev/null || \
 	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq -o DPkg::Lock::Timeout=300 && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends \
@@ -88,7 +88,7 @@ finetune-demo: setup data
 # The tests train with NVMe offload too: DeepSpeed's async_io op is compiled once first (minutes), so that no
 # test waits for gcc.
 $(VENV)/.async_io: $(VENV)/.installed
-	$(PY) -c 'from trainer.deepspeed_config import async_io_available, build_async_io as b; async_io_available() and b()'
+	$(PY) -c 'from trainer.engine.nvme import async_io_available, build_async_io as b; async_io_available() and b()'
 	touch $@
 
 test: setup data $(VENV)/.async_io

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
 sys.path.insert(0, str(REPO))
 
-from trainer.metrics import read_records  # noqa: E402
+from trainer.observe.metrics import read_records  # noqa: E402
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Throughput of zerotrain's training loop against Hugging Face transformers' `Trainer` running DeepSpeed.
 
 Both train the same model (configs/demo.yaml: a 16.9M Llama) with the same DeepSpeed config (the dict
-`trainer.deepspeed_config.deepspeed_config` makes from the same zerotrain config, handed to
+`trainer.engine.deepspeed_config.deepspeed_config` makes from the same zerotrain config, handed to
 `TrainingArguments(deepspeed=...)`), the same packed token samples (the prepared shards' `PackedDataset`,
 fed to `Trainer` as {input_ids, labels}), the same micro- and global batch and loader workers, on the same
 number of ranks (started by `torchrun`). The steps after `--warmup` are timed: for zerotrain from the
@@ -139,7 +139,7 @@ def config_differences(ours: dict, theirs: dict, prefix: str = "") -> list[str]:
 
 
 def fresh_model(cfg, vocab_size: int):
-    """zerotrain's initial model (trainer.model.build_model without init_from: same seed, same config), built
+    """zerotrain's initial model (trainer.model.build.build_model without init_from: same seed, same config), built
     with transformers directly so that this script does not follow that module's signature."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -154,7 +154,7 @@ def worker(args) -> None:
     from transformers import Trainer
 
     from data_pipeline import Manifest, packed_sources
-    from trainer.deepspeed_config import deepspeed_config
+    from trainer.engine.deepspeed_config import deepspeed_config
 
     out = Path(args.worker)
     args.nproc = int(os.environ["WORLD_SIZE"])

@@ -1,6 +1,6 @@
 """Peak memory of the causal-LM loss at a Llama-3-size vocabulary: the model's output layer and the loss over
 one micro-batch, forward and backward, whole (today's fp32 copy of the logits and its log-softmax) against
-chunked (train.loss_chunk_tokens: trainer/model.py token_losses), each in a fresh process: its peak resident
+chunked (train.loss_chunk_tokens: trainer/tasks/causal_lm.py token_losses), each in a fresh process: its peak resident
 memory less what it held before (hidden states and the output layer's weight).
 
     .venv/bin/python bench/lean_loss.py [--vocab 128256] [--tokens 2048] [--hidden 512] [--precision bf16]
@@ -25,7 +25,7 @@ def peak_of_loss(vocab: int, tokens: int, hidden: int, precision: str, chunk: in
     """In this process: the bytes the loss adds at its peak, and the loss and a gradient checksum."""
     import torch
 
-    from trainer.model import token_losses
+    from trainer.tasks.causal_lm import token_losses
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     generator = torch.Generator().manual_seed(0)
@@ -57,7 +57,7 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(peak_of_loss(args.vocab, args.tokens, args.hidden, args.precision, json.loads(args.child))))
         return
-    from trainer.model import loss_chunk
+    from trainer.tasks.causal_lm import loss_chunk
 
     chunk = loss_chunk(args.tokens, args.vocab, None)
     whole, chunked = measured(args, None), measured(args, chunk)

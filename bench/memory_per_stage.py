@@ -9,7 +9,7 @@
    paper's formula describes), and the most at any of after backward / the optimizer step / after it
    (DeepSpeed's fp32 gradient copies for the step and its buckets included).
 2. Peak RSS (ru_maxrss) of each rank over start-up and `--steps` steps with the bucket sizes zerotrain
-   derives from the parameter count (trainer/deepspeed_config.py) against DeepSpeed's own defaults
+   derives from the parameter count (trainer/engine/deepspeed_config.py) against DeepSpeed's own defaults
    (reduce/allgather buckets 5e8 elements, stage-3 prefetch 5e7: the keys left out), fresh processes each;
    and, measured as in 1 in one more step (plus a point inside backward, when it reaches the first decoder
    layer: DeepSpeed's stage-1/2 gradient buckets live only during backward), the most tensor bytes allocated -
@@ -70,7 +70,7 @@ def engine_for(cfg, default_buckets: bool = False):
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trainer.deepspeed_config import deepspeed_config
+    from trainer.engine.deepspeed_config import deepspeed_config
     from trainer.optim import param_groups
 
     torch.manual_seed(cfg.run.seed)
@@ -94,7 +94,7 @@ def measured_step(engine, cfg, storages: NewStorages, in_backward: bool = False)
     """One training step: new storage bytes after backward, and the most at after backward / the optimizer
     step (a pre-hook on the torch AdamW DeepSpeed steps) / after the step; with `in_backward` also when backward
     reaches the first decoder layer (gradient buckets live, but so do that layer's activations)."""
-    from trainer.model import lm_loss
+    from trainer.tasks.causal_lm import lm_loss
 
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     seen = []
@@ -116,7 +116,7 @@ def measured_step(engine, cfg, storages: NewStorages, in_backward: bool = False)
 
 def model_state_bytes(cfg) -> dict:
     """New storage bytes in the second step (the first made the Adam moments)."""
-    from trainer.model import lm_loss
+    from trainer.tasks.causal_lm import lm_loss
 
     storages = NewStorages()
     engine, n_params = engine_for(cfg)
@@ -145,7 +145,7 @@ def rss_rank(rank: int, world: int, port: int, args, stage: int, default_buckets
     join(rank, world, port)
     import torch.distributed as dist
 
-    from trainer.model import lm_loss
+    from trainer.tasks.causal_lm import lm_loss
 
     cfg = run_config(args, stage)
     storages = NewStorages()

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 
 from data_pipeline import Manifest
 from trainer.config import load_config
-from trainer.deepspeed_config import deepspeed_config
-from trainer.model import build_model, model_config
+from trainer.engine.deepspeed_config import deepspeed_config
+from transformers import AutoModelForCausalLM
+
+from trainer.model.build import build_model, model_config
 
 
 def main(config_path: str, steps: int, warmup: int) -> None:
@@ -28,7 +30,7 @@ def main(config_path: str, steps: int, warmup: int) -> None:
     shard = manifest.data["splits"]["train"]["shards"][0]
     tokens = np.memmap(manifest.dir / shard["file"], dtype=manifest.data["dtype"], mode="r")
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg.model, model_config(cfg.model, manifest.vocab_size))
+    model = build_model(cfg.model, model_config(cfg.model, manifest.vocab_size), AutoModelForCausalLM)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config=deepspeed_config(cfg, sum(p.numel() for p in model.parameters())))
     mb, seq = cfg.train.micro_batch_size, cfg.data.seq_len

@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism on CPU ranks (parallel.sequence, trainer/sequence_parallel.py).
+"""Ulysses sequence parallelism on CPU ranks (parallel.sequence, trainer/parallel/sequence.py).
 
 1. Activation memory per rank at a long sequence: the bytes autograd keeps for backward in one forward + loss
    of a small Llama, sequence split over 2 gloo ranks vs one rank holding it whole; each also against the

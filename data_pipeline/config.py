@@ -1,15 +1,28 @@
 """Typed `tokenizer:` and `data:` config sections. Shapes and ranges only: files are checked by prepare."""
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 NAME = r"^[A-Za-z0-9._-]+$"
+
+# What a resumed run may do with a config field (trainer.config.resume_changes reads them): FIXED - keep the
+# checkpoint's value; MAY_CHANGE - set anew; DATA - what the data is, judged by the prepared data's fingerprint
+# (the same data may be described differently: moved, another spelling of a path). A section declares the policy
+# of its fields in RESUME; a field declares its own with `on_resume`.
+FIXED, MAY_CHANGE, DATA = "fixed", "may_change", "data"
+
+
+def on_resume(policy: str, default: Any = PydanticUndefined, **kwargs) -> Any:
+    """A pydantic Field that declares what a resumed run may do with it."""
+    return Field(default, json_schema_extra={"on_resume": policy}, **kwargs)
 
 
 class TokenizerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
+    RESUME: ClassVar[str] = DATA
 
     path: Path | None = None  # an existing HF tokenizer folder to use instead of training one
     vocab_size: int = Field(8192, ge=256, le=1_000_000)  # byte-level BPE trained on the train split
@@ -41,18 +54,21 @@ class SourceConfig(BaseModel):
 
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
+    RESUME: ClassVar[str] = DATA
 
     sources: list[SourceConfig] = Field(min_length=1)  # weighted mixture; one source needs no weight
     text_field: str = "text"  # column holding the text in json/jsonl/parquet/csv sources
-    mode: Literal["prepared", "streaming"] = "prepared"  # streaming: tokenize on the fly, no prepare step
-    prepared_dir: Path  # where tokenizer, shards and manifest.json go
-    seq_len: int = Field(ge=8)
+    # streaming: tokenize on the fly, no prepare step
+    mode: Literal["prepared", "streaming"] = on_resume(FIXED, "prepared")
+    prepared_dir: Path = on_resume(MAY_CHANGE)  # where tokenizer, shards and manifest.json go
+    # tokens per sample: the run's position in the data counts samples of it
+    seq_len: int = on_resume(FIXED, ge=8)
     validation_fraction: float = Field(0.05, gt=0, lt=0.5)  # of documents, chosen by hashing their key
     shard_tokens: int = Field(128 * 2**20, ge=1024)  # tokens per shard file (256 MiB at uint16)
-    num_workers: int = Field(1, ge=0)  # DataLoader worker processes per rank
+    num_workers: int = on_resume(MAY_CHANGE, 1, ge=0)  # DataLoader worker processes per rank
     # Packed samples hold several documents (eos after each). true: each is trained as if alone - positions
     # restart and attention stops at every eos. false: a sample is one stream, attending across documents.
-    document_masking: bool = False
+    document_masking: bool = on_resume(FIXED, False)
     # Labelled data (model.task: classification). Each text is one example, padded/truncated to seq_len tokens.
     label_field: str = "label"  # column holding the label (strings, or ints standing for themselves)
     labels: list[str] | None = Field(None, min_length=2)  # the labels to train on, in id order; rows with

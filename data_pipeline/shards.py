@@ -1,7 +1,7 @@
 """Token shards on disk: a writer that cuts a token stream into fixed-size files, and a lazy memory-mapped reader.
 
-A shard `{prefix}_{i:05d}.bin` is a raw little-endian token array; `{prefix}_{i:05d}.docs.npy` holds the
-offsets, within that shard, of the documents that start in it. Documents run across shard boundaries.
+A shard `{prefix}_{i:05d}.bin` is a raw little-endian token array, each document ending in eos; documents run
+across shard boundaries, and the manifest counts those that start in each shard.
 """
 import hashlib
 import mmap
@@ -23,13 +23,13 @@ class ShardWriter:
         self.out_dir, self.prefix = Path(out_dir), prefix
         self.buf = np.empty(shard_tokens, np.dtype(dtype).newbyteorder("<"))
         self.fill = 0
-        self.doc_starts: list[int] = []
+        self.docs = 0  # documents that start in the shard being filled
         self.records: list[dict] = []
 
     def add(self, token_ids) -> None:
         """Append one document, eos included."""
         ids = np.asarray(token_ids, dtype=self.buf.dtype)
-        self.doc_starts.append(self.fill)
+        self.docs += 1
         while len(ids):
             n = min(len(ids), len(self.buf) - self.fill)
             self.buf[self.fill : self.fill + n] = ids[:n]
@@ -46,15 +46,14 @@ class ShardWriter:
         tokens = self.buf[: self.fill]
         name = f"{self.prefix}_{len(self.records):05d}"
         write_durable(self.out_dir / f"{name}.bin", tokens.tofile)
-        write_durable(self.out_dir / f"{name}.docs.npy", lambda f: np.save(f, np.array(self.doc_starts, np.uint64)))
         self.records.append({
             "file": f"{name}.bin",
             "num_tokens": self.fill,
-            "num_docs": len(self.doc_starts),
+            "num_docs": self.docs,
             "sha256": hashlib.sha256(tokens).hexdigest(),
             "bytes": tokens.nbytes,
         })
-        self.fill, self.doc_starts = 0, []
+        self.fill, self.docs = 0, 0
 
 
 class TokenStore:

@@ -27,9 +27,9 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from launcher.environment import set_process_defaults
 from launcher.failures import describe_failures, unreadable_report
-from trainer import checkpoint
+from trainer.checkpointing import store
 from trainer.config import Config
-from trainer.monitors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_SAVED
+from trainer.observe.monitors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_SAVED
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         sig = signal.Signals(signum)
         if self.first is None:
-            self.first, self.latest_then = sig, checkpoint.pointer(self.run_dir, checkpoint.LATEST)
+            self.first, self.latest_then = sig, store.pointer(self.run_dir, store.LATEST)
             if sig == signal.SIGINT:
                 print("zerotrain: Ctrl-C: the ranks finish their step, save and stop (Ctrl-C again: stop at once, "
                       "without saving)", file=sys.stderr, flush=True)
@@ -76,7 +76,7 @@ class StopSignals:
 
     def outcome(self) -> int:
         """After the agent has stopped the ranks: EXIT_SAVED if they saved since the signal, said in one line."""
-        saved = checkpoint.pointer(self.run_dir, checkpoint.LATEST)
+        saved = store.pointer(self.run_dir, store.LATEST)
         name = "Ctrl-C" if self.first == signal.SIGINT else self.first.name
         if saved == self.latest_then:
             print(f"zerotrain: stopped by {name}; nothing was saved since the signal (last checkpoint: "
@@ -86,12 +86,14 @@ class StopSignals:
         return EXIT_SAVED
 
 
-def run_agent(config_file: Path, cfg: Config, resume: str, rendezvous: Rendezvous) -> int:
-    """Runs this node's ranks to the end; returns the launcher's exit code, having said how they ended."""
+def run_agent(config_file: Path, cfg: Config, resume_from: str | None, rendezvous: Rendezvous) -> int:
+    """Runs this node's ranks to the end; returns the launcher's exit code, having said how they ended.
+    `resume_from`: the checkpoint the pre-flight chose, which the ranks continue from."""
     stop = StopSignals(cfg.run_dir)
+    resuming = ("--resume-from", resume_from) if resume_from else ()
     try:
         elastic_launch(_launch_config(cfg, rendezvous), sys.executable)("-m", "trainer.main", str(config_file),
-                                                                       "--resume", resume)
+                                                                       *resuming)
     except SignalException:
         return stop.outcome()
     except ChildFailedError as e:

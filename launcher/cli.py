@@ -30,33 +30,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prepare(args) -> None:
-    from data_pipeline import prepare, prepare_labelled
+    from trainer.tasks import task_of
 
     cfg = load_config(args.config, args.set)
     if cfg.data.mode == "streaming":
         raise ConfigError("data.mode: streaming data is read as it is by `zerotrain train`; nothing to prepare")
-    if cfg.model.task == "classification":
-        prepare_labelled(cfg.data, cfg.tokenizer.path)
-    else:
-        prepare(cfg.data, cfg.tokenizer, part=args.part)
+    task_of(cfg).prepare(cfg, args.part)
 
 
 def _train(args) -> int:
-    import torch
-
     from launcher.environment import detect
     from launcher.run_lock import RunLock
+    from trainer.parallel.distributed import uses_gpus
     from trainer.preflight import preflight
 
-    layout = detect()  # ranks started by srun, mpirun or torchrun: this process is one of them
-    cfg = load_config(args.config, args.set + _launch_overrides(args, layout),
-                      cuda_available=torch.cuda.is_available())
-    _check_rendezvous(cfg, args, layout)
+    placed = detect()  # ranks started by srun, mpirun or torchrun: this process is one of them
+    cfg = load_config(args.config, args.set + _launch_overrides(args, placed), cuda_available=uses_gpus())
+    _check_rendezvous(cfg, args, placed)
     checked = preflight(cfg, args.resume, args.allow_data_change)
+    resume_from = checked.resume.tag if checked.resume else None
     lock = RunLock(cfg.run_dir)
     # The job's first process owns the run directory and writes its config; the others write nothing before
     # rank 0 has joined them.
-    if (layout.rank if layout else args.node_rank) == 0:
+    if (placed.rank if placed else args.node_rank) == 0:
         stale = lock.acquire()
         for note in checked.notes + ([f"the previous job in {cfg.run_dir} ({stale}) ended without releasing it "
                                       "(killed?); taking over"] if stale else []):
@@ -67,48 +63,48 @@ def _train(args) -> int:
         print(f"zerotrain: run {cfg.run.name} already reached train.max_steps ({cfg.train.max_steps}); raise it to "
               "train on", flush=True)
         return 0
-    if layout:
-        _train_as_rank(cfg, layout, args.resume, lock)
+    if placed:
+        _train_as_rank(cfg, placed, resume_from, lock)
     from launcher.agent import Rendezvous, run_agent
 
     try:
-        return run_agent(cfg.run_dir / "config.yaml", cfg, args.resume,
+        return run_agent(cfg.run_dir / "config.yaml", cfg, resume_from,
                          Rendezvous(args.node_rank, args.master_addr, args.master_port, args.rdzv_endpoint))
     finally:
         lock.release()
 
 
-def _launch_overrides(args, layout) -> list[str]:
+def _launch_overrides(args, placed) -> list[str]:
     """The launch section as the command line or the scheduler's environment sets it."""
-    if layout:
-        if layout.nnodes * layout.local_world_size != layout.world_size:
-            raise ConfigError(f"{layout.source}: {layout.world_size} ranks are not spread evenly over "
-                              f"{layout.nnodes} nodes; start as many ranks on every node")
-        return [f"launch.nnodes={layout.nnodes}", f"launch.nproc_per_node={layout.local_world_size}"]
+    if placed:
+        if placed.nnodes * placed.local_world_size != placed.world_size:
+            raise UserError(f"{placed.source}: {placed.world_size} ranks are not spread evenly over "
+                            f"{placed.nnodes} nodes; start as many ranks on every node")
+        return [f"launch.nnodes={placed.nnodes}", f"launch.nproc_per_node={placed.local_world_size}"]
     flags = {"nproc_per_node": args.nproc, "nnodes": args.nnodes, "max_restarts": args.max_restarts}
     return [f"launch.{key}={value}" for key, value in flags.items() if value is not None]
 
 
-def _check_rendezvous(cfg, args, layout) -> None:
+def _check_rendezvous(cfg, args, placed) -> None:
     nnodes = cfg.launch.nnodes
-    if layout is None and nnodes > 1 and not (args.master_addr or args.rdzv_endpoint):
+    if placed is None and nnodes > 1 and not (args.master_addr or args.rdzv_endpoint):
         raise ConfigError(f"launch.nnodes: {nnodes} nodes need a rendezvous: --master-addr (with --node-rank) "
                           "or --rdzv-endpoint HOST:PORT")
-    if layout is None and args.node_rank >= nnodes:
+    if placed is None and args.node_rank >= nnodes:
         raise ConfigError(f"--node-rank: {args.node_rank} is not below the number of nodes ({nnodes})")
 
 
-def _train_as_rank(cfg, layout, resume: str, lock) -> None:
+def _train_as_rank(cfg, placed, resume_from: str | None, lock) -> None:
     """Run this process's rank in-process (srun, mpirun, torchrun started it) and leave with its exit code."""
     import os
 
     from launcher.environment import set_process_defaults
     from trainer.main import exit_now, run
 
-    os.environ.update(layout.torch_env())
-    set_process_defaults(layout.local_world_size)
-    code = run(cfg, resume == "auto")
-    if layout.source == "mpi":  # mpirun counts a rank that leaves without MPI_Finalize as failed
+    os.environ.update(placed.torch_env())
+    set_process_defaults(placed.local_world_size)
+    code = run(cfg, resume_from)
+    if placed.source == "mpi":  # mpirun counts a rank that leaves without MPI_Finalize as failed
         from mpi4py import MPI
 
         MPI.Finalize()
@@ -167,12 +163,14 @@ def _submit_config(args, ranks: int, gpus: int, fewest: int, most: int):
 def _plan(args) -> None:
     from launcher.plan import parse_memory, plan
 
-    cfg = load_config(args.config, args.set)
+    # checked for the cluster the plan is for, not the config's launch section
+    cfg = load_config(args.config, args.set + [f"launch.nnodes={args.nodes}",
+                                               f"launch.nproc_per_node={args.gpus_per_node}"])
     print(plan(cfg, args.nodes, args.gpus_per_node, parse_memory(args.gpu_memory)))
 
 
 def _export(args) -> None:
-    from trainer.export import export
+    from trainer.checkpointing.export import export
 
     out, auto, damaged = export(args.run_dir.absolute(), args.out_dir.absolute(), args.tag)
     for problem in damaged:
@@ -184,7 +182,7 @@ def _generate(args) -> None:
     from launcher.generate import generate
 
     if not (args.model_dir / "config.json").is_file():
-        raise ConfigError(f"{args.model_dir}: not a Hugging Face model folder (no config.json)")
+        raise UserError(f"{args.model_dir}: not a Hugging Face model folder (no config.json)")
     if not all(prompt.strip() for prompt in args.prompt):
         raise ConfigError("--prompt: an empty prompt; give text for the model to continue")
     texts = generate(args.model_dir, args.prompt, args.max_new_tokens, args.temperature, args.seed)
@@ -213,7 +211,7 @@ def _status(args) -> None:
 
 
 def _report(args) -> None:
-    from trainer.report import render
+    from trainer.observe.report import render
 
     print(render(args.run_dir.absolute(), args.output))
 

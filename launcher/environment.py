@@ -1,4 +1,4 @@
-"""The rank layout a scheduler or MPI already gave this process, in torch's names.
+"""The place among ranks a scheduler or MPI already gave this process, in torch's names.
 
 `srun zerotrain train CONFIG`, `mpirun -np N zerotrain train CONFIG` and `torchrun ... zerotrain train CONFIG`
 start every rank themselves: each `zerotrain` process is then one rank, and its place comes from the
@@ -16,13 +16,13 @@ import subprocess
 from dataclasses import dataclass
 from typing import Mapping
 
-from trainer.config import ConfigError
+from data_pipeline.errors import UserError
 
 MPI_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
 
 @dataclass(frozen=True)
-class Layout:
+class Placement:
     source: str  # "slurm", "mpi" or "torchrun": who started the ranks
     rank: int
     world_size: int
@@ -40,15 +40,15 @@ class Layout:
 
 def set_process_defaults(ranks_on_this_node: int) -> None:
     """Threads and device for the ranks of this node, unless the user set them."""
-    import torch
+    from trainer.parallel.distributed import uses_gpus
 
     # On CPU each rank's BLAS threads share the cores: oversubscription slows every rank down.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks_on_this_node)))
     # Tell DeepSpeed the device this machine has, rather than letting every rank probe and warn.
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if uses_gpus() else "cpu")
 
 
-def detect(env: Mapping[str, str] = os.environ) -> Layout | None:
+def detect(env: Mapping[str, str] = os.environ) -> Placement | None:
     """This process's place among ranks started by torchrun, srun or mpirun; None when nobody started ranks."""
     if "TORCHELASTIC_RUN_ID" in env:
         return _torchrun(env)
@@ -59,21 +59,21 @@ def detect(env: Mapping[str, str] = os.environ) -> Layout | None:
     return None
 
 
-def _torchrun(env: Mapping[str, str]) -> Layout:
+def _torchrun(env: Mapping[str, str]) -> Placement:
     world = int(env["WORLD_SIZE"])
     local_world = int(env["LOCAL_WORLD_SIZE"])
-    return Layout("torchrun", int(env["RANK"]), world, int(env["LOCAL_RANK"]), local_world, world // local_world,
+    return Placement("torchrun", int(env["RANK"]), world, int(env["LOCAL_RANK"]), local_world, world // local_world,
                   env["MASTER_ADDR"], int(env["MASTER_PORT"]))
 
 
-def _slurm(env: Mapping[str, str]) -> Layout:
+def _slurm(env: Mapping[str, str]) -> Placement:
     per_node = tasks_per_node(env["SLURM_STEP_TASKS_PER_NODE"])
     node = int(env["SLURM_NODEID"])
     job = int(env["SLURM_JOB_ID"])
     # A port derived from the job id: the same on every node without talking, and unlikely to clash with
     # another job sharing the first node. MASTER_PORT in the environment wins.
     port = int(env.get("MASTER_PORT", 20000 + job % 20000))
-    return Layout("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env["SLURM_LOCALID"]),
+    return Placement("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env["SLURM_LOCALID"]),
                   per_node[node], len(per_node), env.get("MASTER_ADDR") or _first_host(env["SLURM_STEP_NODELIST"]),
                   port)
 
@@ -84,7 +84,7 @@ def tasks_per_node(value: str) -> list[int]:
     for part in value.split(","):
         match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
         if not match:
-            raise ConfigError(f"SLURM_STEP_TASKS_PER_NODE: cannot read {value!r}")
+            raise UserError(f"SLURM_STEP_TASKS_PER_NODE: cannot read {value!r}")
         counts += [int(match[1])] * int(match[2] or 1)
     return counts
 
@@ -95,7 +95,7 @@ def _first_host(nodelist: str) -> str:
     return hosts.stdout.split()[0]
 
 
-def _mpi(env: Mapping[str, str]) -> Layout:
+def _mpi(env: Mapping[str, str]) -> Placement:
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
@@ -104,7 +104,7 @@ def _mpi(env: Mapping[str, str]) -> Layout:
     master = world.bcast((env.get("MASTER_ADDR") or _own_address(world.Get_size() == node.Get_size()),
                           int(env.get("MASTER_PORT", 0)) or _free_port()) if world.Get_rank() == 0 else None)
     nodes = world.allreduce(1 if node.Get_rank() == 0 else 0)
-    return Layout("mpi", world.Get_rank(), world.Get_size(), node.Get_rank(), node.Get_size(), nodes, *master)
+    return Placement("mpi", world.Get_rank(), world.Get_size(), node.Get_rank(), node.Get_size(), nodes, *master)
 
 
 def _own_address(single_host: bool) -> str:

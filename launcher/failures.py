@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 from data_pipeline.files import full_disk
-from trainer import checkpoint
+from trainer.checkpointing import store
 
 # A rank whose peer died fails in its next collective with one of these: a consequence, not a cause.
 PEER_GONE = re.compile(r"connection closed by peer|connection reset by peer|broken pipe|socket timeout", re.I)
@@ -43,7 +43,7 @@ def unreadable_report(error: Exception, run_dir: Path) -> list[str]:
 def disk_full(run_dir: Path) -> list[str]:
     if not full_disk(run_dir):
         return []
-    latest = checkpoint.pointer(run_dir, checkpoint.LATEST)
+    latest = store.pointer(run_dir, store.LATEST)
     return [f"zerotrain: the disk holding {run_dir} is full (ENOSPC): free space; the last complete checkpoint "
             f"({latest or 'none'}) is intact and --resume auto continues from it"]
 

@@ -18,10 +18,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from trainer.config import Config, ConfigError, accumulation_dtype
+from trainer.config import Config, ConfigError
+from trainer.engine import DEEPSPEED
+from trainer.engine.limits import accumulation_dtype
+from trainer.parallel.layout import ParallelLayout
+from trainer.tasks import task_of
 from trainer.memory import OPTIONS, Estimate, GiB, Option, architecture, element_bytes, estimate, recommend
-from trainer.model import Architecture, check_sequence_split, check_tensor_split, model_config
-from trainer.perf import flops_per_token
+from trainer.model.shape import Architecture, check_sequence_split, check_tensor_split
+from trainer.observe.perf import flops_per_token
 
 MARGIN = 0.10  # of GPU memory left free for the CUDA context, NCCL's buffers and allocator fragmentation
 
@@ -113,18 +117,18 @@ def _flops(n: float) -> str:
 
 
 def _accumulation(cfg: Config, world: int) -> str:
-    t = cfg.train
-    per_step = t.micro_batch_size * world // cfg.parallel.model_parallel  # a group trains the same samples
+    t, layout = cfg.train, ParallelLayout(world, cfg.parallel.sequence, cfg.parallel.tensor)
+    per_step = t.micro_batch_size * layout.data_world
     if t.global_batch_size % per_step:
         return f"NOT a multiple of micro-batch x data-parallel ranks = {per_step}: zerotrain refuses this run"
-    return f"gradient accumulation {t.global_batch_size // per_step}"
+    return f"gradient accumulation {layout.grad_accum(t.global_batch_size, t.micro_batch_size)}"
 
 
 def _accumulation_dtypes(cfg: Config) -> str:
     by_stage = {stage: accumulation_dtype(cfg.train, stage) for stage in range(4)}
     if len(set(by_stage.values())) == 1:
         return by_stage[0]
-    return f"{by_stage[1]} at ZeRO 1-3, {by_stage[0]} at ZeRO 0 (DeepSpeed 0.19.8 sums in fp32 only under ZeRO)"
+    return f"{by_stage[1]} at ZeRO 1-3, {by_stage[0]} at ZeRO 0 (DeepSpeed {DEEPSPEED} sums in fp32 only under ZeRO)"
 
 
 def _header(cfg: Config, arch: Architecture, est: Estimate, nodes: int, gpus_per_node: int,
@@ -215,9 +219,9 @@ def _parallel_hint(cfg: Config, arch: Architecture, chosen: tuple[Estimate, bool
                    nodes: int, gpus_per_node: int, mem: Units) -> list[str]:
     """When the run needs offload or activation checkpointing, or nothing fits, and it splits neither sequences
     nor weights yet: the smallest tensor or sequence degree within a node with which a stage fits without them."""
-    if cfg.parallel.model_parallel > 1 or _plain(chosen):
+    if cfg.layout.model_parallel > 1 or _plain(chosen):
         return []
-    config = model_config(cfg.model, arch.vocab)
+    config = task_of(cfg).model_config(cfg.model, arch.vocab)
     for degree in (d for d in (2, 4, 8) if d <= gpus_per_node and gpus_per_node % d == 0):
         for name, check in (("tensor", check_tensor_split), ("sequence", check_sequence_split)):
             run = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={name: degree})})

@@ -9,16 +9,16 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from trainer.config import ConfigError
+from data_pipeline.errors import UserError
 
 
 def predict(model_dir: Path, texts: Iterable[str], batch_size: int) -> Iterator[tuple[str, float, str]]:
     """(label, its probability, text) per non-empty text, in input order; the label names are the export's."""
     if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
+        raise UserError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
     config = AutoConfig.from_pretrained(model_dir)
     if not any(name.endswith("ForSequenceClassification") for name in config.architectures or []):
-        raise ConfigError(f"{model_dir}: not a classifier ({', '.join(config.architectures or ['no architecture'])}); "
+        raise UserError(f"{model_dir}: not a classifier ({', '.join(config.architectures or ['no architecture'])}); "
                           "export a run with model.task: classification")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()

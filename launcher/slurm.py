@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.run_lock import RunLock
+from data_pipeline.errors import UserError
 from trainer.config import Config, ConfigError
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "zerotrain.sbatch"
@@ -109,8 +110,8 @@ def check_not_queued(run_dir: Path) -> None:
         job = jobs.read_text().split()[-1]
         state = job_state(job)
         if state in ACTIVE:
-            raise ConfigError(f"run.output_dir: {run_dir} belongs to Slurm job {job} ({state}); wait for it to end "
-                              f"or scancel {job}, then submit again with --resume auto")
+            raise UserError(f"run.output_dir: {run_dir} belongs to Slurm job {job} ({state}); wait for it to end "
+                            f"or scancel {job}, then submit again with --resume auto")
     if run_dir.is_dir():
         lock = RunLock(run_dir)
         lock.acquire()  # raises RunInUse naming the holder
@@ -135,10 +136,10 @@ def job_state(job_id: str) -> str | None:
 
 def _client(command: str, *args: str) -> str:
     if shutil.which(command) is None:
-        raise ConfigError(f"{command}: not found on PATH; submitting needs a Slurm client (--dry-run prints the "
-                          "job script without one)")
+        raise UserError(f"{command}: not found on PATH; submitting needs a Slurm client (--dry-run prints the "
+                        "job script without one)")
     done = subprocess.run([command, *args], capture_output=True, text=True)
     if done.returncode:
         message = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no message"]
-        raise ConfigError(f"{command} refused: {message[0]}")
+        raise UserError(f"{command} refused: {message[0]}")
     return done.stdout

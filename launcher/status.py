@@ -6,19 +6,20 @@ import json
 from pathlib import Path
 
 from launcher.slurm import job_state
-from trainer import checkpoint
-from trainer.config import ConfigError, load_config
-from trainer.metrics import read_records
+from trainer.checkpointing import store
+from data_pipeline.errors import UserError
+from trainer.config import load_config
+from trainer.observe.metrics import read_records
 
 
 def run_status(run_dir: Path) -> str:
     if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a zerotrain run directory (no config.yaml)")
+        raise UserError(f"{run_dir}: not a zerotrain run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     records = read_records(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     train = [r for r in records if "train/loss" in r]
     val = [r for r in records if "val/loss" in r]
-    found = checkpoint.find(run_dir, checksums=True)  # what a resume or an export would take
+    found = store.find_intact(run_dir, store.checksums)  # what a resume or an export would take
     summary_file = run_dir / "summary.json"
     try:
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
@@ -44,7 +45,7 @@ def run_status(run_dir: Path) -> str:
         lines.append(f"  throughput {train[-1]['perf/tokens_per_s']:,.0f} tokens/s (last log step)")
     for problem in found.damaged:
         lines.append(f"  checkpoint {problem}")
-    last = checkpoint.checkpoints_dir(run_dir) / found.tag if found.tag else "none intact" if found.damaged else \
+    last = store.checkpoints_dir(run_dir) / found.tag if found.tag else "none intact" if found.damaged else \
         "none yet"
     lines.append(f"  last checkpoint: {last}")
     jobs_file = run_dir / "slurm" / "jobs"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.metrics import read_records
+from trainer.observe.metrics import read_records
 
 # No test may reach the Hub (the network is off-limits here): datasets/transformers must fail fast instead.
 os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"

@@ -76,15 +76,16 @@ def _split_rank(rank: int, ranks: int, port: int, config: str, overrides: list[s
     import deepspeed
     from transformers import AutoModelForCausalLM
 
-    from trainer import sequence_parallel
     from trainer.config import load_config
-    from trainer.deepspeed_config import deepspeed_config
+    from trainer.engine.deepspeed_config import deepspeed_config
     from trainer.memory import activation_bytes, architecture, document_mask_bytes
-    from trainer.model import lm_loss, model_config
+    from trainer.model.build import model_config
+    from trainer.parallel.sequence import setup
+    from trainer.tasks.causal_lm import lm_loss
 
     cfg, vocab, eos = load_config(config, overrides), 8192, 0
     seq_len, sequence, tensor = cfg.data.seq_len, cfg.parallel.sequence, cfg.parallel.tensor
-    shard = sequence_parallel.setup(model_config(cfg.model, vocab), sequence, 1, seq_len, cfg.data.document_masking)
+    shard = setup(model_config(cfg.model, vocab), cfg.layout, 1, seq_len, cfg.data.document_masking)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config(cfg.model, vocab))
     arch = architecture(cfg, vocab)

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from launcher.environment import tasks_per_node
-from trainer.checkpoint import TrainState
-from trainer.checkpointer import Checkpointer
-from trainer.config import CheckpointSection, ConfigError, EvalSection, TrainSection
+from trainer.checkpointing.store import TrainState
+from trainer.checkpointing.checkpointer import Checkpointer
+from data_pipeline.errors import UserError
+from trainer.config import CheckpointSection, EvalSection, TrainSection
 from trainer.evaluator import Evaluator, Verdict, track_best
-from trainer.monitors import EXIT_FAILED, EXIT_SAVED, Health, LossSpikes, Monitors, NonFiniteGuard, NonFiniteLoss, \
+from trainer.observe.monitors import EXIT_FAILED, EXIT_SAVED, Health, LossSpikes, Monitors, NonFiniteGuard, NonFiniteLoss, \
     StopRequest, Window
 from trainer.optim import warmup_cosine
 
@@ -39,7 +40,7 @@ def test_loss_spikes_are_counted_after_warmup_only():
 
 def test_window_means_its_steps_and_leaves_out_excluded_time(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr("trainer.monitors.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr("trainer.observe.monitors.time.perf_counter", lambda: now[0])
     window = Window(torch.device("cpu"))
     window.add(torch.tensor(2.0))
     window.add(torch.tensor(4.0))
@@ -92,7 +93,7 @@ def test_the_evaluator_stops_early_after_validations_without_improvement():
 
 
 def test_the_checkpointer_saves_on_its_cadence_and_never_a_non_finite_step():
-    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace())  # the cadence never touches the engine
+    engine = SimpleNamespace()  # the cadence never touches the engine
     saver = Checkpointer(CheckpointSection(every=5), None, engine, lambda: None, None, max_steps=12,
                          asynchronous=False, group=None)
     quiet, stop, bad = Health(False, False), Health(True, False), Health(True, True)
@@ -115,9 +116,9 @@ def test_a_stop_signal_to_one_rank_stops_every_rank():
 
 def test_a_first_ctrl_c_asks_for_a_save_and_a_second_stops_at_once(monkeypatch):
     exits = []
-    monkeypatch.setattr("trainer.monitors.os._exit", exits.append)
+    monkeypatch.setattr("trainer.observe.monitors.os._exit", exits.append)
     clock = [0.0]
-    monkeypatch.setattr("trainer.monitors.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("trainer.observe.monitors.time.monotonic", lambda: clock[0])
     stop = StopRequest(install=False)
     stop.note(signal.SIGINT)
     assert stop.name == "Ctrl-C" and not exits
@@ -153,7 +154,7 @@ def test_slurm_tasks_per_node(value, counts):
 
 
 def test_unreadable_slurm_tasks_per_node_is_named():
-    with pytest.raises(ConfigError, match=r"^SLURM_STEP_TASKS_PER_NODE: cannot read '2\(y3\)'$"):
+    with pytest.raises(UserError, match=r"^SLURM_STEP_TASKS_PER_NODE: cannot read '2\(y3\)'$"):
         tasks_per_node("2(y3)")
 
 

@@ -9,8 +9,9 @@ import yaml
 
 from conftest import REPO, TINY, zerotrain
 from trainer.config import ConfigError, load_config
-from trainer.deepspeed_config import check_nvme_offload, deepspeed_config
-from trainer.model import model_config
+from trainer.engine.deepspeed_config import deepspeed_config
+from trainer.engine.nvme import check_nvme_offload
+from trainer.model.build import model_config
 
 
 def test_presets_load_and_resolve_paths():
@@ -210,7 +211,7 @@ def test_nvme_offload_becomes_deepspeed_settings(tmp_path, monkeypatch):
 
 def test_nvme_preflight_needs_a_writable_folder_and_libaio(tmp_path, monkeypatch):
     cfg = load_config(TINY, NVME[:-1] + [f"zero.nvme_path={tmp_path / 'new' / 'swap'}"], cuda_available=False)
-    monkeypatch.setattr("trainer.deepspeed_config.async_io_available", lambda: False)
+    monkeypatch.setattr("trainer.engine.nvme.async_io_available", lambda: False)
     with pytest.raises(ConfigError) as err:
         check_nvme_offload(cfg)
     assert str(err.value).startswith("zero.offload_optimizer: nvme offload needs DeepSpeed's async_io op, which "

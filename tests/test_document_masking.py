@@ -9,7 +9,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from conftest import TINY, read_metrics, tiny_args, train_losses, zerotrain
 from trainer.config import ConfigError, load_config
-from trainer.model import check_document_masking, document_positions, lm_loss
+from trainer.model.shape import check_document_masking
+from trainer.tasks.causal_lm import document_positions, lm_loss
 
 EOS, VOCAB = 0, 50
 

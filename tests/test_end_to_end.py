@@ -14,7 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import STEPS, read_metrics, tiny_args, train_losses, zerotrain
 from data_pipeline import Manifest
 from trainer.config import load_config
-from trainer.model import build_model, model_config
+from transformers import AutoModelForCausalLM
+
+from trainer.model.build import build_model, model_config
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +76,7 @@ def test_export_loads_in_transformers_with_the_trained_logits(tiny_run, tiny_dat
     live = torch.load(tiny_run / "checkpoints" / "step_00000012" / "mp_rank_00_model_states.pt",
                       weights_only=False)["module"]
     section = load_config(tiny_run / "config.yaml").model
-    reference = build_model(section, model_config(section, Manifest.load(tiny_data).vocab_size))
+    reference = build_model(section, model_config(section, Manifest.load(tiny_data).vocab_size), AutoModelForCausalLM)
     reference.load_state_dict(live)
     inputs = tokenizer("To be, or not to be, that is the question", return_tensors="pt")
     with torch.no_grad():

@@ -213,7 +213,7 @@ def test_a_hub_model_name_is_read_from_the_hub(tmp_path):
 def test_scores_from_a_confusion_matrix():
     import torch
 
-    from trainer.validation import scores
+    from trainer.tasks.classification import scores
 
     result = scores(torch.tensor([[3.0, 1.0], [2.0, 4.0]]), loss=0.5)  # rows: true label, columns: predicted
     # F1 of label 0: 2*3 / (3+1 + 3+2) = 6/9; of label 1: 2*4 / (2+4 + 1+4) = 8/11

@@ -31,6 +31,25 @@ def test_no_upward_imports(package):
         assert not wrong, f"{path.relative_to(REPO)} imports {sorted(wrong)}"
 
 
+# DeepSpeed lives behind the engine boundary; the plan compares with DeepSpeed's own memory estimators.
+DEEPSPEED_ALLOWED = ("trainer/engine/", "launcher/plan.py")
+
+
+def test_only_the_engine_imports_deepspeed():
+    for package in ("launcher", "trainer", "data_pipeline"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            name = str(path.relative_to(REPO))
+            if "deepspeed" in imported_packages(path):
+                assert name.startswith(DEEPSPEED_ALLOWED), f"{name} imports deepspeed"
+
+
+def test_the_deepspeed_version_is_named_once():
+    """The version every repair and limit was measured with: one constant (trainer/engine/__init__.py)."""
+    named = [str(path.relative_to(REPO)) for package in ("launcher", "trainer", "data_pipeline")
+             for path in sorted((REPO / package).rglob("*.py")) if "0.19.8" in path.read_text()]
+    assert named == ["trainer/engine/__init__.py"]
+
+
 LONGEST = 60  # lines of a function: longer ones decide too much in one place
 ALLOWED = {("launcher/cli.py", "_parser")}  # the argparse builder: one flat list of flags
 

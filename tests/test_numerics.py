@@ -23,15 +23,18 @@ def accumulation_error(stage: int, grad_accum_dtype: str | None) -> float:
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
-    from trainer.deepspeed_config import deepspeed_config
-    from trainer.model import build_model, lm_loss, model_config
+    from trainer.engine.deepspeed_config import deepspeed_config
+    from transformers import AutoModelForCausalLM
+
+    from trainer.model.build import build_model, model_config
+    from trainer.tasks.causal_lm import lm_loss
 
     sets = ["train.precision=bf16", f"zero.stage={stage}", "train.micro_batch_size=2", "launch.nproc_per_node=1",
             f"train.global_batch_size={2 * MICRO_BATCHES}"]
     cfg = load_config(TINY, sets + ([f"train.grad_accum_dtype={grad_accum_dtype}"] if grad_accum_dtype else []))
     assert cfg.grad_accum_dtype == (grad_accum_dtype or "fp32")  # fp32 is the default
     torch.manual_seed(0)
-    model, reference = (build_model(cfg.model, model_config(cfg.model, 512)) for _ in range(2))
+    model, reference = (build_model(cfg.model, model_config(cfg.model, 512), AutoModelForCausalLM) for _ in range(2))
     reference.load_state_dict(model.state_dict())
     for p in reference.parameters():  # bf16 weights as DeepSpeed makes them (buffers such as RoPE's stay fp32)
         p.data = p.data.bfloat16()
@@ -95,7 +98,7 @@ def test_a_bf16_run_summing_in_fp32_resumes_on_other_ranks_and_exports(tiny_data
 @pytest.mark.parametrize("precision,stage,expected", [("bf16", 0, "bf16"), ("bf16", 1, "fp32"), ("bf16", 3, "fp32"),
                                                       ("fp32", 2, "fp32"), ("fp16", 2, "fp16")])
 def test_gradients_are_summed_in_fp32_by_default_where_deepspeed_can(precision, stage, expected):
-    from trainer.deepspeed_config import deepspeed_config
+    from trainer.engine.deepspeed_config import deepspeed_config
 
     cfg = load_config(TINY, [f"train.precision={precision}", f"zero.stage={stage}"])
     assert deepspeed_config(cfg, 1_000_000)["data_types"] == {"grad_accum_dtype": expected}
@@ -108,7 +111,7 @@ def _built(rank: int, world: int, port: int, out: str) -> None:
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
     from transformers.integrations import HfDeepSpeedConfig
 
-    from trainer.initialization import initialise
+    from trainer.model.initialization import initialise
 
     configs = {"llama": LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                                     num_key_value_heads=2, vocab_size=512),
@@ -117,12 +120,12 @@ def _built(rank: int, world: int, port: int, out: str) -> None:
     for kind, config in configs.items():
         torch.manual_seed(kind == "gpt2")  # the global RNG's state does not matter
         whole, other_seed = AutoModelForCausalLM.from_config(config), AutoModelForCausalLM.from_config(config)
-        initialise(whole, 7, partitioned=False)
-        initialise(other_seed, 8, partitioned=False)
+        initialise(whole, 7)
+        initialise(other_seed, 8)
         zero_init = HfDeepSpeedConfig({"train_batch_size": world, "train_micro_batch_size_per_gpu": 1,
                                        "zero_optimization": {"stage": 3}})
         partitioned = AutoModelForCausalLM.from_config(config)
-        initialise(partitioned, 7, partitioned=True)
+        initialise(partitioned, 7, gather=deepspeed.zero.GatheredParameters)
         del zero_init
         same, differs = [], []
         for (name, a), (_, b), (_, c) in zip(whole.named_parameters(), other_seed.named_parameters(),
@@ -147,7 +150,7 @@ def test_a_chunked_loss_gives_the_loss_and_gradients_of_the_whole_one(dtype, mas
     """train.loss_chunk_tokens (chunks of 7 tokens of 2 x 32: uneven), plain and document-masked."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from trainer.model import lm_loss
+    from trainer.tasks.causal_lm import lm_loss
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -169,7 +172,7 @@ def test_a_chunked_loss_gives_the_loss_and_gradients_of_the_whole_one(dtype, mas
 
 
 def test_the_loss_is_chunked_when_its_fp32_logits_would_be_large():
-    from trainer.model import loss_chunk
+    from trainer.tasks.causal_lm import loss_chunk
 
     assert loss_chunk(4 * 2048, 128256, None) == 2**26 // (4 * 128256)  # 130 tokens: 64 MiB of fp32 logits
     assert loss_chunk(8 * 128, 8192, None) is None  # the demo: 32 MiB in all

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import STEPS, read_metrics, tiny_args, train_losses, zerotrain
 from trainer.config import load_config
-from trainer.deepspeed_config import async_io_available, build_async_io
+from trainer.engine.nvme import async_io_available, build_async_io
 
 pytestmark = pytest.mark.slow
 

@@ -42,13 +42,16 @@ def peak_model_states(cfg) -> int:
     optimizer step (DeepSpeed's fp32 gradients exist only then), after the step."""
     import deepspeed
 
-    from trainer.deepspeed_config import deepspeed_config
-    from trainer.model import build_model, lm_loss, model_config
+    from trainer.engine.deepspeed_config import deepspeed_config
+    from transformers import AutoModelForCausalLM
+
+    from trainer.model.build import build_model, model_config
+    from trainer.tasks.causal_lm import lm_loss
     from trainer.optim import param_groups
 
     torch.manual_seed(0)
     storages = NewStorages()
-    model = build_model(cfg.model, model_config(cfg.model, VOCAB))
+    model = build_model(cfg.model, model_config(cfg.model, VOCAB), AutoModelForCausalLM)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
                                       config=deepspeed_config(cfg, sum(p.numel() for p in model.parameters())))
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch AdamW DeepSpeed steps
@@ -119,7 +122,7 @@ def test_model_states_match_deepspeed_partitioned_over_two_ranks():
 def test_activation_estimate_matches_saved_tensors(dtype, attention):
     from transformers import AutoModelForCausalLM
 
-    from trainer.model import model_config
+    from trainer.model.build import model_config
 
     cfg = load_config(TINY, SMALL + ["data.seq_len=128"])
     model = AutoModelForCausalLM.from_config(model_config(cfg.model, VOCAB), attn_implementation=attention).to(dtype)
@@ -144,7 +147,8 @@ def test_a_chunked_loss_keeps_only_the_models_logits(dtype):
     backward, not kept; the plan counts what is."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.model import lm_loss, model_config
+    from trainer.model.build import model_config
+    from trainer.tasks.causal_lm import lm_loss
 
     cfg = load_config(TINY, SMALL + ["data.seq_len=128"])
     model = AutoModelForCausalLM.from_config(model_config(cfg.model, VOCAB)).to(dtype)

@@ -17,7 +17,11 @@ import pytest
 from conftest import REPO, STEPS, TINY, endless_args, last_step, live_ranks, rank_pids, read_metrics, running, \
     tiny_args, training, train_losses, wait_for, zerotrain
 from trainer.config import ConfigError, load_config
-from trainer.model import model_config, run_on_meta
+from transformers import AutoModelForCausalLM
+
+from trainer.model.build import model_config
+from trainer.model.shape import run_on_meta
+from trainer.tasks import TASKS
 
 slow = pytest.mark.slow
 
@@ -86,7 +90,7 @@ def test_any_shape_the_model_cannot_run_fails_on_the_meta_device_naming_the_conf
     cfg = load_config(TINY, ["model.config.num_attention_heads=6", "model.config.num_key_value_heads=4",
                              "model.config.hidden_size=48"])
     with pytest.raises(ConfigError, match=r"^model.config: the model cannot run 4 x 32 tokens \(The size of tensor"):
-        run_on_meta(cfg.model, model_config(cfg.model, 512), 4, 32)
+        run_on_meta(AutoModelForCausalLM, model_config(cfg.model, 512), TASKS["causal_lm"].meta_inputs(4, 32))
 
 
 def test_a_missing_or_truncated_shard_is_named_before_any_rank(tiny_data, tmp_path):

@@ -12,8 +12,8 @@ import pytest
 from matplotlib.image import imread
 
 from conftest import read_metrics, zerotrain
-from trainer.config import ConfigError
-from trainer.report import panels, render
+from data_pipeline.errors import UserError
+from trainer.observe.report import panels, render
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GPU_MEMORY = {"mem/allocated_gib": 3.1, "mem/reserved_gib": 4.0, "mem/peak_allocated_gib": 3.6}
@@ -94,7 +94,7 @@ def test_non_finite_values_leave_gaps(tmp_path):
 def test_a_missing_empty_or_corrupt_file_is_named(tmp_path, content, problem):
     if content is not None:
         (tmp_path / "metrics.jsonl").write_text(content)
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(UserError) as error:
         render(tmp_path)
     assert str(error.value).startswith(f"{tmp_path / 'metrics.jsonl'}: ") and problem in str(error.value)
     assert not (tmp_path / "report.png").exists()

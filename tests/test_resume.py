@@ -189,7 +189,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(damage, tiny_run, tin
 def _convert_as_rank(rank: int, world: int, port: int, folder: str, out: str) -> None:
     import torch.distributed as dist
 
-    from trainer.universal import convert
+    from trainer.engine.universal import convert
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     convert(Path(folder), Path(out), dist.group.WORLD, lambda message: None)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from conftest import STEPS, TINY, as_of_step_6, read_metrics, resumed_like, tiny_args, train_losses, zerotrain
 from live_tensors import split_activations
 from trainer.config import ConfigError, load_config
-from trainer.model import check_sequence_split
+from trainer.model.shape import check_sequence_split
 
 # fp32; the order in which gradients are summed differs between the layouts (measured: within 1e-6)
 TOLERANCE = 1e-5

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from conftest import STEPS, TINY, as_of_step_6, read_metrics, resumed_like, tiny_args, train_losses, zerotrain
 from live_tensors import split_activations
 from trainer.config import ConfigError, load_config
-from trainer.model import check_tensor_split
+from trainer.model.shape import check_tensor_split
 
 # fp32; the row-parallel layers sum their halves in another order than one matmul does (measured: 1e-6)
 TOLERANCE = 1e-5

@@ -6,7 +6,11 @@ Every problem becomes a `ConfigError` whose message is one line naming the key p
 
 Sections follow the components that read them: `optim` the optimizer and its schedule, `train` the loop
 (batches, steps, precision, logging, the non-finite policy), `eval` the evaluator, `checkpoint` the
-checkpointer, `zero` DeepSpeed, `launch` the launcher.
+checkpointer, `zero` DeepSpeed, `launch` the launcher. What the task, the engine (DeepSpeed's limits) and the
+parallel layout require of the combination is checked by them (trainer/tasks, trainer/engine/limits.py).
+
+Every field declares what a resumed run may do with it (`on_resume`, or its section's RESUME): keep the
+checkpoint's value, set it anew, or - the data's fields - leave it to the data's fingerprint.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from data_pipeline.config import DataConfig, TokenizerConfig
+from data_pipeline.config import DATA, FIXED, MAY_CHANGE, DataConfig, TokenizerConfig, on_resume
 from data_pipeline.errors import UserError
+from trainer.parallel.layout import ParallelLayout
 
 
 # A Hugging Face Hub name: 'bert-base-uncased', 'org/model-name' (a path that exists locally is a folder instead)
@@ -33,30 +38,44 @@ class ConfigError(UserError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    RESUME: ClassVar[str] = FIXED  # what a resumed run may do with the fields that declare nothing themselves
 
 
 class RunSection(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
-    output_dir: Path
+    name: str = on_resume(MAY_CHANGE, pattern=r"^[A-Za-z0-9._-]+$")
+    output_dir: Path = on_resume(MAY_CHANGE)
     seed: int = 1234
 
 
 class ModelSection(Section):
-    # causal_lm: pretraining / next-token fine-tuning; classification: a label per text, a linear head on the
-    # encoder's pooled output (AutoModelForSequenceClassification)
-    task: Literal["causal_lm", "classification"] = "causal_lm"
+    # What is learned: causal_lm, pretraining / next-token fine-tuning; classification, a label per text (a linear
+    # head on the encoder's pooled output). trainer/tasks has one module per task.
+    task: str = "causal_lm"
     type: str = "llama"  # a transformers model_type, built with AutoConfig.for_model
     config: dict[str, Any] = {}  # fields of that transformers config; vocab_size comes from the tokenizer
     # start from this Hugging Face model: a folder (e.g. a zerotrain export) or a Hub name (needs the internet)
-    init_from: Path | None = None
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
+    init_from: Path | None = on_resume(MAY_CHANGE, None)
+    # recompute activations in backward: less memory, ~1/3 more compute
+    gradient_checkpointing: bool = on_resume(MAY_CHANGE, False)
     # transformers' attention implementation: sdpa (its default), eager, flex_attention, flash_attention_2 or _3
     # (need the flash-attn package where the ranks run)
-    attention: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] | None = None
+    attention: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] | None = \
+        on_resume(MAY_CHANGE, None)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        from trainer.tasks import TASKS  # the registry imports this module: read it when a config is validated
+
+        if task not in TASKS:
+            raise ValueError(f"not a task; one of {', '.join(TASKS)}")
+        return task
 
 
 class OptimSection(Section):
     """AdamW and its learning-rate schedule: linear warmup, then cosine decay."""
+
+    RESUME = MAY_CHANGE
 
     lr: float = Field(gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
@@ -67,25 +86,28 @@ class OptimSection(Section):
 
 
 class TrainSection(Section):
-    micro_batch_size: int = Field(ge=1)  # sequences per rank per forward pass
-    global_batch_size: int = Field(ge=1)  # sequences per optimizer step, all ranks; fixes grad accumulation
-    max_steps: int = Field(ge=1)
+    micro_batch_size: int = on_resume(MAY_CHANGE, ge=1)  # sequences per rank per forward pass
+    # sequences per optimizer step, all ranks; fixes grad accumulation
+    global_batch_size: int = on_resume(MAY_CHANGE, ge=1)
+    max_steps: int = on_resume(MAY_CHANGE, ge=1)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     # The dtype gradients are summed in over the micro-batches of a step. Default: fp32 under bf16 at ZeRO 1-3
     # (bf16 sums lose precision every micro-batch), else the training precision (see Config.grad_accum_dtype).
     grad_accum_dtype: Literal["bf16", "fp16", "fp32"] | None = None
-    log_every: int = Field(10, ge=1)
-    max_nonfinite_steps: int = Field(3, ge=1)  # stop after this many NaN/inf losses in a row (none are saved)
+    log_every: int = on_resume(MAY_CHANGE, 10, ge=1)
+    # stop after this many NaN/inf losses in a row (none are saved)
+    max_nonfinite_steps: int = on_resume(MAY_CHANGE, 3, ge=1)
     # Tokens per chunk of the causal-LM loss, each chunk's fp32 logits recomputed in backward instead of kept: the
     # fp32 copy of a micro-batch's logits never exists. Default: chunks of 64 MiB of fp32 logits when the whole
     # would exceed 512 MiB (large vocabularies, long sequences); 0: never chunk.
-    loss_chunk_tokens: int | None = Field(None, ge=0)
+    loss_chunk_tokens: int | None = on_resume(MAY_CHANGE, None, ge=0)
     # torch.compile (inductor) the model, through DeepSpeed's engine.compile(), and the loss's fp32 cross-entropy.
     # Off by default: compiling costs each launch tens of seconds on CPU (see README: Compile).
-    compile: bool = False
+    compile: bool = on_resume(MAY_CHANGE, False)
 
 
 class EvalSection(Section):
+    RESUME = MAY_CHANGE
     every: int = Field(0, ge=0)  # steps between validations; 0: validate at the end only
     batches: int = Field(16, ge=1)  # validation micro-batches of pretraining data, over all ranks
     # Keep the checkpoint with the best value of this validation metric (checkpoints/best; `export --tag best`):
@@ -96,6 +118,7 @@ class EvalSection(Section):
 
 class CheckpointSection(Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    RESUME = MAY_CHANGE
 
     every: int = Field(0, ge=0)  # steps between checkpoints; 0: only at the end
     # Write, fsync and hash a save in the background while training goes on; the loop stands still only while
@@ -109,15 +132,18 @@ class ZeroSection(Section):
     stage: Literal[0, 1, 2, 3] = 2
     # Stage 3: build the model already partitioned (deepspeed.zero.Init), so no rank ever holds all of it.
     # Its initial weights are the whole build's (trainer/initialization.py draws them per module from the seed).
-    partitioned_init: bool = True
+    partitioned_init: bool = on_resume(MAY_CHANGE, True)
     # Where optimizer states (fp32 master, Adam moments; stage 1-3, nvme: stage 3) and parameters (stage 3) live
     # between uses: cpu memory, or swap files in zero.nvme_path (DeepSpeed's async_io op, which needs libaio).
     offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
     offload_param: Literal["none", "cpu", "nvme"] = "none"
-    nvme_path: Path | None = None  # a folder on a fast local disk for the swap files (under it: run name, rank)
+    # a folder on a fast local disk for the swap files (under it: run name, rank)
+    nvme_path: Path | None = on_resume(MAY_CHANGE, None)
 
 
 class LaunchSection(Section):
+    RESUME = MAY_CHANGE
+
     nnodes: int = Field(1, ge=1)
     nproc_per_node: int = Field(1, ge=1)  # ranks per node: one per GPU on GPU nodes
     stop_timeout: int = Field(300, ge=1)  # seconds the ranks get to save after a stop signal before being killed
@@ -128,17 +154,15 @@ class LaunchSection(Section):
 
 
 class ParallelSection(Section):
+    """The degrees of the parallel layout (trainer/parallel/layout.py); a resumed run may change them."""
+
+    RESUME = MAY_CHANGE
     # Ulysses sequence parallelism: each sample's sequence split over this many ranks (activations / N). The
     # data-parallel degree is the world size over it; train.global_batch_size stays samples per optimizer step.
     sequence: int = Field(1, ge=1)
     # AutoTP tensor parallelism: each linear layer's weight split over this many ranks (model states / N, the
     # embedding replicated); they train the same samples. ZeRO 0-2.
     tensor: int = Field(1, ge=1)
-
-    @property
-    def model_parallel(self) -> int:
-        """Consecutive ranks that train the same samples (a sequence or a tensor group; they do not compose)."""
-        return self.sequence * self.tensor
 
 
 class Config(Section):
@@ -159,13 +183,12 @@ class Config(Section):
         return self.launch.nnodes * self.launch.nproc_per_node
 
     @property
-    def data_parallel_size(self) -> int:
-        """The ranks that train different samples: a sequence or tensor group trains the same ones."""
-        return self.world_size // self.parallel.model_parallel
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout(self.world_size, self.parallel.sequence, self.parallel.tensor)
 
     @property
     def grad_accum(self) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size)
+        return self.layout.grad_accum(self.train.global_batch_size, self.train.micro_batch_size)
 
     @property
     def run_dir(self) -> Path:
@@ -173,6 +196,8 @@ class Config(Section):
 
     @property
     def grad_accum_dtype(self) -> str:
+        from trainer.engine.limits import accumulation_dtype
+
         return accumulation_dtype(self.train, self.zero.stage)
 
     @property
@@ -194,14 +219,6 @@ class Config(Section):
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
 
 
-def accumulation_dtype(train: TrainSection, stage: int) -> str:
-    """train.grad_accum_dtype, or its default at ZeRO `stage`: fp32 under bf16 where DeepSpeed 0.19.8 can (stages
-    1-3), else the training precision."""
-    if train.grad_accum_dtype is not None:
-        return train.grad_accum_dtype
-    return "fp32" if train.precision == "bf16" and stage > 0 else train.precision
-
-
 def load_config(path: str | Path, overrides: list[str] = (), *, cuda_available: bool | None = None) -> Config:
     """Read, override, validate. `cuda_available=None` skips the checks that depend on the device."""
     raw = _read_yaml(Path(path))
@@ -209,7 +226,7 @@ def load_config(path: str | Path, overrides: list[str] = (), *, cuda_available: 
         _apply_override(raw, item)
     _refuse_moved_keys(raw)
     _absolutize_paths(raw)
-    _default_tokenizer(raw)
+    _task_defaults(raw)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
@@ -303,6 +320,30 @@ def dotted(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def resume_changes(saved: Config, new: Config) -> list[str]:
+    """The fields whose value a resumed run may not change (FIXED) and does, as `key old -> new`. Fields that
+    MAY_CHANGE are not listed, nor DATA fields (the data's fingerprint judges them)."""
+    old, now = dotted(saved.model_dump(mode="json")), dotted(new.model_dump(mode="json"))
+    return [f"{key} {short(old.get(key))} -> {short(now.get(key))}" for key in sorted(set(old) | set(now))
+            if old.get(key) != now.get(key) and resume_policy(key) == FIXED]
+
+
+def resume_policy(key: str) -> str:
+    """What a resumed run may do with the config field at dotted path `key` (FIXED, MAY_CHANGE or DATA): the
+    field's own `on_resume`, else its section's RESUME, inherited by sections that declare none."""
+    section, policy = Config, Config.RESUME
+    for part in key.split("."):
+        field = section.model_fields.get(part) if section else None
+        if field is None:  # inside a dict or list value: the field holding it decides
+            return policy
+        nested = next((t for t in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                       if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        policy = getattr(nested, "RESUME", policy)
+        policy = (field.json_schema_extra or {}).get("on_resume", policy)
+        section = nested
+    return policy
+
+
 def short(value, limit: int = 60) -> str:
     """A value for a one-line message: never echo a huge one."""
     text = value if isinstance(value, str) else repr(value)
@@ -343,12 +384,14 @@ def _absolutize_paths(raw: dict) -> None:
                 data[split] = source(data[split], f"data.{split}")
 
 
-def _default_tokenizer(raw: dict) -> None:
-    """A classifier reads text with its own model's tokenizer unless tokenizer.path says otherwise."""
-    model, tokenizer = raw.get("model"), raw.setdefault("tokenizer", {})
-    if isinstance(model, dict) and model.get("task") == "classification" and model.get("init_from") \
-            and isinstance(tokenizer, dict) and tokenizer.get("path") is None:
-        tokenizer["path"] = model["init_from"]
+def _task_defaults(raw: dict) -> None:
+    """What the task fills in before validation (a classifier reads text with its model's own tokenizer)."""
+    from trainer.tasks import TASKS
+
+    model = raw.get("model")
+    task = TASKS.get(model.get("task", "causal_lm")) if isinstance(model, dict) else None
+    if task is not None:
+        task.fill_defaults(raw)
 
 
 # pydantic's wording where a config user needs other words
@@ -366,104 +409,39 @@ def _describe(error: ValidationError) -> str:
 
 
 def _check_combinations(cfg: Config, cuda_available: bool | None) -> None:
-    t, z = cfg.train, cfg.zero
-    _check_parallel(cfg)
-    per_step = t.micro_batch_size * cfg.data_parallel_size
-    if t.global_batch_size % per_step:
-        degree = "world size" if cfg.parallel.model_parallel == 1 else \
-            "data-parallel degree (world / parallel.sequence / parallel.tensor)"
-        raise ConfigError(
-            f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-            f"train.micro_batch_size ({t.micro_batch_size}) x {degree} ({cfg.data_parallel_size})"
-        )
-    _check_grad_accum(cfg)
+    from trainer.engine.limits import check_limits
+    from trainer.tasks import task_of
+
+    check_limits(cfg, cuda_available)  # first: a tensor x sequence layout is not one to divide by
+    _check_layout(cfg)
+    t = cfg.train
     if cfg.optim.warmup_steps > t.max_steps:
         raise ConfigError(f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps ({t.max_steps})")
-    if z.offload_param != "none" and z.stage != 3:
-        raise ConfigError(f"zero.offload_param: parameter offload needs zero.stage 3 (got stage {z.stage})")
-    if z.offload_optimizer != "none" and z.stage == 0:
-        raise ConfigError("zero.offload_optimizer: optimizer offload needs zero.stage 1, 2 or 3 (got stage 0)")
-    if z.offload_optimizer == "nvme" and z.stage != 3:  # DeepSpeed would silently offload to cpu memory instead
-        raise ConfigError(f"zero.offload_optimizer: nvme offload needs zero.stage 3 (got stage {z.stage}); "
-                          "use cpu at stages 1-2")
-    if "nvme" in (z.offload_optimizer, z.offload_param) and z.nvme_path is None:
-        raise ConfigError("zero.nvme_path: required with nvme offload; give a folder on a fast local disk")
-    if z.offload_param == "nvme" and t.precision == "fp32" and not z.partitioned_init and cuda_available is False:
-        raise ConfigError("zero.partitioned_init: fp32 parameter offload to nvme on CPU needs zero.partitioned_init "
-                          "true (DeepSpeed makes the swap buffers bf16 otherwise)")
-    if cuda_available is False and t.precision == "fp16":
-        raise ConfigError("train.precision: fp16 needs a CUDA GPU and none is visible; use bf16 or fp32")
     if not math.isfinite(cfg.optim.lr):
         raise ConfigError(f"optim.lr: must be a finite number (got {cfg.optim.lr})")
+    if cfg.eval.early_stopping and cfg.eval.best_metric is None:
+        raise ConfigError("eval.early_stopping: needs eval.best_metric, the metric whose improvement it waits for")
     if cfg.data.mode == "streaming":
         _check_streaming(cfg)
-    _check_task(cfg)
+    task_of(cfg).check_config(cfg)
     _check_model_fields(cfg.model)
 
 
-def _check_parallel(cfg: Config) -> None:
-    sequence, tensor = cfg.parallel.sequence, cfg.parallel.tensor
-    if sequence > 1 and tensor > 1:  # DeepSpeed 0.19.8's AutoTP mesh is 2-D: data x tensor
-        raise ConfigError("parallel.tensor: does not compose with parallel.sequence (DeepSpeed's tensor-parallel "
-                          "mesh is data x tensor only); choose one of them")
-    if tensor > 1:
-        _check_tensor(cfg)
-    if cfg.world_size % sequence:
-        raise ConfigError(f"parallel.sequence: {sequence} does not divide the world size ({cfg.world_size})")
-    if cfg.data.seq_len % sequence:
-        raise ConfigError(f"parallel.sequence: {sequence} does not divide data.seq_len ({cfg.data.seq_len})")
-    if sequence > 1 and cfg.model.task != "causal_lm":
-        raise ConfigError("parallel.sequence: splits the sequences of packed text (model.task causal_lm); a "
-                          "classification example is short and attends both ways")
-
-
-def _check_grad_accum(cfg: Config) -> None:
-    t = cfg.train
-    if t.grad_accum_dtype in (None, t.precision):
-        return
-    if t.grad_accum_dtype != "fp32":
-        raise ConfigError(f"train.grad_accum_dtype: {t.grad_accum_dtype} under {t.precision} training; gradients "
-                          "accumulate in fp32 or in the training precision")
-    if t.precision == "fp16":
-        raise ConfigError("train.grad_accum_dtype: fp32 accumulation is supported under bf16 here (fp16 runs keep "
-                          "DeepSpeed's fp16 accumulation with its loss scaling); set it to fp16 or leave it out")
-    if cfg.zero.stage == 0:  # DeepSpeed: NotImplementedError("unsupported mix of model_dtype=... grad_accum_dtype")
-        raise ConfigError("train.grad_accum_dtype: DeepSpeed 0.19.8 accumulates bf16 gradients in fp32 only under "
-                          "ZeRO (zero.stage 1-3); at stage 0 leave it out (bf16) or use zero.stage 1")
-
-
-def _check_tensor(cfg: Config) -> None:
-    tensor = cfg.parallel.tensor
-    if cfg.world_size % tensor:
-        raise ConfigError(f"parallel.tensor: {tensor} does not divide the world size ({cfg.world_size})")
-    if cfg.zero.stage == 3:  # measured: its batch-size check counts the world one way, then the other
-        raise ConfigError("parallel.tensor: DeepSpeed 0.19.8 cannot initialise tensor parallelism at zero.stage 3 "
-                          "(its train_batch_size check contradicts itself); use zero.stage 0, 1 or 2")
-    if cfg.model.task != "causal_lm":
-        raise ConfigError("parallel.tensor: splits decoder language models (model.task causal_lm); a "
-                          "classification encoder is small enough for data parallelism")
-
-
-def _check_task(cfg: Config) -> None:
-    e = cfg.eval
-    if e.early_stopping and e.best_metric is None:
-        raise ConfigError("eval.early_stopping: needs eval.best_metric, the metric whose improvement it waits for")
-    if cfg.model.task == "causal_lm":
-        if e.best_metric in ("val/accuracy", "val/macro_f1"):
-            raise ConfigError(f"eval.best_metric: {e.best_metric} is a classification metric; use val/loss or "
-                              "val/ppl for model.task causal_lm")
-        return
-    if cfg.data.mode == "streaming":
-        raise ConfigError("data.mode: classification reads prepared labelled data; use data.mode: prepared")
-    if cfg.data.document_masking:
-        raise ConfigError("data.document_masking: applies to packed text (model.task causal_lm); a classification "
-                          "example is one text already")
-    if cfg.tokenizer.path is None:
-        raise ConfigError("tokenizer.path: classification tokenizes with the model's own tokenizer; set "
-                          "model.init_from (its tokenizer is used) or tokenizer.path")
-    if e.best_metric == "val/ppl":
-        raise ConfigError("eval.best_metric: val/ppl is a language-model metric; use val/loss, val/accuracy "
-                          "or val/macro_f1 for classification")
+def _check_layout(cfg: Config) -> None:
+    """The parallel degrees divide the world (and the sequence), and the global batch the data-parallel ranks."""
+    layout, t = cfg.layout, cfg.train
+    for name, degree in (("sequence", layout.sequence), ("tensor", layout.tensor)):
+        if layout.world % degree:
+            raise ConfigError(f"parallel.{name}: {degree} does not divide the world size ({layout.world})")
+    if cfg.data.seq_len % layout.sequence:
+        raise ConfigError(f"parallel.sequence: {layout.sequence} does not divide data.seq_len ({cfg.data.seq_len})")
+    if t.global_batch_size % (t.micro_batch_size * layout.data_world):
+        degree = "world size" if layout.model_parallel == 1 else \
+            "data-parallel degree (world / parallel.sequence / parallel.tensor)"
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size ({t.micro_batch_size}) x {degree} ({layout.data_world})"
+        )
 
 
 def _check_streaming(cfg: Config) -> None:

@@ -1,9 +1,9 @@
 """The data one rank trains on, one object per mode, all with the same small interface: packed shards in the
 global order (`PackedShards`), a stream tokenized on the fly (`TextStream`, data.mode: streaming), or labelled
-examples (`LabelledExamples`, model.task: classification). `open_data` picks the mode; no caller asks which.
+examples (`LabelledExamples`). The task opens the one it trains on (trainer/tasks); no other caller asks which.
 
 Each mode knows what the model needs of the data (vocabulary, labels, padding), what a checkpoint records of it
-(its fingerprint), what the pre-flight checks, the rank's training batches and its validation.
+(its fingerprint), what the pre-flight checks of its files, and the rank's training batches.
 """
 
 from __future__ import annotations
@@ -11,13 +11,10 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, default_convert
-from transformers import PretrainedConfig
 
 from data_pipeline import GlobalBatchSampler, GlobalOrder, LabelledData, Manifest, load_tokenizer, packed_sources, \
     stack_numpy, tokenizer_fingerprint
@@ -25,13 +22,8 @@ from data_pipeline.files import fingerprint
 from data_pipeline.record import PreparedRecord
 from data_pipeline.sources import source_units
 from data_pipeline.streaming import StreamingPackedDataset
-from trainer.config import Config, ModelSection
-from trainer.distributed import Rank, die_with_parent
-from trainer.model import classification_loss, fp32_cross_entropy, lm_loss, loss_chunk, model_config
-from trainer.validation import ClassifierValidation, Validation, validation_batch_counts
-
-if TYPE_CHECKING:  # imports DeepSpeed, which the CLI's pre-flight does without
-    from trainer.sequence_parallel import SequenceShard
+from trainer.config import Config
+from trainer.parallel.distributed import Rank, die_with_parent
 
 
 @dataclass
@@ -56,28 +48,13 @@ class TrainingData:
     eos_id: int | None = None  # packed text: the token that ends each document
     resumes_on_other_ranks = True
 
-    def model_config(self, model: ModelSection) -> PretrainedConfig:
-        return model_config(model, self.vocab_size, self.labels, self.pad_token_id)
-
-    def check(self, cfg: Config) -> None:
-        """Pre-flight, before any rank starts: what is cheap to check of the files and their fit to the run."""
+    def check(self) -> None:
+        """Pre-flight, before any rank starts: what is cheap to check of the files."""
         if self.record is not None:
             self.record.check_sizes()
 
-    def loss(self, cfg: Config, shard: SequenceShard | None = None) -> Callable:
-        """The loss of a micro-batch: `loss(model, batch)`. Packed text: next-token prediction, each document
-        on its own with data.document_masking, this rank's slice of each sequence with `shard`."""
-        return partial(lm_loss, eos_id=self.eos_id if cfg.data.document_masking else None, shard=shard,
-                       chunk=loss_chunk(cfg.rank_tokens, self.vocab_size, cfg.train.loss_chunk_tokens),
-                       cross_entropy=torch.compile(fp32_cross_entropy) if cfg.train.compile else fp32_cross_entropy)
-
     def batches(self, cfg: Config, rank: Rank, consumed_samples: int, stream_state: dict | None) -> Batches:
         raise NotImplementedError
-
-    def validation(self, cfg: Config, rank: Rank, loss: Callable):
-        """An object with `run(engine) -> metrics` (and `tests`, `test(engine)`), or None without held-out data.
-        `loss`: the training loss (`loss(cfg)`)."""
-        return None
 
     def describe(self) -> list[str]:
         """Lines for the log and TensorBoard at start-up."""
@@ -91,10 +68,6 @@ class PackedShards(TrainingData):
             manifest.fingerprint
         self.eos_id = manifest.eos_id
 
-    def check(self, cfg: Config) -> None:
-        super().check(cfg)
-        self._validation_counts(cfg)
-
     def batches(self, cfg: Config, rank: Rank, consumed_samples: int, stream_state: dict | None) -> Batches:
         dataset = packed_sources(self.manifest, "train", cfg.data.seq_len)
         order = GlobalOrder([len(d) for d in dataset.datasets], self.manifest.weights, cfg.run.seed)
@@ -104,17 +77,9 @@ class PackedShards(TrainingData):
                                                 zip(self.manifest.sources, order.counts(consumed))}
         return batches
 
-    def validation(self, cfg: Config, rank: Rank, loss: Callable) -> Validation:
-        return Validation(self.manifest, self._validation_counts(cfg), cfg.train.micro_batch_size, cfg.data.seq_len,
-                          rank, loss)
-
     def describe(self) -> list[str]:
         return [f"{source}: {self.manifest.num_tokens('train', source):,} training tokens, weight {weight:.3g}"
                 for source, weight in zip(self.manifest.sources, self.manifest.weights)]
-
-    def _validation_counts(self, cfg: Config) -> dict[str, int]:
-        return validation_batch_counts(self.manifest, cfg.eval.batches, cfg.train.micro_batch_size,
-                                       cfg.data.seq_len, cfg.data_parallel_size)
 
 
 class TextStream(TrainingData):
@@ -157,24 +122,9 @@ class LabelledExamples(TrainingData):
         return Batches(_ordered(cfg, examples, GlobalOrder([len(examples)], [1.0], cfg.run.seed), rank,
                                 consumed_samples))
 
-    def loss(self, cfg: Config, shard: SequenceShard | None = None) -> Callable:
-        return classification_loss
-
-    def validation(self, cfg: Config, rank: Rank, loss: Callable) -> ClassifierValidation:
-        return ClassifierValidation(self.labelled, cfg.train.micro_batch_size, rank)
-
     def describe(self) -> list[str]:  # class imbalance, visible before the first step
         counts = self.labelled.label_counts("train")
         return ["training examples per label: " + ", ".join(f"{label} {n}" for label, n in counts.items())]
-
-
-def open_data(cfg: Config) -> TrainingData:
-    """The data of the run's mode; a one-line DataError if it is not there (not prepared, no tokenizer...)."""
-    if cfg.model.task == "classification":
-        return LabelledExamples(LabelledData.load(cfg.data.prepared_dir))
-    if cfg.data.mode == "streaming":
-        return TextStream(cfg)
-    return PackedShards(Manifest.load(cfg.data.prepared_dir))
 
 
 def _ordered(cfg: Config, dataset, order: GlobalOrder, rank: Rank, consumed_samples: int) -> Iterator:

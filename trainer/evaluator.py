@@ -7,9 +7,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from trainer.checkpoint import TrainState
+from trainer.checkpointing.store import TrainState
 from trainer.config import EvalSection
-from trainer.metrics import MetricsLogger
+from trainer.observe.metrics import MetricsLogger
 
 log = logging.getLogger("zerotrain")
 

@@ -1,7 +1,8 @@
 """Entry point of one training rank.
 
-`python -m trainer.main RUN_DIR/config.yaml [--resume auto]` is what the launcher's agent starts on each
-rank; under srun, mpirun or torchrun the `zerotrain train` process calls `run` itself.
+`python -m trainer.main RUN_DIR/config.yaml [--resume-from TAG]` is what the launcher's agent starts on each
+rank, TAG the checkpoint its pre-flight chose; under srun, mpirun or torchrun the `zerotrain train` process
+calls `run` itself.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import warnings
 
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
 
+from trainer.checkpointing import resume
 from trainer.config import Config, load_config
-from trainer.distributed import die_with_parent
+from trainer.parallel.distributed import die_with_parent
 from trainer.train import train
 
 # DeepSpeed still calls this deprecated torch API on every step; the warning says nothing to a user.
@@ -50,11 +52,14 @@ class WholeErrorFile(ErrorHandler):
             print(f"zerotrain: could not write the error report {path} ({err})", file=sys.stderr)
 
 
-def _run(cfg: Config, resume: bool) -> int:
+def _run(cfg: Config, resume_from: str | None) -> int:
     die_with_parent()
-    # The agent restarting the ranks after a failure (launch.max_restarts): continue from the last save.
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    return train(cfg, resume_run=resume or restarted)
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+        # The agent restarting the ranks after a failure (launch.max_restarts): the pre-flight's decision is
+        # behind the saves since; the same decision again, from the last save.
+        point = resume.decide(cfg.run_dir, cfg.layout)
+        resume_from = point.tag if point else None
+    return train(cfg, resume_from)
 
 
 run = record(_run, error_handler=WholeErrorFile())  # a failing rank's traceback reaches the launcher
@@ -70,10 +75,10 @@ def exit_now(code: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m trainer.main", description=__doc__)
     parser.add_argument("config", help="the resolved config.yaml in the run directory")
-    parser.add_argument("--resume", choices=["auto", "none"], default="none")
+    parser.add_argument("--resume-from", metavar="TAG", help="the checkpoint to continue from (the pre-flight's)")
     args = parser.parse_args()
     try:
-        code = run(load_config(args.config), resume=args.resume == "auto")
+        code = run(load_config(args.config), args.resume_from)
     except Exception:  # @record has written the error file for the launcher
         traceback.print_exc()
         code = 1

@@ -9,13 +9,13 @@ From it, the run config and the cluster shape (nodes x GPUs per node = the data-
 - Model states per rank for every ZeRO stage and offload choice, by the ZeRO paper's mixed-precision Adam
   accounting: per parameter 2 B 16-bit weights + 2 B gradients + 12 B optimizer states (4 B fp32 master + 8 B
   Adam moments), the partitioned parts divided by N. fp32 training: 4 + 4 + 8 B, plus the separate 4 B fp32 master
-  partition DeepSpeed keeps at stages 1-3. What DeepSpeed 0.19 allocates on top (measured on CPU, see
+  partition DeepSpeed keeps at stages 1-3. What DeepSpeed allocates on top (measured on CPU, see
   tests/test_plan.py): an fp32 copy of the gradients for the optimizer step; at stage 3 its reduce bucket and the
   small "persistent" parameters kept whole on every rank. Gradients summed over micro-batches in fp32 under
   bf16 (train.grad_accum_dtype's default at stages 1-3) take 4 B: at stage 1 DeepSpeed's BF16_Optimizer keeps
   every gradient in fp32 beside its bf16 one (and steps with it in place), at stages 2-3 the gradient
   partition is fp32 (at stage 2 the optimizer steps with it in place).
-- DeepSpeed's buffers, from the DeepSpeed config zerotrain writes (trainer/deepspeed_config.py) read back through
+- DeepSpeed's buffers, from the DeepSpeed config zerotrain writes (trainer/engine/deepspeed_config.py) read back through
   DeepSpeed's own config class, so its defaults apply: gradient reduce buckets (two with overlap_comm), and at
   stage 3 the gathered parameters (up to max_live_parameters + prefetch_bucket_size).
 - Activations per micro-batch, counted for Hugging Face Llama-style layers like Korthikanti et al. 2022 count
@@ -36,9 +36,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from trainer.config import Config, ConfigError, ZeroSection, accumulation_dtype
-from trainer.model import Architecture, loss_chunk, model_config
-from trainer.model import architecture as model_architecture
+from trainer.config import Config, ConfigError, ZeroSection
+from trainer.engine.deepspeed_config import allreduce_buffer_elements, deepspeed_config, zero_config
+from trainer.engine.limits import accumulation_dtype
+from trainer.model import shape
+from trainer.model.shape import Architecture
+from trainer.parallel.layout import ParallelLayout
+from trainer.tasks import task_of
+from trainer.tasks.causal_lm import loss_chunk
 
 GiB = 2**30
 
@@ -64,10 +69,10 @@ def vocab_size_of(cfg: Config) -> int:
 
 
 def architecture(cfg: Config, vocab_size: int | None = None) -> Architecture:
-    """The run's model on the meta device. A classification head's label count comes from the data, which
-    a plan does not read: two labels stand in (the head is labels x hidden, nothing beside the encoder)."""
-    labels = ["0", "1"] if cfg.model.task == "classification" else None
-    return model_architecture(cfg.model, model_config(cfg.model, vocab_size or vocab_size_of(cfg), labels))
+    """The run's model on the meta device; what it takes of the data (a classifier's labels) the task's stand-in
+    gives."""
+    task = task_of(cfg)
+    return shape.architecture(task.auto_model, task.model_config(cfg.model, vocab_size or vocab_size_of(cfg)))
 
 
 def element_bytes(precision: str) -> int:
@@ -139,15 +144,11 @@ class Estimate:
         return self.states + self.resident + max(self.transient + activations, self.step)
 
 
-def zero_config(cfg: Config, option: Option, nodes: int, gpus_per_node: int, n_params: int):
+def zero_section_of(cfg: Config, option: Option, nodes: int, gpus_per_node: int, n_params: int):
     """DeepSpeed's parsed `zero_optimization` section of the config zerotrain would write for this run."""
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-    from trainer.deepspeed_config import deepspeed_config
-
     launch = cfg.launch.model_copy(update={"nnodes": nodes, "nproc_per_node": gpus_per_node})
     run = cfg.model_copy(update={"zero": option.zero_section(), "launch": launch})
-    return DeepSpeedZeroConfig(**deepspeed_config(run, n_params)["zero_optimization"])
+    return zero_config(deepspeed_config(run, n_params))
 
 
 def persistent_params(arch: Architecture, zero) -> int:
@@ -190,11 +191,9 @@ def model_states(precision: str, option: Option, n_params: int, world: int, accu
 def buffers(arch: Architecture, held: int, precision: str, option: Option, zero, world: int) -> tuple[int, int]:
     """(resident, transient) DeepSpeed buffer bytes per rank, which holds `held` parameters (its tensor slice)
     and shares them with `world` data-parallel ranks."""
-    from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
-
     e, P = element_bytes(precision), held
     if option.stage == 0:  # the engine all-reduces gradients flattened into buffers of this many elements
-        return 0, e * min(P, MEMORY_OPT_ALLREDUCE_SIZE) if world > 1 else 0
+        return 0, e * min(P, allreduce_buffer_elements()) if world > 1 else 0
     if option.stage == 1:  # reduced at the end of backward, a flattened bucket at a time
         return 0, e * min(P, zero.reduce_bucket_size)
     if option.stage == 2:  # contiguous gradient buckets, double-buffered with overlap_comm
@@ -208,11 +207,12 @@ def buffers(arch: Architecture, held: int, precision: str, option: Option, zero,
 
 def estimate(cfg: Config, arch: Architecture, option: Option, nodes: int, gpus_per_node: int) -> Estimate:
     t, tensor = cfg.train, cfg.parallel.tensor
+    layout = ParallelLayout(nodes * gpus_per_node, cfg.parallel.sequence, tensor)
     # ZeRO partitions a rank's tensor slice over the ranks holding the same slice
-    held, world = arch.held(tensor), nodes * gpus_per_node // tensor
+    held, world = arch.held(tensor), layout.zero_world
     accumulate = accumulation_dtype(t, option.stage)
     params, grads, optimizer, step, host = model_states(t.precision, option, held, world, accumulate)
-    zero = zero_config(cfg, option, nodes, gpus_per_node, held)
+    zero = zero_section_of(cfg, option, nodes, gpus_per_node, held)
     resident, transient = buffers(arch, held, t.precision, option, zero, world)
     # A rank of a sequence group holds its slice of every activation; attention holds the whole sequence with
     # that share of the heads: the same bytes. The document mask spans the whole sequence.
@@ -249,7 +249,7 @@ def save_copy_bytes(held: int, precision: str, option: Option, world: int) -> in
 
 def recommend(estimates: list[Estimate], usable: float) -> tuple[Estimate, bool] | None:
     """The lowest stage that fits without offload, else with offload; failing both, the same with activation
-    checkpointing. Stages that sum gradients in fp32 come first: under bf16, DeepSpeed 0.19.8 sums them in bf16
+    checkpointing. Stages that sum gradients in fp32 come first: under bf16, DeepSpeed sums them in bf16
     at stage 0. Returns (estimate, needs checkpointing) or None."""
     for exact in (True, False):
         for checkpointing in (False, True):

@@ -12,7 +12,8 @@ from transformers import PretrainedConfig
 
 from trainer.config import Config, ConfigError
 from trainer.memory import OPTIONS, GiB, Option, activation_bytes, element_bytes, estimate
-from trainer.model import Architecture, architecture
+from trainer.model.shape import Architecture, architecture
+from trainer.parallel.distributed import uses_gpus
 
 # Measured on CPU: what a rank holds before its model exists (interpreter, torch, DeepSpeed, transformers, the
 # process group), and what a DataLoader worker adds (forked before the model: the rank's later pages are not
@@ -22,9 +23,10 @@ WORKER_BASE = 0.25 * GiB
 HEADROOM = 0.95  # of a machine's memory a run may plan to use
 
 
-def check(cfg: Config, model: PretrainedConfig, on_training_machine: bool) -> list[str]:
-    """Notes for the user; raises ConfigError when the ranks cannot fit in this machine's memory."""
-    arch = architecture(cfg.model, model)
+def check(cfg: Config, auto, model: PretrainedConfig, on_training_machine: bool) -> list[str]:
+    """Notes for the user; raises ConfigError when the ranks cannot fit in this machine's memory. `auto`, `model`:
+    the task's transformers Auto class and the model's config."""
+    arch = architecture(auto, model)
     notes = _disk(cfg, arch)
     if on_training_machine:
         notes += _memory(cfg, arch)
@@ -55,12 +57,13 @@ def _memory(cfg: Config, arch: Architecture) -> list[str]:
                                    cfg.model.gradient_checkpointing)
     bound = (2 * e + 16) * arch.params + activations  # every stage's model states and buffers stay below this
     per_rank_base = RANK_BASE + cfg.data.num_workers * WORKER_BASE
-    if not torch.cuda.is_available() and ranks * (bound + per_rank_base) < 0.5 * host.total:
+    gpus = uses_gpus()
+    if not gpus and ranks * (bound + per_rank_base) < 0.5 * host.total:
         return []  # far from the limit: not worth DeepSpeed's import for the exact figure
     option = Option(cfg.zero.stage, cfg.zero.offload_optimizer != "none", cfg.zero.offload_param != "none")
     est = estimate(cfg, arch, option, cfg.launch.nnodes, ranks)
     on_device = est.peak(cfg.model.gradient_checkpointing)
-    if torch.cuda.is_available():
+    if gpus:
         gpu = torch.cuda.get_device_properties(0).total_memory
         if on_device > HEADROOM * gpu:
             raise ConfigError(f"zero.stage: {option} needs about {on_device / GiB:.1f} GiB per GPU (zerotrain plan's "

@@ -15,22 +15,24 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
 from data_pipeline.files import write_durable
-from trainer import checkpoint, distributed, resume, sequence_parallel
-from trainer.checkpoint import TrainState
-from trainer.checkpointer import Checkpointer
+from trainer.checkpointing import resume, store
+from trainer.checkpointing.checkpointer import Checkpointer
+from trainer.checkpointing.store import TrainState
 from trainer.config import Config, TrainSection
-from trainer.data import Batches, open_data
-from trainer.engine import build_engine
+from trainer.data import Batches
+from trainer.engine import Engine
+from trainer.engine.deepspeed_engine import build_engine
 from trainer.evaluator import Evaluator
-from trainer.metrics import MetricsLogger
-from trainer.monitors import FileVerifier, Monitors, PhaseTimer, StopRequest
-from trainer.perf import PRECISION_DTYPES, Throughput, flops_per_token, peak_flops
-from trainer.report import render
+from trainer.observe.metrics import MetricsLogger
+from trainer.observe.monitors import FileVerifier, Monitors, PhaseTimer, StopRequest
+from trainer.observe.perf import PRECISION_DTYPES, Throughput, flops_per_token, peak_flops
+from trainer.observe.report import render
+from trainer.parallel import distributed, sequence
+from trainer.tasks import task_of
 
 log = logging.getLogger("zerotrain")
 
@@ -39,7 +41,7 @@ log = logging.getLogger("zerotrain")
 class Run:
     """What the loop works with."""
 
-    engine: object
+    engine: Engine
     batches: Batches
     monitors: Monitors
     evaluator: Evaluator
@@ -50,15 +52,16 @@ class Run:
     grad_accum: int  # micro-batches per optimizer step on this many ranks
 
 
-def train(cfg: Config, resume_run: bool) -> int:
-    """Returns the rank's exit code: 0 when train.max_steps is reached or early stopping ended the run,
-    monitors.EXIT_SAVED when a stop signal ended it after a save, monitors.EXIT_FAILED when nothing could be saved."""
+def train(cfg: Config, resume_from: str | None) -> int:
+    """`resume_from`: the checkpoint the pre-flight chose to continue from (None: start afresh). Returns the
+    rank's exit code: 0 when train.max_steps is reached or early stopping ended the run, monitors.EXIT_SAVED when
+    a stop signal ended it after a save, monitors.EXIT_FAILED when nothing could be saved."""
     stop = StopRequest()  # first: a signal during start-up must not kill the rank
-    rank = distributed.init(timedelta(seconds=cfg.launch.collective_timeout), cfg.parallel.model_parallel)
+    rank = distributed.init(timedelta(seconds=cfg.launch.collective_timeout), cfg.layout)
     _setup_logging(cfg.run_dir, rank)
     log.info(f"rank {rank.rank} of {rank.world_size} (local rank {rank.local_rank}) on {socket.gethostname()}, "
              f"device {rank.device}")
-    run = _start(cfg, rank, stop, resume_run)
+    run = _start(cfg, rank, stop, resume_from)
     code = _loop(run, cfg.train, cfg.data.seq_len)
     if code == 0:
         _finish(cfg, run, rank)
@@ -69,27 +72,30 @@ def train(cfg: Config, resume_run: bool) -> int:
     return code
 
 
-def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_run: bool) -> Run:
-    data = open_data(cfg)
+def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_from: str | None) -> Run:
+    task = task_of(cfg)
+    data = task.open_data(cfg)
     # Verifying and converting checkpoints, and committing saves, wait for the slowest rank's share of long
     # work: on a group of their own, not bounded by launch.collective_timeout.
     long_work = dist.new_group(backend="gloo", timeout=distributed.LONG_WORK_TIMEOUT)
-    point = resume.choose(cfg.run_dir, resume.Layout.of(cfg), log.info, long_work) if resume_run else None
+    point = resume.at_ranks(cfg.run_dir, resume_from, cfg.layout, log.info, long_work) if resume_from else None
     state, own = resume.read_position(cfg.run_dir, point) if point else (TrainState(), None)
     # The loader's workers start now, before the model and optimizer exist: forked later, each would keep a
     # copy of every page the rank writes afterwards (copy on write), multiplying the rank's memory.
     batches = data.batches(cfg, rank, state.consumed_samples, own["stream"] if own else None)
-    shard = sequence_parallel.setup(data.model_config(cfg.model), cfg.parallel.sequence, cfg.train.micro_batch_size,
-                                    cfg.data.seq_len, cfg.data.document_masking)
-    loss = data.loss(cfg, shard)
-    engine, arch = build_engine(cfg, data, load_universal=bool(point and point.universal))
+    model_config = task.model_config(cfg.model, data.vocab_size, data)
+    shard = sequence.setup(model_config, cfg.layout, cfg.train.micro_batch_size, cfg.data.seq_len,
+                           cfg.data.document_masking)
+    loss = task.loss(cfg, data, shard)
+    engine, arch = build_engine(cfg, model_config, task.auto_model, universal=bool(point and point.universal),
+                                fresh_head=task.fresh_head)
     if point:
-        resume.load_engine(engine, cfg.run_dir, point)
+        engine.load(store.checkpoints_dir(cfg.run_dir), resume.load_tag(point))
         if own:
-            checkpoint.set_rng_states(own["rng"])
+            store.set_rng_states(own["rng"])
         log.info(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)")
     # The data trained on from here: the pre-flight checked it against the checkpoint's, or was told to allow it.
-    state = replace(state, data_fingerprint=data.fingerprint, vocab_size=data.vocab_size)
+    state = replace(state, data_fingerprint=data.fingerprint, vocab_size=data.vocab_size, layout=cfg.layout.to_dict())
     metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, state.step, enabled=rank.is_main)
     metrics.text("config", cfg.to_yaml())
     metrics.text("versions", _versions())
@@ -103,7 +109,7 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_run: b
     throughput = Throughput(cfg.train.global_batch_size, cfg.data.seq_len, rank.world_size, per_token, peak)
     verifier = FileVerifier(data.record.files(), rank.rank, rank.world_size) if data.record else None
     return Run(engine, batches, Monitors(cfg.train, rank.device, stop, throughput, verifier),
-               Evaluator(cfg.eval, data.validation(cfg, rank, loss), metrics, cfg.train.max_steps),
+               Evaluator(cfg.eval, task.validation(cfg, data, rank, loss), metrics, cfg.train.max_steps),
                Checkpointer(cfg.checkpoint, cfg.run_dir, engine, batches.state, metrics, cfg.train.max_steps,
                             cfg.async_saves, long_work),
                metrics, state, loss, cfg.grad_accum)
@@ -112,7 +118,7 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_run: b
 def _loop(run: Run, t: TrainSection, seq_len: int) -> int:
     engine, monitors, state = run.engine, run.monitors, run.state
     for step in range(state.step + 1, t.max_steps + 1):
-        lr = engine.get_lr()[0]
+        lr = engine.lr
         loss = _train_step(engine, run.batches.iterator, run.loss_fn, run.grad_accum, monitors.phases)
         state = state.advanced(t.global_batch_size, t.global_batch_size * seq_len)
         run.metrics.advance(step)
@@ -133,7 +139,7 @@ def _loop(run: Run, t: TrainSection, seq_len: int) -> int:
     return 0
 
 
-def _train_step(engine, batches, loss_fn, grad_accum: int, phases: PhaseTimer) -> torch.Tensor:
+def _train_step(engine: Engine, batches, loss_fn, grad_accum: int, phases: PhaseTimer) -> torch.Tensor:
     """One optimizer step over `grad_accum` micro-batches; returns this rank's mean loss (no host sync)."""
     total = torch.zeros((), device=engine.device)
     phases.restart()  # the loop's own bookkeeping since the last step is no phase of this one
@@ -144,7 +150,7 @@ def _train_step(engine, batches, loss_fn, grad_accum: int, phases: PhaseTimer) -
         phases.mark("forward")
         engine.backward(loss)
         phases.mark("backward")
-        engine.step()  # DeepSpeed only updates at the accumulation boundary
+        engine.step()  # the optimizer steps after the last micro-batch
         phases.mark("optimizer")
         total += loss.detach().float()
     return total / grad_accum
@@ -155,7 +161,7 @@ def _finish(cfg: Config, run: Run, rank: distributed.Rank) -> None:
     beside the results."""
     run.checkpointer.wait(run.state.step)
     results = run.evaluator.final(run.engine, run.state,
-                                  lambda step: checkpoint.load_weights(run.engine, cfg.run_dir, step))
+                                  lambda step: store.load_weights(run.engine, cfg.run_dir, step))
     if rank.is_main and run.monitors.last_loss is not None:
         _write_summary(cfg, run, results)
         run.metrics.hparams(cfg.model_dump(mode="json"), {"train/loss": run.monitors.last_loss, **{
@@ -165,26 +171,25 @@ def _finish(cfg: Config, run: Run, rank: distributed.Rank) -> None:
 def _write_summary(cfg: Config, run: Run, results: dict) -> None:
     """summary.json: where the run ended. Throughput covers this launch, start-up excluded."""
     state, window = run.state, run.monitors.window
-    root = checkpoint.checkpoints_dir(cfg.run_dir)
+    root = store.checkpoints_dir(cfg.run_dir)
     summary = {
         "step": state.step,
         "tokens_seen": state.tokens_seen,
         "final_loss": run.monitors.last_loss,
         **{name.replace("/", "_"): value for name, value in results.items()},  # val_loss, test_accuracy, ...
-        "best_checkpoint": str(root / checkpoint.tag_of(state.best_step)) if state.best_step else None,
+        "best_checkpoint": str(root / store.tag_of(state.best_step)) if state.best_step else None,
         "tokens_per_s": window.train_steps * cfg.tokens_per_step / window.train_seconds
         if window.train_seconds else None,
-        "checkpoint": str(root / checkpoint.pointer(cfg.run_dir, checkpoint.LATEST)),
+        "checkpoint": str(root / store.pointer(cfg.run_dir, store.LATEST)),
         "tensorboard": str(cfg.run_dir / "tensorboard"),
     }
     write_durable(cfg.run_dir / "summary.json", json.dumps(summary, indent=2))
 
 
 def _versions() -> str:
-    import transformers
+    from importlib.metadata import version
 
-    return "\n".join(f"{name} {module.__version__}" for name, module in
-                     (("torch", torch), ("deepspeed", deepspeed), ("transformers", transformers))) + \
+    return "\n".join(f"{name} {version(name)}" for name in ("torch", "deepspeed", "transformers")) + \
         f"\npython {sys.version.split()[0]}"
 
 

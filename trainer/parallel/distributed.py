@@ -1,4 +1,5 @@
-"""Process-group set-up and teardown for one rank, on CUDA + NCCL or CPU + gloo, chosen at run time."""
+"""Process-group set-up and teardown for one rank, on CUDA + NCCL or CPU + gloo: the device is decided here, once
+(`uses_gpus`), for the pre-flight and the ranks alike."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-
+from trainer.parallel.layout import ParallelLayout
 
 # Work shared by the ranks that may take long on a large model (verifying and converting checkpoints, writing a
 # save) synchronises on a gloo group with this timeout; a dead peer still ends it at once (its sockets close).
@@ -25,9 +26,7 @@ class Rank:
     world_size: int
     local_rank: int
     device: torch.device
-    # parallel.sequence x parallel.tensor: consecutive ranks share each sample, each a slice of its sequence
-    # or of the model's weights
-    model_parallel: int = 1
+    layout: ParallelLayout  # who shares this rank's samples
 
     @property
     def is_main(self) -> bool:
@@ -36,11 +35,16 @@ class Rank:
     @property
     def data_rank(self) -> int:
         """Which samples this rank trains: the same as the rest of its sequence or tensor group."""
-        return self.rank // self.model_parallel
+        return self.layout.data_rank(self.rank)
 
     @property
     def data_world(self) -> int:
-        return self.world_size // self.model_parallel
+        return self.layout.data_world
+
+
+def uses_gpus() -> bool:
+    """Whether the ranks of this machine train on GPUs (one each), else on the CPU."""
+    return torch.cuda.is_available()
 
 
 def die_with_parent() -> None:
@@ -51,24 +55,21 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def init(timeout: timedelta, model_parallel: int = 1) -> Rank:
+def init(timeout: timedelta, layout: ParallelLayout) -> Rank:
     """Join the process group described by the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR...). A dead
     peer must end the job, not hang it: its collectives give up after `timeout` (launch.collective_timeout)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
+    if uses_gpus():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    import deepspeed  # here, not at the top: the CLI imports this module and needs no DeepSpeed
+    from trainer.engine.deepspeed_engine import init_process_group  # the CLI imports this module: no DeepSpeed
 
-    deepspeed.init_distributed(
-        dist_backend="nccl" if device.type == "cuda" else "gloo",
-        auto_mpi_discovery=False,
-        timeout=timeout,
-        verbose=False,
-    )
-    return Rank(dist.get_rank(), dist.get_world_size(), local_rank, device, model_parallel)
+    init_process_group("nccl" if device.type == "cuda" else "gloo", timeout)
+    if dist.get_world_size() != layout.world:
+        raise RuntimeError(f"the launcher started {dist.get_world_size()} ranks for a run of {layout.world}")
+    return Rank(dist.get_rank(), dist.get_world_size(), local_rank, device, layout)
 
 
 def to_device(batch, device: torch.device):

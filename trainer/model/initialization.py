@@ -16,15 +16,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel
 
 
-def initialise(model: PreTrainedModel, seed: int, partitioned: bool) -> None:
-    """Draw `model`'s weights again from `seed` (`partitioned`: built inside deepspeed.zero.Init)."""
-    world, rank = (dist.get_world_size(), dist.get_rank()) if partitioned else (1, 0)
+def initialise(model: PreTrainedModel, seed: int, gather=None) -> None:
+    """Draw `model`'s weights again from `seed`. `gather`: for a model built partitioned, the engine's context
+    that gathers parameters and partitions a rank's changes to them again (`gather(params, modifier_rank=r)`,
+    DeepSpeed's GatheredParameters); None for a model built whole."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if gather else (1, 0)
     # post-order, as transformers applies _init_weights: a parent may redraw its children (GPT-2's c_proj)
     modules = list(model.named_modules())[::-1]
     for index, (name, module) in enumerate(modules):
@@ -32,8 +33,7 @@ def initialise(model: PreTrainedModel, seed: int, partitioned: bool) -> None:
         if not owned:
             continue
         drawer = index % world
-        gathered = deepspeed.zero.GatheredParameters([p for _, _, p in owned], modifier_rank=drawer) \
-            if partitioned else contextlib.nullcontext()
+        gathered = gather([p for _, _, p in owned], modifier_rank=drawer) if gather else contextlib.nullcontext()
         with gathered:
             if rank == drawer:
                 _draw(model, module, owned, _seed(seed, name))

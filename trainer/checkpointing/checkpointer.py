@@ -1,7 +1,7 @@
 """The checkpointer: when a step is saved, the save itself, the best marker and retention. The loop hands it
 every step; it alone decides. Saves are asynchronous by default (checkpoint.async): the loop stands still while
 the state is copied to host memory, and the files are written, fsynced, hashed and committed in the background
-(trainer.checkpoint_writer); `wait` is where the end of the run, a stop or the next save meet the save in flight."""
+(trainer/checkpointing/writer.py); `wait` is where the end of the run, a stop or the next save meet the save in flight."""
 
 from __future__ import annotations
 
@@ -12,25 +12,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 from data_pipeline.files import full_disk
-from trainer import checkpoint
-from trainer.checkpoint import TrainState
-from trainer.checkpoint_writer import SnapshotEngine, Writer
+from trainer.checkpointing import store
+from trainer.checkpointing.store import TrainState
+from trainer.checkpointing.writer import Writer
 from trainer.config import CheckpointSection
+from trainer.engine import Engine
 from trainer.evaluator import Verdict
-from trainer.metrics import MetricsLogger
-from trainer.monitors import Health
-from trainer.perf import memory_gib
+from trainer.observe.metrics import MetricsLogger
+from trainer.observe.monitors import Health
+from trainer.observe.perf import memory_gib
 
 log = logging.getLogger("zerotrain")
 
 
 class Checkpointer:
-    def __init__(self, section: CheckpointSection, run_dir: Path, engine, stream_state: Callable[[], dict | None],
-                 metrics: MetricsLogger, max_steps: int, asynchronous: bool, group):
+    def __init__(self, section: CheckpointSection, run_dir: Path, engine: Engine,
+                 stream_state: Callable[[], dict | None], metrics: MetricsLogger, max_steps: int, asynchronous: bool,
+                 group):
         self.section, self.run_dir, self.engine, self.stream_state = section, run_dir, engine, stream_state
         self.metrics, self.max_steps = metrics, max_steps
-        self.writer = Writer(asynchronous, getattr(engine.checkpoint_engine, "zipfile_serialization", False))
-        engine.checkpoint_engine = SnapshotEngine(engine.checkpoint_engine, self.writer)
+        self.writer = Writer(asynchronous)
         # the writer's commit gathers the ranks' checksums from its thread, beside the loop's own collectives
         self.group = group
         self.latest: str | None = None  # the newest committed save of this run
@@ -48,13 +49,13 @@ class Checkpointer:
         if not self.due(step, health, verdict):
             return None
         started = time.perf_counter()
-        mark_best = checkpoint.mark_best if verdict.improved else lambda run_dir, tag: None
+        mark_best = store.mark_best if verdict.improved else lambda run_dir, tag: None
         try:
-            tag = checkpoint.save(self.engine, self.run_dir, state, self.stream_state(), self.writer, self.group,
+            tag = store.save(self.engine, self.run_dir, state, self.stream_state(), self.writer, self.group,
                                   (self.section.keep_last, self.section.keep_every),
                                   lambda tag: mark_best(self.run_dir, tag))
         except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as a RuntimeError
-            raise _disk_full(self.run_dir, checkpoint.tag_of(step)) or e
+            raise _disk_full(self.run_dir, store.tag_of(step)) or e
         stall = time.perf_counter() - started  # the loop stands still meanwhile
         copied = f" (host copy {self.writer.copied_bytes / 2**20:,.1f} MiB; written in the background)" \
             if self.writer.asynchronous else ""
@@ -76,7 +77,7 @@ class Checkpointer:
         self.writer.raise_if_failed()
         while self.writer.done:
             tag, seconds, nbytes = self.writer.done.pop(0)
-            self.latest = tag.removesuffix(checkpoint.PARTIAL)
+            self.latest = tag.removesuffix(store.PARTIAL)
             log.info(f"saved {self.latest}: {nbytes / 2**20:,.1f} MiB written, fsynced and hashed by this rank in "
                      f"{seconds:.2f} s")
             self.metrics.log(step, {"perf/checkpoint_write_s": seconds})
@@ -84,9 +85,9 @@ class Checkpointer:
 
 def _disk_full(run_dir: Path, tag: str) -> OSError | None:
     """A save that failed on a full disk, said so: ENOSPC, the folder, and that the previous checkpoint is intact."""
-    root = checkpoint.checkpoints_dir(run_dir)
+    root = store.checkpoints_dir(run_dir)
     if not full_disk(root):
         return None
-    previous = checkpoint.pointer(run_dir, checkpoint.LATEST)
+    previous = store.pointer(run_dir, store.LATEST)
     return OSError(errno.ENOSPC, f"no space left on the disk holding {root} while saving {tag}; the last complete "
                                  f"checkpoint ({previous or 'none'}) is intact: free space and resume with --resume auto")

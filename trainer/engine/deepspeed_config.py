@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config
 
 # Bucket sizes track the model: DeepSpeed's 5e8-element defaults cost ~1 GB extra on a small model.
 MIN_BUCKET, MAX_BUCKET = 1_000_000, 500_000_000
@@ -36,10 +35,7 @@ def deepspeed_config(cfg: Config, num_parameters: int, load_universal: bool = Fa
     if z.offload_optimizer == "nvme" or z.offload_param == "nvme":
         aio = _nvme(cfg, zero, largest_parameter or num_parameters)
     return {
-        # DeepSpeed sees every rank as data-parallel (trainer/sequence_parallel.py): a sequence group's slices
-        # of a sample count as samples to it. Under AutoTP its batch check counts every rank too (measured),
-        # though it averages gradients over the data-parallel ranks only.
-        "train_batch_size": t.global_batch_size * cfg.parallel.model_parallel,
+        "train_batch_size": cfg.layout.deepspeed_batch(t.global_batch_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": o.grad_clip,
@@ -109,58 +105,15 @@ def _nvme(cfg: Config, zero: dict, largest_parameter: int) -> dict:
     }
 
 
-def check_nvme_offload(cfg: Config) -> None:
-    """Pre-flight for NVMe offload, before any rank starts: zero.nvme_path is a writable folder (created if
-    missing) and DeepSpeed's async_io op can be built (it needs libaio) - built now if it is not yet, so that
-    the ranks load it from the cache instead of compiling it on the clock. Raises ConfigError with one line."""
-    z = cfg.zero
-    keys = [f"zero.{k}" for k in ("offload_optimizer", "offload_param") if getattr(z, k) == "nvme"]
-    if not keys:
-        return
-    folder = nvme_folder(cfg)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ConfigError(f"zero.nvme_path: cannot write swap files in {folder} ({e.strerror or e})") from None
-    if not async_io_available():
-        raise ConfigError(f"{keys[0]}: nvme offload needs DeepSpeed's async_io op, which needs libaio and it is "
-                          "not installed here (Debian/Ubuntu: apt-get install libaio-dev; elsewhere set CFLAGS/"
-                          "LDFLAGS to its headers and library); use cpu offload instead")
-    try:
-        build_async_io()
-    except Exception as e:  # a compiler error: its output went to stderr above
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{keys[0]}: DeepSpeed's async_io op, which nvme offload needs, did not build ({first})") \
-            from None
+def zero_config(ds_config: dict):
+    """DeepSpeed's parsed `zero_optimization` section of `ds_config` (its defaults filled in)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    return DeepSpeedZeroConfig(**ds_config["zero_optimization"])
 
 
-def async_io_available() -> bool:
-    """Whether DeepSpeed's async_io op can be built or loaded here: libaio's headers and library are found."""
-    import contextlib
-    import io
+def allreduce_buffer_elements() -> int:
+    """The elements of the flattened buffers the stage-0 engine all-reduces gradients in."""
+    from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
 
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    with contextlib.redirect_stdout(io.StringIO()):  # its compiler probe prints
-        return bool(AsyncIOBuilder().is_compatible(verbose=False))
-
-
-def build_async_io() -> None:
-    """Load the op, JIT-compiling it first if needed: once per machine (cached in ~/.cache/torch_extensions, or
-    TORCH_EXTENSIONS_DIR): 7.5 CPU-minutes of gcc measured, with DeepSpeed's pin_memory op it loads first."""
-    import contextlib
-    import io
-    import sys
-
-    from deepspeed.git_version_info import installed_ops
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-    from torch.utils.cpp_extension import _get_build_directory
-
-    if not installed_ops.get("async_io") and \
-            not (Path(_get_build_directory("async_io", verbose=False)) / "async_io.so").exists():
-        print("zerotrain: compiling DeepSpeed's async_io op for nvme offload, once on this machine (minutes)",
-              file=sys.stderr, flush=True)
-    with contextlib.redirect_stdout(io.StringIO()):
-        AsyncIOBuilder().load(verbose=False)
+    return MEMORY_OPT_ALLREDUCE_SIZE

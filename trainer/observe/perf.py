@@ -10,7 +10,7 @@ import psutil
 import torch
 
 if TYPE_CHECKING:
-    from trainer.model import Architecture
+    from trainer.model.shape import Architecture
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

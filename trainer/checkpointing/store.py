@@ -1,15 +1,16 @@
 """Checkpoints on disk: DeepSpeed's sharded engine state, the run's position, and each rank's own state.
 
-Layout: RUN_DIR/checkpoints/step_00000100/ holds the DeepSpeed shards, `train_state.json` (step, samples
-consumed, data fingerprint), `config.yaml` (the config it was trained with) and `rank{R}.pt` (each rank's RNG
+Layout: RUN_DIR/checkpoints/step_00000100/ holds the engine's (DeepSpeed's) shards, `train_state.json` (step,
+samples consumed, data fingerprint, the parallel layout that saved it), `config.yaml` (the config it was trained with) and `rank{R}.pt` (each rank's RNG
 states, and its stream position in streaming mode); RUN_DIR/checkpoints/latest names the newest one, and
 RUN_DIR/checkpoints/best the one with the best validation result (`eval.best_metric`), which retention keeps.
 
 A save is atomic: every rank writes into `step_N.partial/` and fsyncs what it wrote (trainer.checkpoint_writer:
 in the background, hashing the bytes as they are written); only when all have, rank 0 writes `manifest.json`
 (each file's size and SHA-256), renames the folder to `step_N/` and then points `latest` at it. A job killed at any moment leaves the previous
-checkpoint intact; a leftover `.partial` folder is never loaded. Every reader (resume, export, status, the
-final test) takes a checkpoint only if it matches its manifest (`find`), saying which are damaged and why.
+checkpoint intact; a leftover `.partial` folder is never loaded. Every reader (the pre-flight, the resuming
+ranks, export, status, the final test) takes a checkpoint only if it matches its manifest: `find_intact` is the
+one routine that looks for it, each reader verifying as far as it needs (sizes, checksums, by all ranks).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,8 +31,9 @@ import torch.distributed as dist
 
 from data_pipeline.files import file_sha256, fsync_dir, fsync_tree, share, write_durable
 
-if TYPE_CHECKING:  # the writer imports DeepSpeed: the launcher's readers of checkpoints need none
-    from trainer.checkpoint_writer import Writer
+if TYPE_CHECKING:
+    from trainer.checkpointing.writer import Writer
+    from trainer.engine import Engine
 
 LATEST = "latest"
 BEST = "best"
@@ -52,6 +55,7 @@ class TrainState:
     best_value: float | None = None  # of eval.best_metric, at best_step
     best_step: int = 0
     evals_since_best: int = 0  # validations without improvement (early stopping counts them)
+    layout: dict = field(default_factory=dict)  # the ParallelLayout that saved it ({} in checkpoints before it)
 
     def advanced(self, samples: int, tokens: int) -> "TrainState":
         return replace(self, step=self.step + 1, consumed_samples=self.consumed_samples + samples,
@@ -94,7 +98,7 @@ def read_state(folder: Path) -> TrainState:
     return TrainState(**json.loads((folder / "train_state.json").read_text()))
 
 
-def save(engine, run_dir: Path, state: TrainState, stream_state: dict | None, writer: Writer, group,
+def save(engine: Engine, run_dir: Path, state: TrainState, stream_state: dict | None, writer: Writer, group,
          retention: tuple[int, int], on_commit: Callable[[str], None] = lambda tag: None) -> str:
     """Collective: every rank calls it. Returns the tag. With an asynchronous writer it returns once the state
     is copied to host memory; the save commits in the writer's thread when every rank's files are durable
@@ -107,7 +111,7 @@ def save(engine, run_dir: Path, state: TrainState, stream_state: dict | None, wr
     if dist.get_rank() == 0 and partial.exists():
         shutil.rmtree(partial)  # left by a save that was killed
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)  # through the writer (SnapshotEngine)
+    engine.save(root, partial.name, writer)
     writer.add({"rng": _rng_states(), "stream": stream_state}, partial / f"rank{dist.get_rank()}.pt")
     config = (run_dir / "config.yaml").read_text() if dist.get_rank() == 0 else None
     writer.commit(lambda digests: _commit(run_dir, tag, state, config, digests, group, retention, on_commit))
@@ -142,25 +146,19 @@ def _commit(run_dir: Path, tag: str, state: TrainState, config: str | None, dige
     dist.barrier(group)
 
 
-def load_engine(engine, root: Path, tag: str) -> None:
-    """Weights, optimizer and ZeRO partitions, LR schedule from checkpoint folder `root / tag`."""
-    engine.load_checkpoint(str(root), tag=tag)
-
-
 def read_rank_state(folder: Path) -> dict:
     """This rank's own part of a checkpoint saved by the same ranks: {"rng": its RNG states (for
     `set_rng_states`), "stream": its stream position or None}."""
     return torch.load(folder / f"rank{dist.get_rank()}.pt", weights_only=False)
 
 
-def load_weights(engine, run_dir: Path, step: int) -> None:
+def load_weights(engine: Engine, run_dir: Path, step: int) -> None:
     """Collective: only the weights of a saved step (the final test of the best checkpoint), once it is verified."""
     tag = tag_of(step)
     problem = verify(checkpoints_dir(run_dir) / tag, checksums=True)
     if problem:
         raise RuntimeError(f"checkpoint {tag} is damaged ({problem}); its weights cannot be tested")
-    engine.load_checkpoint(str(checkpoints_dir(run_dir)), tag=tag, load_module_only=True,
-                           load_optimizer_states=False, load_lr_scheduler_states=False)
+    engine.load(checkpoints_dir(run_dir), tag, weights_only=True)
 
 
 @dataclass(frozen=True)
@@ -171,13 +169,16 @@ class Found:
     damaged: list[str] = field(default_factory=list)
 
 
-def find(run_dir: Path, checksums: bool, tag: str | None = None) -> Found:
-    """The checkpoint `tag`, if it matches its manifest; without a tag the newest that does."""
+def find_intact(run_dir: Path, check: Callable[[Path], str | None], tag: str | None = None,
+                newest: str | None = None) -> Found:
+    """The checkpoint `tag` if `check` finds nothing wrong with it; without a tag the newest that passes (not
+    newer than `newest`). `check(folder)`: None, or what is wrong - `sizes`, `checksums`, or the ranks
+    checksumming together (trainer/checkpointing/resume.py)."""
     root = checkpoints_dir(run_dir)
-    candidates = [tag] if tag else sorted(saved_tags(root), reverse=True)
+    candidates = [tag] if tag else [t for t in sorted(saved_tags(root), reverse=True) if newest is None or t <= newest]
     damaged = []
     for candidate in candidates:
-        problem = verify(root / candidate, checksums)
+        problem = check(root / candidate)
         if problem is None:
             return Found(candidate, damaged)
         damaged.append(f"{candidate} is damaged ({problem})")
@@ -206,6 +207,10 @@ def verify(folder: Path, checksums: bool, part: tuple[int, int] = (0, 1)) -> str
     return None
 
 
+sizes = partial(verify, checksums=False)  # every file of the manifest there, of its size
+checksums = partial(verify, checksums=True)  # ... and of its content
+
+
 def manifest_bytes(folder: Path) -> int:
     try:
         return sum(entry["bytes"] for entry in json.loads((folder / MANIFEST).read_text()).values())
@@ -215,10 +220,6 @@ def manifest_bytes(folder: Path) -> int:
 
 def saved_tags(root: Path) -> list[str]:
     return sorted(p.name for p in root.glob("step_*") if p.is_dir() and TAG.fullmatch(p.name))
-
-
-def _digest(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _apply_retention(root: Path, keep_last: int, keep_every: int, best: str | None) -> None:

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from trainer.config import ConfigError
-from trainer.metrics import read_records
+from trainer.observe.metrics import read_records
 
 DPI = 100  # about 1300 x 700 pixels for six panels: readable, and a small file
 

@@ -19,9 +19,11 @@ import torch.distributed as dist
 from data_pipeline import DataError, DataFile
 from data_pipeline.files import share
 from data_pipeline.record import verify_file
-from trainer import compilation, distributed
 from trainer.config import TrainSection
-from trainer.perf import Throughput, memory_gib
+from trainer.engine import Engine
+from trainer.observe import compilation
+from trainer.observe.perf import Throughput, memory_gib
+from trainer.parallel import distributed
 
 log = logging.getLogger("zerotrain")
 
@@ -255,18 +257,18 @@ class Monitors:
     def log_due(self, step: int) -> bool:
         return step == 1 or step % self.t.log_every == 0 or step == self.t.max_steps
 
-    def record(self, step: int, engine, lr: float, tokens_seen: int) -> dict[str, float]:
+    def record(self, step: int, engine: Engine, lr: float, tokens_seen: int) -> dict[str, float]:
         """The log line's metrics: loss since the last log, learning rate, gradient norm, health counters,
         throughput, phases and memory."""
         loss, steps, seconds = self.window.flush()
         self.last_loss = loss
-        norm = engine.get_global_grad_norm()
+        norm = engine.grad_norm
         if self.t.compile and self.window.flushes == 1:  # the first log line of this launch
             log.info(compilation.describe())
         return {"train/loss": loss, "train/lr": lr, "train/grad_norm": float("nan") if norm is None else float(norm),
                 "train/loss_spikes": self.spikes.count(step, loss), "train/nonfinite_steps": self.nonfinite.in_a_row,
                 # steps DeepSpeed skipped for non-finite gradients (ZeRO 1-3, and fp16 loss scaling)
-                "train/skipped_steps": getattr(engine, "skipped_steps", 0), "train/tokens_seen": tokens_seen,
+                "train/skipped_steps": engine.skipped_steps, "train/tokens_seen": tokens_seen,
                 **self.throughput.metrics(steps, seconds), **self.phases.flush(steps), **memory_gib(self.device),
                 **(compilation.metrics() if self.t.compile else {})}
 

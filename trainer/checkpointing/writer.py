@@ -1,11 +1,11 @@
 """Writing a checkpoint's files, in the background while training goes on (checkpoint.async) or in place.
 
-DeepSpeed's `save_checkpoint` hands every state dict it saves to the engine's `checkpoint_engine`. zerotrain's
-`SnapshotEngine` takes each as a host copy (the only time the training loop stands still: the live tensors
-change with the next step) and queues it to this rank's `Writer`, whose thread serialises it with torch.save,
-hashing the bytes as they are written, and fsyncs it. When every file of a rank is durable, the save commits:
-the ranks gather their files' sizes and checksums over a group of their own, and rank 0 writes the manifest,
-renames the folder and moves `latest` (trainer.checkpoint). Nothing else differs from a save in place: the same
+The engine hands every state dict it saves to this rank's `Writer` (DeepSpeed's through its checkpoint engine,
+trainer/engine/checkpoint_engine.py), which takes each as a host copy (the only time the training loop stands
+still: the live tensors change with the next step) and queues it to its thread, which serialises it with
+torch.save, hashing the bytes as they are written, and fsyncs it. When every file of a rank is durable, the save
+commits: the ranks gather their files' sizes and checksums over a group of their own, and rank 0 writes the
+manifest, renames the folder and moves `latest` (trainer/checkpointing/store.py). Nothing else differs from a save in place: the same
 files, the same bytes, the same atomicity. At most one save is in flight: the next waits for it, so the host
 copy is bounded by one save's share of this rank's files.
 """
@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 log = logging.getLogger("zerotrain")
 
@@ -98,8 +97,9 @@ class Writer:
     once. A save is `begin`, one `add` per file, then `commit(finish)`, where `finish(digests)` runs (in the
     writer's thread) once this rank's files are durable, with their {name: {bytes, sha256}}."""
 
-    def __init__(self, asynchronous: bool, zipfile_serialization: bool):
-        self.asynchronous, self.zipfile = asynchronous, zipfile_serialization
+    def __init__(self, asynchronous: bool):
+        self.asynchronous = asynchronous
+        self.zipfile = True  # torch.save's format; the engine's checkpoint engine sets its own
         self.tasks: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.folder: Path | None = None
@@ -163,24 +163,3 @@ class Writer:
     def _commit(self, finish: Callable[[dict], None], folder: Path, started: float) -> None:
         finish(dict(self.digests))
         self.done.append((folder.name, time.perf_counter() - started, sum(d["bytes"] for d in self.digests.values())))
-
-
-class SnapshotEngine(CheckpointEngine):
-    """DeepSpeed's checkpoint engine for saves through a `Writer`; loads as DeepSpeed's own engine does.
-    Assigned to `engine.checkpoint_engine`, which save_checkpoint reads on every call."""
-
-    def __init__(self, original: CheckpointEngine, writer: Writer):
-        super().__init__()
-        self.name, self.original, self.writer = "zerotrain-snapshot", original, writer
-
-    def create(self, info) -> None:
-        pass
-
-    def save(self, state_dict, path: str) -> None:
-        self.writer.add(state_dict, Path(path))
-
-    def load(self, path: str, map_location=None):
-        return self.original.load(path, map_location)
-
-    def commit(self, info) -> bool:
-        return True  # zerotrain commits a save itself, when every rank's files are durable
