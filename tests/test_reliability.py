@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, STEPS, TINY, endless_args, last_step, live_ranks, rank_pids, read_metrics, running, \
-    tiny_args, training, train_losses, wait_for, zerotrain
+from conftest import REPO, STEPS, TINY, endless_args, last_step, live_ranks, rank_pids, read_metrics, refused, \
+    running, tiny_args, training, train_losses, wait_for, zerotrain
 from trainer.config import ConfigError, load_config
 from transformers import AutoModelForCausalLM
 
@@ -80,7 +80,7 @@ def test_shapes_transformers_accepts_but_cannot_run_are_named_before_any_rank(ti
                                (["model.config.num_key_value_heads=4", "model.config.num_attention_heads=6",
                                  "model.config.hidden_size=48"],
                                 "model.config.num_key_value_heads: 4 does not divide num_attention_heads (6)")):
-        one_line_error(zerotrain("train", *tiny_args(run_dir, tiny_data, *overrides), check=False), message)
+        one_line_error(refused("train", *tiny_args(run_dir, tiny_data, *overrides)), message)
     assert not run_dir.exists()
 
 
@@ -98,10 +98,9 @@ def test_a_missing_or_truncated_shard_is_named_before_any_rank(tiny_data, tmp_pa
     shutil.copytree(tiny_data, prepared)
     shard = next(prepared.rglob("*-train_00000.bin"))
     os.truncate(shard, shard.stat().st_size - 2)
-    one_line_error(zerotrain("train", *tiny_args(tmp_path / "run", prepared), check=False),
-                   f"{shard}: truncated or wrong size")
+    one_line_error(refused("train", *tiny_args(tmp_path / "run", prepared)), f"{shard}: truncated or wrong size")
     shard.unlink()
-    one_line_error(zerotrain("train", *tiny_args(tmp_path / "run", prepared), check=False), f"{shard}: missing")
+    one_line_error(refused("train", *tiny_args(tmp_path / "run", prepared)), f"{shard}: missing")
     assert not (tmp_path / "run").exists()
 
 
@@ -109,10 +108,10 @@ def test_a_missing_or_truncated_shard_is_named_before_any_rank(tiny_data, tmp_pa
 def test_a_run_that_cannot_fit_in_memory_is_refused_naming_what_would(tiny_data, tmp_path):
     """The 1B preset at ZeRO 3 on 2 CPU ranks of this 24 GB machine (on the tiny data): OOM-killed after minutes
     before; now refused before any rank starts, with the estimate."""
-    result = zerotrain("train", REPO / "configs" / "llama_1b.yaml", "--nproc", "2", *[a for s in (
+    result = refused("train", REPO / "configs" / "llama_1b.yaml", "--nproc", "2", *[a for s in (
         f"run.output_dir={tmp_path / 'run'}", f"data.prepared_dir={tiny_data}", "data.sources=[x.txt]",
         "zero.stage=3", "data.num_workers=0", "train.micro_batch_size=1", "train.global_batch_size=16")
-        for a in ("--set", s)], check=False)
+        for a in ("--set", s)])
     one_line_error(result, "zero.stage: ZeRO-3 needs about ")
     assert "of this machine's memory" in result.stderr and ("would fit" in result.stderr or "no ZeRO stage fits"
                                                              in result.stderr)
@@ -135,7 +134,7 @@ def test_bad_sources_name_the_file_and_line(tmp_path):
 def test_cli_misuse_is_one_line(tiny_run, tmp_path):
     afile = tmp_path / "a-file"
     afile.write_text("not a folder")
-    one_line_error(zerotrain("train", TINY, "--set", f"run.output_dir={afile}", check=False),
+    one_line_error(refused("train", TINY, "--set", f"run.output_dir={afile}"),
                    f"run.output_dir: {afile} is a file, not a folder")
     one_line_error(zerotrain("export", tiny_run, afile, check=False), f"{afile}: exists and is not an empty folder")
     one_line_error(zerotrain("export", tiny_run, tmp_path / "x", "--tag", "step_1; rm -rf /", check=False),
@@ -177,7 +176,7 @@ def test_a_second_job_on_the_same_run_directory_is_refused_and_a_killed_ones_loc
     run_dir = tmp_path / "shared"
     args = endless_args(run_dir, tiny_data, "checkpoint.every=2")
     with training(args, run_dir, until=3) as first:
-        second = zerotrain("train", *args, "--resume", "auto", check=False)
+        second = refused("train", *args, "--resume", "auto")
         one_line_error(second, f"run.output_dir: {run_dir} is in use by another job (host ")
         assert f"pid {first.pid}, since " in second.stderr
         first.kill()  # SIGKILL: no clean release; its ranks die with it
@@ -208,7 +207,7 @@ def test_resume_refuses_what_cannot_continue_before_anything_is_written(tiny_run
              "settings that cannot change on resume: model.config.hidden_size 64 -> 128; run.seed 7 -> 8;"),
             (["train.max_steps=4"], "train.max_steps: 4 is below the step of checkpoint step_00000012 (12)"),
             (["train.global_batch_size=40"], "train.global_batch_size: 40 does not divide the 192 samples")):
-        one_line_error(zerotrain("train", *tiny_args(run, tiny_data, *overrides), "--resume", "auto", check=False),
+        one_line_error(refused("train", *tiny_args(run, tiny_data, *overrides), "--resume", "auto"),
                        message)
         assert (run / "config.yaml").read_bytes() == config_before
     finished = zerotrain("train", *tiny_args(run, tiny_data), "--resume", "auto")

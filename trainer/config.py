@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from data_pipeline.config import DATA, FIXED, MAY_CHANGE, DataConfig, TokenizerConfig, on_resume
+from data_pipeline.config import FIXED, MAY_CHANGE, DataConfig, TokenizerConfig, on_resume
 from data_pipeline.errors import UserError
 from trainer.parallel.layout import ParallelLayout
 

@@ -20,8 +20,6 @@ from data_pipeline import GlobalBatchSampler, GlobalOrder, LabelledData, Manifes
     stack_numpy, tokenizer_fingerprint
 from data_pipeline.files import fingerprint
 from data_pipeline.record import PreparedRecord
-from data_pipeline.sources import source_units
-from data_pipeline.streaming import StreamingPackedDataset
 from trainer.config import Config
 from trainer.parallel.distributed import Rank, die_with_parent
 
@@ -88,6 +86,8 @@ class TextStream(TrainingData):
     resumes_on_other_ranks = False
 
     def __init__(self, cfg: Config):
+        from data_pipeline.sources import source_units  # datasets: imported for streaming runs only
+
         tokenizer = load_tokenizer(cfg.tokenizer.path)
         self.source = cfg.data.sources[0]
         units = source_units(self.source)
@@ -97,6 +97,8 @@ class TextStream(TrainingData):
         self.fingerprint = fingerprint([u.__dict__ for u in units], tokenizer_fingerprint(tokenizer), self.text_field)
 
     def batches(self, cfg: Config, rank: Rank, consumed_samples: int, stream_state: dict | None) -> Batches:
+        from data_pipeline.streaming import StreamingPackedDataset
+
         stream = StreamingPackedDataset(self.files, self.text_field, self.tokenizer_dir, cfg.data.seq_len,
                                         rank.data_rank, rank.data_world, cfg.run.seed)
         if stream_state is not None:

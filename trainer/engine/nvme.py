@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 from trainer.config import Config, ConfigError
 from trainer.engine.deepspeed_config import nvme_folder

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from data_pipeline import Manifest, PackedDataset, eval_batches, prepare
+from data_pipeline import Manifest, PackedDataset, eval_batches
+from data_pipeline.prepare import prepare
 from trainer.config import Config, ConfigError
 from trainer.data import PackedShards, TextStream, TrainingData
 from trainer.model.shape import check_document_masking
