@@ -21,7 +21,7 @@ def on_resume(policy: str, default: Any = PydanticUndefined, **kwargs) -> Any:
 
 
 class TokenizerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
     RESUME: ClassVar[str] = DATA
 
     path: Path | None = None  # an existing HF tokenizer folder to use instead of training one
@@ -32,7 +32,7 @@ class TokenizerConfig(BaseModel):
 class SourceConfig(BaseModel):
     """One corpus of a mixture. A plain string in `data.sources` is a source with only `path` set."""
 
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
 
     path: str | None = None  # files or globs (.txt, .json, .jsonl, .parquet, .csv), or a save_to_disk folder
     hub: str | None = None  # a Hugging Face Hub dataset name, read as a stream (needs the internet)
@@ -53,7 +53,7 @@ class SourceConfig(BaseModel):
 
 
 class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
     RESUME: ClassVar[str] = DATA
 
     sources: list[SourceConfig] = Field(min_length=1)  # weighted mixture; one source needs no weight

@@ -66,13 +66,18 @@ class StopSignals:
                       "without saving)", file=sys.stderr, flush=True)
             raise SignalException(f"{sig.name} received", sigval=sig)
         if sig == signal.SIGINT:
-            print("zerotrain: second Ctrl-C: stopped at once, without saving", file=sys.stderr, flush=True)
             for rank in psutil.Process().children():
                 try:
                     os.killpg(rank.pid, signal.SIGKILL)  # each rank leads its own group, with its loader workers
                 except OSError:
                     pass
-            os._exit(EXIT_INTERRUPTED)
+            saved = store.pointer(self.run_dir, store.LATEST)
+            if saved != self.latest_then:  # the save the first Ctrl-C asked for committed in between
+                said, code = f"stopped at once; saved {saved} before it: continue with --resume auto", EXIT_SAVED
+            else:
+                said, code = "stopped at once, without saving", EXIT_INTERRUPTED
+            print(f"zerotrain: second Ctrl-C: {said}", file=sys.stderr, flush=True)
+            os._exit(code)
 
     def outcome(self) -> int:
         """After the agent has stopped the ranks: EXIT_SAVED if they saved since the signal, said in one line."""

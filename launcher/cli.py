@@ -7,6 +7,7 @@ or a run directory that would be overwritten ends the command with one line and 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def _submit(args) -> int:
     # NVMe offload's folder and op are checked where the job trains, not on the submitting machine
     notes = preflight(cfg, args.resume, args.allow_data_change, on_training_machine=False).notes
     request = slurm.Request(fewest, most, ranks, gpus, args.partition, args.account, args.time)
-    log_dir = cfg.run_dir / "slurm"
+    log_dir = slurm.log_folder(cfg)
     script = slurm.render(cfg, cfg.run_dir / "config.yaml", request, Path.cwd())
     if args.dry_run:
         print(script)
@@ -136,7 +137,7 @@ def _submit(args) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     write_durable(cfg.run_dir / "config.yaml", cfg.to_yaml())
     write_durable(log_dir / "job.sbatch", script)
-    job = slurm.submit(log_dir / "job.sbatch")
+    job = slurm.submit(log_dir / "job.sbatch", slurm.output(cfg))
     with open(log_dir / "jobs", "a") as jobs:
         jobs.write(job + "\n")
     print(f"zerotrain: submitted job {job} ({request.nodes} node(s) x {ranks} ranks); its log: "
@@ -194,14 +195,20 @@ def _predict(args) -> None:
     from launcher.predict import predict
 
     lines = sys.stdin if str(args.input) == "-" else _read_lines(args.input)
-    for label, score, text in predict(args.model_dir, (line.rstrip("\n") for line in lines), args.batch_size):
-        print(f"{label}\t{score:.4f}\t{text}", flush=True)
+    try:
+        for label, score, text in predict(args.model_dir, (line.rstrip("\n") for line in lines), args.batch_size):
+            print(f"{label}\t{score:.4f}\t{text}", flush=True)
+    except UnicodeDecodeError:  # stdin is read as it comes
+        raise UserError("--input: standard input is not UTF-8 text; give texts, one per line") from None
 
 
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise ConfigError(f"--input: {path}: no such file")
-    return path.read_text().splitlines()
+    try:
+        return path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"--input: {path} is not UTF-8 text; give texts, one per line") from None
 
 
 def _status(args) -> None:
@@ -216,8 +223,15 @@ def _report(args) -> None:
     print(render(args.run_dir.absolute(), args.output))
 
 
+class _Parser(argparse.ArgumentParser):
+    """A misused flag is one line too, as every other refusal (argparse would print the usage first)."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"zerotrain: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zerotrain",
         description="Pretrain and fine-tune Hugging Face language models with DeepSpeed ZeRO.",
         epilog="Example: zerotrain prepare configs/demo.yaml && zerotrain train configs/demo.yaml --nproc 2",
@@ -294,9 +308,10 @@ def _parser() -> argparse.ArgumentParser:
                 config=False)
     p.add_argument("model_dir", type=Path, help="a folder written by `zerotrain export`")
     p.add_argument("--prompt", action="append", required=True, help="a prompt to continue (repeatable)")
-    p.add_argument("--max-new-tokens", type=_positive, default=50)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_positive, default=50, help="at most the model's positions less the "
+                   "prompt's")
+    p.add_argument("--temperature", type=_temperature, default=0.8, help="sampling temperature, more than 0")
+    p.add_argument("--seed", type=_seed, default=0)
     p = command("predict", _predict, "Label texts, one per line, with a classifier exported by `zerotrain "
                 "export`; prints label, its probability and the text, tab-separated.", config=False)
     p.add_argument("model_dir", type=Path, help="a folder written by `zerotrain export` (model.task: "
@@ -327,6 +342,20 @@ def _node_range(text: str) -> tuple[int, int]:
     if not (fewest.isdigit() and (not sep or most.isdigit())) or not 1 <= int(fewest) <= int(most or fewest):
         raise argparse.ArgumentTypeError(f"expected N or MIN-MAX with 1 <= MIN <= MAX, e.g. 4 or 2-4 (got {text!r})")
     return int(fewest), int(most or fewest)
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number more than 0 (got {text!r}); sampling divides by it")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**32 - 1 (got {text})")
+    return value
 
 
 def _positive(text: str) -> int:

@@ -39,13 +39,9 @@ class Placement:
 
 
 def set_process_defaults(ranks_on_this_node: int) -> None:
-    """Threads and device for the ranks of this node, unless the user set them."""
-    from trainer.parallel.distributed import uses_gpus
-
+    """Threads for the ranks of this node, unless the user set them (DeepSpeed's device: trainer/engine)."""
     # On CPU each rank's BLAS threads share the cores: oversubscription slows every rank down.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks_on_this_node)))
-    # Tell DeepSpeed the device this machine has, rather than letting every rank probe and warn.
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if uses_gpus() else "cpu")
 
 
 def detect(env: Mapping[str, str] = os.environ) -> Placement | None:

@@ -1,7 +1,9 @@
 """`zerotrain submit`: render slurm/zerotrain.sbatch for a run and hand it to sbatch.
 
-Values reach the script in two ways, both safe from injection: #SBATCH directives only take values that
-match a strict pattern (sbatch parses those lines itself), and everything in the shell body is quoted.
+Values reach the script in two ways, both safe from injection: #SBATCH directives only take values that match a
+strict pattern (sbatch parses those lines itself), and every value in the shell body is one word quoted by
+`shell`, whatever its characters. Paths, which may hold any character, never go into a directive: the log file
+is given to sbatch as an argument (`--output`), not as a line of the script.
 """
 
 from __future__ import annotations
@@ -51,11 +53,9 @@ class Request:
 
 def render(cfg: Config, config_file: Path, request: Request, workdir: Path) -> str:
     """The job script for the resolved config in config_file; it is saved as RUN_DIR/slurm/job.sbatch (a node
-    range's next segments are submitted from there)."""
+    range's next segments are submitted from there, with `output`)."""
     _check_directive("run.name", cfg.run.name, NAME)
-    log_dir = cfg.run_dir.absolute() / "slurm"
-    if not re.fullmatch(r"[^\s%'\"\\$`]+", str(log_dir)):
-        raise ConfigError(f"run.output_dir: {cfg.run_dir} cannot name Slurm's log file (no spaces, quotes or %)")
+    log_dir = log_folder(cfg)
     lines = [f"#SBATCH --gpus-per-node={request.gpus_per_node}"] if request.gpus_per_node else []
     for flag, value, pattern in (("partition", request.partition, NAME), ("account", request.account, NAME),
                                  ("time", request.time, TIME)):
@@ -64,14 +64,28 @@ def render(cfg: Config, config_file: Path, request: Request, workdir: Path) -> s
             lines.append(f"#SBATCH --{flag}={value}")
     kind = f"{request.gpus_per_node} GPU ranks" if request.gpus_per_node else f"{request.ranks_per_node} CPU ranks"
     return string.Template(TEMPLATE.read_text()).substitute(
-        description=f"run {cfg.run.name}, {request.nodes} node(s) x {kind}",
-        job_name=cfg.run.name, nodes=request.first_segment_nodes(), min_nodes=request.min_nodes,
-        max_nodes=request.max_nodes, ranks_per_node=request.ranks_per_node,
-        resource_lines="\n".join(lines), log_dir=log_dir, warning_seconds=request.warning_seconds,
-        max_restarts=cfg.launch.max_restarts, workdir=shlex.quote(str(workdir)),
-        python=shlex.quote(sys.executable), config=shlex.quote(str(config_file.absolute())),
-        script=shlex.quote(str(log_dir / "job.sbatch")),
-    )
+        description=f"run {cfg.run.name}, {request.nodes} node(s) x {kind}", job_name=cfg.run.name,
+        nodes=request.first_segment_nodes(), ranks_per_node=int(request.ranks_per_node),
+        resource_lines="\n".join(lines), warning_seconds=int(request.warning_seconds),
+        **{name: shell(value) for name, value in (
+            ("min_nodes", request.min_nodes), ("max_nodes", request.max_nodes), ("log_dir", log_dir),
+            ("max_restarts", cfg.launch.max_restarts), ("workdir", workdir), ("python", sys.executable),
+            ("config", config_file.absolute()), ("script", log_dir / "job.sbatch"), ("output", output(cfg)))})
+
+
+def shell(value) -> str:
+    """`value` as one word of the job script's shell code, whatever its characters."""
+    return shlex.quote(str(value))
+
+
+def log_folder(cfg: Config) -> Path:
+    return cfg.run_dir.absolute() / "slurm"
+
+
+def output(cfg: Config) -> str:
+    """The job's log file as sbatch's --output takes it: a filename pattern (%j: the job id; a % of the path
+    doubled)."""
+    return str(log_folder(cfg)).replace("%", "%%") + "/slurm-%j.out"
 
 
 def _check_directive(name: str, value: str, pattern: re.Pattern) -> None:
@@ -118,11 +132,12 @@ def check_not_queued(run_dir: Path) -> None:
         lock.release()
 
 
-def submit(script: Path) -> str:
-    """sbatch the script; returns the job id. A refusal (resources, account...) is one line naming the cause."""
+def submit(script: Path, log: str) -> str:
+    """sbatch the script, its output to `log` (output()); returns the job id. A refusal (resources, account...)
+    is one line naming the cause."""
     # Without EnforcePartLimits Slurm queues a job that can never start; --test-only asks the scheduler first.
-    _client("sbatch", "--test-only", str(script))
-    return _client("sbatch", "--parsable", str(script)).strip().split(";")[0]
+    _client("sbatch", "--test-only", f"--output={log}", str(script))
+    return _client("sbatch", "--parsable", f"--output={log}", str(script)).strip().split(";")[0]
 
 
 def job_state(job_id: str) -> str | None:

@@ -177,10 +177,16 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 VICTIMS = ["rank 0", "rank 1", "every rank", "the launcher"]
 
 
-def start(*args: str) -> subprocess.Popen:
+def start(*args: str, env: dict | None = None) -> subprocess.Popen:
     """`zerotrain ARGS` in the background, as a user starts it."""
     return subprocess.Popen([sys.executable, "-m", "launcher.cli", *map(str, args)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def diverging(after: int) -> dict:
+    """The environment of a run whose every process's cross-entropy turns NaN after its `after`-th
+    (tests/faults/sitecustomize.py)."""
+    return {**os.environ, "PYTHONPATH": str(REPO / "tests" / "faults"), "ZEROTRAIN_FAULT_NAN_AFTER": str(after)}
 
 
 def end(launcher: subprocess.Popen) -> None:
@@ -190,9 +196,9 @@ def end(launcher: subprocess.Popen) -> None:
 
 
 @contextmanager
-def running(*args: str):
+def running(*args: str, env: dict | None = None):
     """`zerotrain ARGS` in the background for the block; killed (with its ranks) if still running after it."""
-    launcher = start(*args)
+    launcher = start(*args, env=env)
     try:
         yield launcher
     finally:
@@ -200,10 +206,10 @@ def running(*args: str):
 
 
 @contextmanager
-def training(args: list[str], run_dir: Path, until: int):
+def training(args: list[str], run_dir: Path, until: int, env: dict | None = None):
     """`zerotrain train ARGS` in the background, yielded once it has logged step `until`; killed after the block
     if still running."""
-    with running("train", *args) as launcher:
+    with running("train", *args, env=env) as launcher:
         wait_for(lambda: last_step(run_dir) >= until, launcher)
         yield launcher
 

@@ -163,3 +163,42 @@ def test_log_cadence():
                         torch.device("cpu"), StopRequest(install=False), throughput=None)
     assert [s for s in range(1, 26) if monitors.log_due(s)] == [1, 10, 20, 25]
     assert math.isclose(warmup_cosine(0, 1, 0.5)(1), 0.5)
+
+
+def test_updates_the_optimizer_skips_in_a_row_stop_the_run_and_are_never_saved():
+    """What DeepSpeed does with non-finite gradients under bf16 or fp16 ZeRO: it skips the update and goes on.
+    Steps whose update is skipped count as non-finite ones: not saved, and the run stops after the limit."""
+    guard = NonFiniteGuard(limit=3)
+    guard.start(skipped_steps=5)  # a resumed run: the updates skipped before this launch are not this step's
+    assert [guard.update(step, False, skipped) for step, skipped in ((1, 5), (2, 6), (3, 7))] == [False, True, True]
+    with pytest.raises(NonFiniteLoss, match=r"^the optimizer skipped 3 update\(s\) in a row for non-finite gradients"):
+        guard.update(4, False, 8)
+    mixed = NonFiniteGuard(limit=2)
+    mixed.update(1, nonfinite=True, skipped_steps=0)
+    with pytest.raises(NonFiniteLoss, match=r"^the loss was not finite or the update was skipped for 2 step"):
+        mixed.update(2, nonfinite=False, skipped_steps=1)
+
+
+def test_a_second_ctrl_c_after_the_save_committed_exits_saying_it_saved(monkeypatch, tmp_path, capsys):
+    """The first Ctrl-C asked the ranks to save; the second stops them at once. If the save committed in between,
+    the exit code and the last line say so (3, saved), not 130 and 'without saving'."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from launcher.agent import StopSignals
+
+    exits = []
+    monkeypatch.setattr("launcher.agent.os._exit", exits.append)
+    handlers = {sig: signal.getsignal(sig) for sig in StopSignals.SIGNALS}
+    try:
+        stops = StopSignals(tmp_path)
+        with pytest.raises(SignalException):
+            stops._handle(signal.SIGINT, None)
+        (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)
+        (tmp_path / "checkpoints" / "latest").write_text("step_00000004")
+        stops._handle(signal.SIGINT, None)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert exits == [3]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "zerotrain: second Ctrl-C: stopped at once; saved step_00000004 before it: continue with --resume auto"

@@ -86,6 +86,11 @@ BAD = [
     (["train.precision=fp32", "train.grad_accum_dtype=bf16"], "train.grad_accum_dtype: bf16 under fp32 training"),
     (["train.precision=fp16", "train.grad_accum_dtype=fp32"],
      "train.grad_accum_dtype: fp32 accumulation is supported under bf16 here"),
+    (["run.name=.."], "run.name: value error, a name of dots only names a folder above the one it is in"),
+    (["run.output_dir=/tmp/zt/prepared/run", "data.prepared_dir=/tmp/zt/prepared"],
+     "run.output_dir: /tmp/zt/prepared/run is inside data.prepared_dir (/tmp/zt/prepared)"),
+    (["run.output_dir=/tmp/zt/run", "data.prepared_dir=/tmp/zt/run/prepared"],
+     "data.prepared_dir: /tmp/zt/run/prepared is inside run.output_dir (/tmp/zt/run)"),
 ]
 
 
@@ -237,6 +242,9 @@ def test_every_field_declares_what_a_resume_may_do():
     assert {key: resume_policy(key) for key in expected} == expected
     changed = load_config(TINY, ["optim.lr=1e-4", "data.seq_len=16", "run.seed=8", "tokenizer.vocab_size=1024"])
     assert resume_changes(cfg, changed) == ["data.seq_len 32 -> 16", "run.seed 7 -> 8"]
+    # a derived default given explicitly is the same setting (fp32 training sums gradients in fp32 anyway)
+    assert resume_changes(cfg, load_config(TINY, ["train.grad_accum_dtype=fp32"])) == []
+    assert resume_changes(cfg, load_config(TINY, ["train.precision=bf16"])) == ["train.precision fp32 -> bf16"]
 
 
 def test_the_parallel_layout_says_who_shares_a_sample():

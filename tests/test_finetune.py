@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -90,6 +92,10 @@ def test_prediction_from_an_export(sentiment_run, tmp_path):
     assert all(0.5 < float(line.split("\t")[1]) <= 1 for line in out)
     not_a_classifier = zerotrain("predict", tmp_path, "--input", reviews, check=False)
     assert not_a_classifier.returncode == 2 and "not a Hugging Face model folder" in not_a_classifier.stderr
+    binary = subprocess.run([sys.executable, "-m", "launcher.cli", "predict", str(tmp_path / "export"), "--input",
+                             "-"], input=bytes(range(128, 256)), capture_output=True, cwd=REPO)
+    assert binary.returncode == 2 and binary.stderr.decode().strip().splitlines() == [
+        "zerotrain: error: --input: standard input is not UTF-8 text; give texts, one per line"]
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, STEPS, TINY, endless_args, last_step, live_ranks, rank_pids, read_metrics, refused, \
+from conftest import REPO, STEPS, TINY, diverging, endless_args, last_step, live_ranks, rank_pids, read_metrics, refused, \
     running, tiny_args, training, train_losses, wait_for, zerotrain
 from trainer.config import ConfigError, load_config
 from transformers import AutoModelForCausalLM
@@ -67,6 +67,12 @@ def test_a_key_written_twice_is_refused_naming_both_lines(tmp_path):
     ("train.lr=1e-3", "train.lr: moved to optim.lr"),
     ("train.eval_every=5", "train.eval_every: moved to eval.every"),
     ("run.name=" + "x y" * 2000, "run.name: string should match pattern"),
+    ("train.max_steps=" + "[" * 5000 + "]" * 5000, "--set train.max_steps: nested too deeply to be a config"),
+    ("optim.lr=1e30", "optim.lr: input should be less than or equal to 1"),
+    ("optim.lr=.nan", "optim.lr: input should be a finite number"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas.1: input should be less than 1"),
+    ("run.seed=-1", "run.seed: input should be greater than or equal to 0"),
+    ("launch.collective_timeout=99999999999999999", "launch.collective_timeout: input should be less than or equal"),
 ])
 def test_bad_values_are_one_short_line(override, message):
     with pytest.raises(ConfigError) as error:
@@ -89,8 +95,17 @@ def test_any_shape_the_model_cannot_run_fails_on_the_meta_device_naming_the_conf
     meta device (no memory), fail in the forward pass."""
     cfg = load_config(TINY, ["model.config.num_attention_heads=6", "model.config.num_key_value_heads=4",
                              "model.config.hidden_size=48"])
-    with pytest.raises(ConfigError, match=r"^model.config: the model cannot run 4 x 32 tokens \(The size of tensor"):
-        run_on_meta(AutoModelForCausalLM, model_config(cfg.model, 512), TASKS["causal_lm"].meta_inputs(4, 32))
+    inputs = TASKS["causal_lm"].meta_inputs(4, 32)
+    with pytest.raises(ConfigError, match=r"^model.config: the model cannot run 4 x 32 tokens: tried on the meta "
+                                          r"device before any rank starts, it fails with: The size of tensor"):
+        run_on_meta(AutoModelForCausalLM, model_config(cfg.model, 512), inputs)
+    # Mixtures of experts: the trial's experts kernel has meta kernels for every dtype (the run's may not)
+    experts = load_config(TINY, ["model.type=mixtral", "model.config.num_local_experts=4"]).model
+    run_on_meta(AutoModelForCausalLM, model_config(experts, 512), inputs)
+    too_many = load_config(TINY, ["model.type=qwen3_moe", "model.config.num_experts=4",
+                                  "model.config.num_experts_per_tok=8"]).model  # each token routed to 8 of 4
+    with pytest.raises(ConfigError, match=r"^model.config: the model cannot run 4 x 32 tokens: .* k not in range"):
+        run_on_meta(AutoModelForCausalLM, model_config(too_many, 512), inputs)
 
 
 def test_a_missing_or_truncated_shard_is_named_before_any_rank(tiny_data, tmp_path):
@@ -108,10 +123,10 @@ def test_a_missing_or_truncated_shard_is_named_before_any_rank(tiny_data, tmp_pa
 def test_a_run_that_cannot_fit_in_memory_is_refused_naming_what_would(tiny_data, tmp_path):
     """The 1B preset at ZeRO 3 on 2 CPU ranks of this 24 GB machine (on the tiny data): OOM-killed after minutes
     before; now refused before any rank starts, with the estimate."""
-    result = refused("train", REPO / "configs" / "llama_1b.yaml", "--nproc", "2", *[a for s in (
+    result = zerotrain("train", REPO / "configs" / "llama_1b.yaml", "--nproc", "2", *[a for s in (
         f"run.output_dir={tmp_path / 'run'}", f"data.prepared_dir={tiny_data}", "data.sources=[x.txt]",
         "zero.stage=3", "data.num_workers=0", "train.micro_batch_size=1", "train.global_batch_size=16")
-        for a in ("--set", s)])
+        for a in ("--set", s)], check=False)  # a new process: DeepSpeed, imported for the estimate, adds no line
     one_line_error(result, "zero.stage: ZeRO-3 needs about ")
     assert "of this machine's memory" in result.stderr and ("would fit" in result.stderr or "no ZeRO stage fits"
                                                              in result.stderr)
@@ -142,6 +157,16 @@ def test_cli_misuse_is_one_line(tiny_run, tmp_path):
     export = tmp_path / "export"
     zerotrain("export", tiny_run, export)
     one_line_error(zerotrain("generate", export, "--prompt", "", check=False), "--prompt: an empty prompt")
+    for flags, message in ((["--temperature", "0"], "argument --temperature: must be a number more than 0"),
+                           (["--temperature", "-1"], "argument --temperature: must be a number more than 0"),
+                           (["--temperature", "nan"], "argument --temperature: must be a number more than 0"),
+                           (["--seed", "99999999999999999999999"], "argument --seed: must be from 0 to 2**32 - 1"),
+                           (["--max-new-tokens", "100000"], "--max-new-tokens: 100000 after a prompt of 2 tokens "
+                                                            "exceeds the model's 64 positions; at most 62 here")):
+        one_line_error(zerotrain("generate", export, "--prompt", "To be", *flags, check=False), message)
+    binary = tmp_path / "binary"
+    binary.write_bytes(bytes(range(256)) * 4)
+    one_line_error(zerotrain("predict", export, "--input", binary, check=False), f"--input: {binary} is not UTF-8")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,6 +190,40 @@ def test_export_and_status_take_only_an_intact_checkpoint(tiny_run, tmp_path):
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 13, "train/lo')  # what a kill in the middle of a write leaves
     assert "step 12/12" in zerotrain("status", run).stdout
+
+
+@slow
+def test_damaged_run_files_are_named_or_fallen_back_from_never_a_traceback(tiny_run, tmp_path):
+    """Every JSON file of a run directory is read through its schema (trainer/run_files.py), and a checkpoint's
+    files are checked against its manifest before any is parsed."""
+    from trainer.checkpointing import resume
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    state = run / "checkpoints" / "step_00000012" / "train_state.json"
+    state.write_bytes(b"\xff" * state.stat().st_size)  # garbage of the same size: only its checksum tells
+    point = resume.decide(run, load_config(run / "config.yaml").layout)  # what `train --resume auto` decides
+    assert point.tag == "step_00000006" and f"{state} fails its checksum" in point.damaged[0]
+    (run / "summary.json").write_text("[1, 2]")
+    (run / "slurm").mkdir()
+    (run / "slurm" / "jobs").write_text("")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 13, "train/loss": 5.0}\n')  # a record without throughput
+    status = zerotrain("status", run).stdout
+    assert f"{run / 'summary.json'} is not a run summary" in status and "step 13/12" in status
+    assert f"last checkpoint: {run / 'checkpoints' / 'step_00000006'}" in status
+    (run / "summary.json").write_text('{"step": 12, "tokens_seen": 1, "tokens_per_s": "fast"}')
+    (run / "slurm" / "jobs").write_text("12\nrm -rf /\n")
+    status = zerotrain("status", run).stdout
+    assert "tokens_per_s: Input should be a valid number" in status and "slurm/jobs: damaged" in status
+    older = run / "checkpoints" / "step_00000006"
+    (older / "manifest.json").write_text("{}")  # a manifest that lists nothing, the files it would list gone
+    for tensors in older.glob("*.pt"):
+        tensors.unlink()
+    assert f"{older / 'manifest.json'} does not list train_state.json" in zerotrain("status", run).stdout
+    one_line_error(zerotrain("export", run, tmp_path / "export", check=False),
+                   f"{run}: no intact checkpoint to export (step_00000012 is damaged (")
+    (older / "manifest.json").write_text("[]")
+    assert f"{older / 'manifest.json'} is not a checkpoint manifest" in zerotrain("status", run).stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,9 +387,8 @@ def test_ctrl_c_saves_and_stops_and_a_second_stops_at_once(tiny_data, tmp_path):
 @slow
 def test_a_stop_on_a_non_finite_step_saves_nothing_and_says_so(tiny_data, tmp_path):
     run_dir = tmp_path / "diverging"
-    args = endless_args(run_dir, tiny_data, "zero.stage=0", "optim.lr=1.0e+30", "optim.grad_clip=0",
-                        "optim.warmup_steps=0", "train.max_nonfinite_steps=100000")
-    with training(args, run_dir, until=5) as launcher:
+    args = endless_args(run_dir, tiny_data, "zero.stage=0", "train.max_nonfinite_steps=100000")
+    with training(args, run_dir, until=5, env=diverging(after=4)) as launcher:  # NaN from step 3 on
         launcher.send_signal(signal.SIGTERM)
         _, stderr = launcher.communicate(timeout=120)
     assert launcher.returncode == 1, stderr[-3000:]

@@ -259,3 +259,16 @@ def test_streaming_mode_trains_and_resumes_exactly(tiny_data, tmp_path):
     original, after = train_losses(run_dir), train_losses(resumed)
     assert [after[s] for s in range(5, 9)] == [original[s] for s in range(5, 9)]
     assert original[8] < original[1]
+
+
+def test_a_resumed_run_follows_the_schedule_its_config_describes(tiny_run, tiny_data, tmp_path):
+    """optim.* and train.max_steps may change on resume, and then they do: the learning rate of every resumed step
+    is the changed schedule's at that step (the checkpoint gives the weights and Adam's moments, not the lr)."""
+    from trainer.optim import warmup_cosine
+
+    resumed = as_of_step_6(tiny_run, tmp_path / "resumed")
+    zerotrain("train", *tiny_args(resumed, tiny_data, "optim.lr=1e-3", "optim.warmup_steps=8",
+                                  "optim.min_lr_ratio=0.5", "train.max_steps=14"), "--resume", "auto")
+    factor = warmup_cosine(8, 14, 0.5)  # the lr of step k is lr x factor(k - 1): k - 1 updates done before it
+    logged = {r["step"]: r["train/lr"] for r in read_metrics(resumed) if "train/lr" in r and r["step"] > 6}
+    assert logged == pytest.approx({step: 1e-3 * factor(step - 1) for step in range(7, 15)}, rel=1e-6)

@@ -15,10 +15,10 @@ checkpoint's value, set it anew, or - the data's fields - leave it to the data's
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from datetime import timedelta
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -36,15 +36,28 @@ class ConfigError(UserError):
     """A bad configuration: the message names the key path (or file, or flag) and the problem."""
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]  # Adam's moment decay: 1 would never forget, more would diverge
+MAX_SECONDS = int(timedelta.max.total_seconds())  # the longest timeout Python's timedelta holds
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no NaN or infinity in any number of the config: a value that is not finite is a typo, never a setting
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     RESUME: ClassVar[str] = FIXED  # what a resumed run may do with the fields that declare nothing themselves
 
 
 class RunSection(Section):
+    # names folders (NVMe swap files) and Slurm jobs: letters, digits, . _ -, not only dots (. and .. are folders)
     name: str = on_resume(MAY_CHANGE, pattern=r"^[A-Za-z0-9._-]+$")
     output_dir: Path = on_resume(MAY_CHANGE)
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, lt=2**32)  # numpy's seeds are 32-bit
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_folder_of_its_own(cls, name: str) -> str:
+        if not name.strip("."):
+            raise ValueError("a name of dots only names a folder above the one it is in; use letters or digits")
+        return name
 
 
 class ModelSection(Section):
@@ -77,11 +90,11 @@ class OptimSection(Section):
 
     RESUME = MAY_CHANGE
 
-    lr: float = Field(gt=0)
+    lr: float = Field(gt=0, le=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
 
 
@@ -117,7 +130,7 @@ class EvalSection(Section):
 
 
 class CheckpointSection(Section):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True)
     RESUME = MAY_CHANGE
 
     every: int = Field(0, ge=0)  # steps between checkpoints; 0: only at the end
@@ -146,11 +159,12 @@ class LaunchSection(Section):
 
     nnodes: int = Field(1, ge=1)
     nproc_per_node: int = Field(1, ge=1)  # ranks per node: one per GPU on GPU nodes
-    stop_timeout: int = Field(300, ge=1)  # seconds the ranks get to save after a stop signal before being killed
+    # seconds the ranks get to save after a stop signal before being killed
+    stop_timeout: int = Field(300, ge=1, le=MAX_SECONDS)
     max_restarts: int = Field(0, ge=0)  # restarts after a failure (agent or Slurm requeue), each from the last save
     # Seconds a collective waits for a missing peer before the job fails (a dead or hung rank must end the job).
     # Long operations (verifying and converting checkpoints) are shared by the ranks and never wait this long.
-    collective_timeout: int = Field(1800, ge=10)
+    collective_timeout: int = Field(1800, ge=10, le=MAX_SECONDS)
 
 
 class ParallelSection(Section):
@@ -253,6 +267,8 @@ def _parse_yaml(text: str, where: str):
     try:
         _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), where)
         return yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -323,7 +339,8 @@ def dotted(tree: dict, prefix: str = "") -> dict:
 def resume_changes(saved: Config, new: Config) -> list[str]:
     """The fields whose value a resumed run may not change (FIXED) and does, as `key old -> new`. Fields that
     MAY_CHANGE are not listed, nor DATA fields (the data's fingerprint judges them)."""
-    old, now = dotted(saved.model_dump(mode="json")), dotted(new.model_dump(mode="json"))
+    old, now = (dotted(cfg.model_dump(mode="json")) | {"train.grad_accum_dtype": cfg.grad_accum_dtype}
+                for cfg in (saved, new))  # left out or its default given: the same setting
     return [f"{key} {short(old.get(key))} -> {short(now.get(key))}" for key in sorted(set(old) | set(now))
             if old.get(key) != now.get(key) and resume_policy(key) == FIXED]
 
@@ -417,8 +434,7 @@ def _check_combinations(cfg: Config, cuda_available: bool | None) -> None:
     t = cfg.train
     if cfg.optim.warmup_steps > t.max_steps:
         raise ConfigError(f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps ({t.max_steps})")
-    if not math.isfinite(cfg.optim.lr):
-        raise ConfigError(f"optim.lr: must be a finite number (got {cfg.optim.lr})")
+    _check_folders(cfg)
     if cfg.eval.early_stopping and cfg.eval.best_metric is None:
         raise ConfigError("eval.early_stopping: needs eval.best_metric, the metric whose improvement it waits for")
     if cfg.data.mode == "streaming":
@@ -442,6 +458,18 @@ def _check_layout(cfg: Config) -> None:
             f"train.global_batch_size: {t.global_batch_size} is not divisible by "
             f"train.micro_batch_size ({t.micro_batch_size}) x {degree} ({layout.data_world})"
         )
+
+
+def _check_folders(cfg: Config) -> None:
+    """The run's folder and the prepared data's are apart: a run would write among the shards, or a prepare
+    among a run's checkpoints."""
+    run, prepared = cfg.run_dir.resolve(), cfg.data.prepared_dir.resolve()
+    if run == prepared or prepared in run.parents:
+        raise ConfigError(f"run.output_dir: {cfg.run_dir} is inside data.prepared_dir ({cfg.data.prepared_dir}); "
+                          "keep runs and prepared data in separate folders")
+    if run in prepared.parents:
+        raise ConfigError(f"data.prepared_dir: {cfg.data.prepared_dir} is inside run.output_dir ({cfg.run_dir}); "
+                          "keep runs and prepared data in separate folders")
 
 
 def _check_streaming(cfg: Config) -> None:

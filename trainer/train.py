@@ -117,12 +117,13 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_from: 
 
 def _loop(run: Run, t: TrainSection, seq_len: int) -> int:
     engine, monitors, state = run.engine, run.monitors, run.state
+    monitors.nonfinite.start(engine.skipped_steps)
     for step in range(state.step + 1, t.max_steps + 1):
         lr = engine.lr
         loss = _train_step(engine, run.batches.iterator, run.loss_fn, run.grad_accum, monitors.phases)
         state = state.advanced(t.global_batch_size, t.global_batch_size * seq_len)
         run.metrics.advance(step)
-        health = monitors.after_step(step, loss)
+        health = monitors.after_step(step, loss, engine.skipped_steps)
         if monitors.log_due(step):
             run.metrics.log(step, {**monitors.record(step, engine, lr, state.tokens_seen),
                                    **run.batches.metrics(state.consumed_samples)})

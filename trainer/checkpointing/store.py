@@ -1,16 +1,18 @@
 """Checkpoints on disk: DeepSpeed's sharded engine state, the run's position, and each rank's own state.
 
 Layout: RUN_DIR/checkpoints/step_00000100/ holds the engine's (DeepSpeed's) shards, `train_state.json` (step,
-samples consumed, data fingerprint, the parallel layout that saved it), `config.yaml` (the config it was trained with) and `rank{R}.pt` (each rank's RNG
-states, and its stream position in streaming mode); RUN_DIR/checkpoints/latest names the newest one, and
-RUN_DIR/checkpoints/best the one with the best validation result (`eval.best_metric`), which retention keeps.
+samples consumed, data fingerprint, the parallel layout that saved it), `config.yaml` (the config it was trained
+with) and `rank{R}.pt` (each rank's RNG states, and its stream position in streaming mode);
+RUN_DIR/checkpoints/latest names the newest one, and RUN_DIR/checkpoints/best the one with the best validation
+result (`eval.best_metric`), which retention keeps.
 
-A save is atomic: every rank writes into `step_N.partial/` and fsyncs what it wrote (trainer.checkpoint_writer:
+A save is atomic: every rank writes into `step_N.partial/` and fsyncs what it wrote (trainer/checkpointing/writer.py:
 in the background, hashing the bytes as they are written); only when all have, rank 0 writes `manifest.json`
-(each file's size and SHA-256), renames the folder to `step_N/` and then points `latest` at it. A job killed at any moment leaves the previous
-checkpoint intact; a leftover `.partial` folder is never loaded. Every reader (the pre-flight, the resuming
-ranks, export, status, the final test) takes a checkpoint only if it matches its manifest: `find_intact` is the
-one routine that looks for it, each reader verifying as far as it needs (sizes, checksums, by all ranks).
+(each file's size and SHA-256), renames the folder to `step_N/` and then points `latest` at it. A job killed at
+any moment leaves the previous checkpoint intact; a leftover `.partial` folder is never loaded. Every reader (the
+pre-flight, the resuming ranks, export, status, the final test) takes a checkpoint only if it matches its
+manifest: `find_intact` is the one routine that looks for it, each reader verifying as far as it needs (sizes,
+checksums, by all ranks) - and the files it parses are checksummed before they are parsed.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipeline.errors import UserError
 from data_pipeline.files import file_sha256, fsync_dir, fsync_tree, share, write_durable
+from trainer import run_files
 
 if TYPE_CHECKING:
     from trainer.checkpointing.writer import Writer
@@ -40,6 +44,9 @@ BEST = "best"
 PARTIAL = ".partial"
 UNIVERSAL = ".universal"  # beside step_N: its conversion to a DeepSpeed universal checkpoint (any world size)
 MANIFEST = "manifest.json"  # every file of the checkpoint with its size and SHA-256
+STATE, CONFIG = "train_state.json", "config.yaml"
+PARSED = (STATE, CONFIG)  # what readers parse: checksummed before any reader does
+REQUIRED = (*PARSED, "rank0.pt")  # besides the engine's model files, in every checkpoint
 TAG = re.compile(r"step_\d{8,}")
 
 
@@ -95,7 +102,9 @@ def mark_best(run_dir: Path, tag: str) -> None:
 
 
 def read_state(folder: Path) -> TrainState:
-    return TrainState(**json.loads((folder / "train_state.json").read_text()))
+    """The checkpoint's train_state.json; a checkpoint's reader has verified it (`verify` checksums the files it
+    parses even when it checks sizes only)."""
+    return run_files.read(folder / STATE, TrainState)
 
 
 def save(engine: Engine, run_dir: Path, state: TrainState, stream_state: dict | None, writer: Writer, group,
@@ -127,8 +136,8 @@ def _commit(run_dir: Path, tag: str, state: TrainState, config: str | None, dige
     if dist.get_rank(group) == 0:
         root = checkpoints_dir(run_dir)
         partial = root / (tag + PARTIAL)
-        write_durable(partial / "train_state.json", json.dumps(asdict(state), indent=2))
-        write_durable(partial / "config.yaml", config)
+        write_durable(partial / STATE, json.dumps(asdict(state), indent=2))
+        write_durable(partial / CONFIG, config)
         files = {name: d for part in everyone for name, d in part.items()}
         for path in sorted(p for p in partial.rglob("*") if p.is_file()):  # written by others than the writer
             name = str(path.relative_to(partial))
@@ -186,23 +195,27 @@ def find_intact(run_dir: Path, check: Callable[[Path], str | None], tag: str | N
 
 
 def verify(folder: Path, checksums: bool, part: tuple[int, int] = (0, 1)) -> str | None:
-    """None when every file of the manifest is there with its size (and checksum); else the first problem.
-    `part` (rank, world size): checksum only that rank's share of the bytes, the ranks verifying in parallel."""
+    """None when every file of the manifest is there with its size and checksum; else the first problem. Without
+    `checksums`, sizes only - but the small files a reader parses (train_state.json, config.yaml) are checksummed
+    anyway. `part` (rank, world size): checksum only that rank's share of the bytes, the ranks verifying in
+    parallel. A manifest that lacks a file every checkpoint has is damage too."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except FileNotFoundError:
-        return f"{folder / MANIFEST} is missing"
-    except (OSError, ValueError) as e:
-        return f"{folder / MANIFEST} is unreadable ({type(e).__name__})"
+        manifest = run_files.read(folder / MANIFEST, run_files.Manifest).root
+    except UserError as e:
+        return str(e)
+    missing = [name for name in REQUIRED if name not in manifest] + \
+        ([] if any(name.endswith("model_states.pt") for name in manifest) else ["a *model_states.pt file"])
+    if missing:
+        return f"{folder / MANIFEST} does not list {missing[0]}"
     for name, expected in manifest.items():
         path = folder / name
         if not path.is_file():
             return f"{path} is missing"
-        if path.stat().st_size != expected["bytes"]:
-            return f"{path} has {path.stat().st_size} bytes, expected {expected['bytes']}"
-    mine = share(sorted(manifest), *part, size=lambda name: manifest[name]["bytes"]) if checksums else []
+        if path.stat().st_size != expected.bytes:
+            return f"{path} has {path.stat().st_size} bytes, expected {expected.bytes}"
+    mine = share(sorted(manifest), *part, size=lambda name: manifest[name].bytes) if checksums else PARSED
     for name in mine:
-        if file_sha256(folder / name) != manifest[name]["sha256"]:
+        if file_sha256(folder / name) != manifest[name].sha256:
             return f"{folder / name} fails its checksum"
     return None
 
@@ -213,8 +226,8 @@ checksums = partial(verify, checksums=True)  # ... and of its content
 
 def manifest_bytes(folder: Path) -> int:
     try:
-        return sum(entry["bytes"] for entry in json.loads((folder / MANIFEST).read_text()).values())
-    except (OSError, ValueError):
+        return sum(entry.bytes for entry in run_files.read(folder / MANIFEST, run_files.Manifest).root.values())
+    except UserError:
         return 0
 
 

@@ -9,11 +9,18 @@ here (repairs.py). Importing this module imports no DeepSpeed.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
+
+from trainer.parallel.distributed import uses_gpus
+
+# DeepSpeed probes for a device, and warns on a machine without a GPU, unless it is told: told before any module
+# of this package imports it, so that a pre-flight's refusal is the one line it prints.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if uses_gpus() else "cpu")
 
 # The DeepSpeed release every limit, repair and measurement in this package was made with (constraints.txt pins it).
 DEEPSPEED = "0.19.8"

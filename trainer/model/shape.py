@@ -57,12 +57,16 @@ def attention_of(config: PretrainedConfig) -> str:
 
 def on_meta(auto, config: PretrainedConfig) -> PreTrainedModel:
     """The model with meta tensors: shapes without memory, so a 70B model builds in seconds. Its shapes do not
-    depend on the attention kernel: built with sdpa where the run's needs a package this machine may lack."""
+    depend on the kernels: built with sdpa where the run's attention needs a package this machine may lack, and
+    a mixture of experts with transformers' batched-matmul experts (the grouped-GEMM ones it may choose have meta
+    kernels for bf16 only, and a loop over experts reads which tokens go where: data)."""
     from accelerate import init_empty_weights
 
+    config = copy.deepcopy(config)
     if attention_of(config).startswith("flash_attention"):
-        config = copy.deepcopy(config)
         config._attn_implementation = "sdpa"
+    if _experts(config):
+        config._experts_implementation = "batched_mm"
     with init_empty_weights():
         model = auto.from_config(config)
     model.tie_weights()  # under init_empty_weights transformers 5 leaves tied embeddings as two parameters
@@ -142,7 +146,13 @@ def run_on_meta(auto, config: PretrainedConfig, inputs: dict[str, torch.Tensor],
         if "meta" in cause.lower():  # the model reads a value (e.g. `.item()`): not checkable without data
             return
         shape = " x ".join(map(str, inputs["input_ids"].shape))
-        raise ConfigError(f"{where}: the model cannot run {shape} tokens ({cause})") from None
+        raise ConfigError(f"{where}: the model cannot run {shape} tokens: tried on the meta device before any rank "
+                          f"starts, it fails with: {cause}") from None
+
+
+def _experts(config: PretrainedConfig) -> int:
+    """The experts of a mixture-of-experts model's layers (0 for a dense model)."""
+    return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
 
 
 def architecture(auto, config: PretrainedConfig) -> Architecture:

@@ -17,6 +17,7 @@ from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
 from data_pipeline.errors import UserError
+from trainer import run_files
 from trainer.config import dotted
 
 log = logging.getLogger("zerotrain")
@@ -87,18 +88,14 @@ def _fmt(value: float) -> str:
 def read_records(path: Path) -> list[dict]:
     """metrics.jsonl's records. Each is written as one line ending in a newline: text after the last newline is
     a record still being written, or one a killed run left half-written - not a record, not damage. A line
-    before it that is not a record is damage: a one-line UserError naming the file and the line."""
+    before it that is not a record (trainer/run_files.py's MetricsRecord: an integer step, numbers) is damage: a
+    one-line UserError naming the file and the line."""
     if not path.is_file():
         raise UserError(f"{path}: not found (not a zerotrain run directory, or no step logged yet)")
     records = []
     for number, line in enumerate(path.read_text(errors="replace").split("\n")[:-1], 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {number} is not JSON ({e.msg}); the file is damaged") from None
-        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
-            raise UserError(f"{path}: line {number} is not a metrics record (no integer \"step\")")
-        records.append(record)
+        record = run_files.parse(line, run_files.MetricsRecord, f"{path}: line {number}")
+        records.append({"step": record.step, "time": record.time, **record.metrics()})
     return records
 
 

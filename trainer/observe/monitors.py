@@ -210,19 +210,43 @@ class FileVerifier:
 
 
 class NonFiniteGuard:
-    """The non-finite loss policy: such a step is never saved, and after `limit` of them in a row the run stops."""
+    """The non-finite policy: a step whose loss is not finite, or whose update the optimizer skipped for
+    non-finite gradients, is never saved, and after `limit` of them in a row the run stops, naming the cause."""
 
     def __init__(self, limit: int):
-        self.limit, self.in_a_row = limit, 0
+        self.limit, self.in_a_row, self.skipped_in_a_row = limit, 0, 0
+        self.skipped_steps = 0  # the engine's count of skipped updates after the last step
 
-    def update(self, step: int, nonfinite: bool) -> None:
-        self.in_a_row = self.in_a_row + 1 if nonfinite else 0
+    def start(self, skipped_steps: int) -> None:
+        """Before the first step of a launch: the updates the engine skipped before it (a resumed run's)."""
+        self.skipped_steps = skipped_steps
+
+    def update(self, step: int, nonfinite: bool, skipped_steps: int | None = None) -> bool:
+        """Whether the step is one of them. `skipped_steps`: the engine's count of skipped updates so far (the same
+        on every rank)."""
+        skipped = skipped_steps is not None and skipped_steps > self.skipped_steps
+        self.skipped_steps = self.skipped_steps if skipped_steps is None else skipped_steps
+        bad = nonfinite or skipped
+        self.in_a_row = self.in_a_row + 1 if bad else 0
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped and not nonfinite else 0
         if nonfinite:
             log.warning(f"step {step}: the loss is not finite; no checkpoint until it is")
+        elif skipped:
+            log.warning(f"step {step}: the optimizer skipped the update (non-finite gradients); no checkpoint "
+                        "until a step applies")
         if self.in_a_row >= self.limit:
-            raise NonFiniteLoss(f"the loss was NaN or infinite for {self.in_a_row} step(s) in a row, up to step "
-                                f"{step} (train.max_nonfinite_steps); resume from an earlier checkpoint with a "
-                                "lower optim.lr or longer optim.warmup_steps, or check the data")
+            raise NonFiniteLoss(f"{self._cause()}, up to step {step} (train.max_nonfinite_steps); resume from an "
+                                "earlier checkpoint with a lower optim.lr or longer optim.warmup_steps, or check "
+                                "the data")
+        return bad
+
+    def _cause(self) -> str:
+        n = self.in_a_row
+        if self.skipped_in_a_row == n:
+            return f"the optimizer skipped {n} update(s) in a row for non-finite gradients"
+        if self.skipped_in_a_row == 0:
+            return f"the loss was NaN or infinite for {n} step(s) in a row"
+        return f"the loss was not finite or the update was skipped for {n} step(s) in a row"
 
 
 @dataclass(frozen=True)
@@ -230,7 +254,7 @@ class Health:
     """What the ranks agreed on after a step."""
 
     stopping: bool  # a stop signal reached some rank: save together and leave
-    nonfinite: bool  # this step's loss was not finite on some rank: it must not be saved
+    nonfinite: bool  # this step's loss was not finite on some rank, or its update was skipped: not to be saved
 
 
 class Monitors:
@@ -243,7 +267,8 @@ class Monitors:
         self.nonfinite = NonFiniteGuard(t.max_nonfinite_steps)
         self.last_loss: float | None = None  # the last logged loss
 
-    def after_step(self, step: int, loss: torch.Tensor) -> Health:
+    def after_step(self, step: int, loss: torch.Tensor, skipped_steps: int) -> Health:
+        """`skipped_steps`: the engine's count of updates it skipped so far (the same on every rank)."""
         self.window.add(loss)
         problem = self.verifier.problem if self.verifier else None
         stopping, nonfinite, corrupt = self.stop.agreed(self.device, loss, problem is not None)
@@ -251,8 +276,7 @@ class Monitors:
             problems = [None] * dist.get_world_size()
             dist.all_gather_object(problems, problem)
             raise DataError(next(p for p in problems if p))
-        self.nonfinite.update(step, nonfinite)
-        return Health(stopping, nonfinite)
+        return Health(stopping, self.nonfinite.update(step, nonfinite, skipped_steps))
 
     def log_due(self, step: int) -> bool:
         return step == 1 or step % self.t.log_every == 0 or step == self.t.max_steps
