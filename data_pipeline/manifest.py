@@ -54,6 +54,9 @@ class Manifest(PreparedRecord, file="manifest.json", format=3, what="prepared da
     def verify(self) -> None:
         """Every shard has its recorded size and checksum, and the tokenizer is the one the shards were made with."""
         super().verify()
+        self.check_tokenizer()
+
+    def check_tokenizer(self) -> None:
         if tokenizer_fingerprint(load_tokenizer(self.tokenizer_dir)) != self.data["tokenizer"]["fingerprint"]:
             raise DataError(f"{self.tokenizer_dir}: tokenizer differs from the one the shards were made with")
 

@@ -25,8 +25,9 @@ from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 from data_pipeline.files import fingerprint, full_disk, write_durable
 from data_pipeline.manifest import SPLITS, Manifest
+from data_pipeline.record import verify_file
 from data_pipeline.shards import ShardWriter, token_dtype
-from data_pipeline.sources import Unit, iter_texts, source_units
+from data_pipeline.sources import Unit, builder_for, iter_texts, source_units
 from data_pipeline.splits import split_of
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe
 
@@ -64,7 +65,10 @@ def _prepare(data: DataConfig, tokenizer: TokenizerConfig, log, part: tuple[int,
     inputs = _inputs(chunks, data, tokenizer)
     inputs_fingerprint = fingerprint(inputs)
     if (out / Manifest.FILE).exists():
-        return _reuse(Manifest.load(out), inputs, inputs_fingerprint, log)
+        reused = _reuse(Manifest.load(out), inputs, inputs_fingerprint, chunks, log)
+        if reused is not None:
+            return reused
+    _check_document_count(chunks)
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = _tokenizer(out, chunks, data, tokenizer, inputs_fingerprint, log)
     index, count = part
@@ -110,14 +114,38 @@ def _inputs(chunks: list[Chunk], data: DataConfig, tokenizer: TokenizerConfig) -
     }
 
 
-def _reuse(manifest: Manifest, inputs: dict, inputs_fingerprint: str, log) -> Manifest:
+def _reuse(manifest: Manifest, inputs: dict, inputs_fingerprint: str, chunks: list[Chunk], log) -> Manifest | None:
+    """The prepared data, if it is of these inputs and intact. A shard that is missing, truncated or corrupt is
+    repaired: the chunks that wrote it are undone (their records and the manifest removed) and None is returned,
+    so that prepare makes them again."""
     if manifest.data["inputs_fingerprint"] != inputs_fingerprint:
         changed = ", ".join(k for k in inputs if manifest.data["inputs"].get(k) != inputs[k])
         raise DataError(f"data.prepared_dir: {manifest.dir} holds data prepared from other inputs "
                         f"(changed: {changed}); choose another prepared_dir or delete it")
-    manifest.verify()
-    log(f"prepared data up to date in {manifest.dir}")
-    return manifest
+    damaged = {}
+    for file in manifest.files():
+        try:
+            verify_file(file)
+        except DataError as e:
+            damaged[str(file.path.relative_to(manifest.dir))] = str(e).split(";")[0]
+    if not damaged:
+        manifest.check_tokenizer()
+        log(f"prepared data up to date in {manifest.dir}")
+        return manifest
+    undone = [c for c in chunks if _chunk_shards(manifest.dir, c) & damaged.keys()]
+    log(f"repairing {manifest.dir}: {next(iter(damaged.values()))}; making {len(undone)} chunk(s) again")
+    for chunk in undone:
+        (manifest.dir / f"{chunk.name}.json").unlink()
+    (manifest.dir / Manifest.FILE).unlink()
+    return None
+
+
+def _chunk_shards(out: Path, chunk: Chunk) -> set[str]:
+    """The shard files a chunk's record lists (none when it has no record)."""
+    record = out / f"{chunk.name}.json"
+    if not record.exists():
+        return set()
+    return {shard["file"] for shards in json.loads(record.read_text())["splits"].values() for shard in shards}
 
 
 def _tokenizer(out: Path, chunks: list[Chunk], data: DataConfig, tokenizer: TokenizerConfig,
@@ -287,5 +315,20 @@ def _check_splits(sources: list[dict]) -> None:
                             "(empty, or data.validation_fraction took them all)")
     if not any(s["splits"]["validation"]["num_docs"] for s in sources):
         total = sum(s["splits"]["train"]["num_docs"] for s in sources)
+        if total < 2:
+            raise _one_document()
         raise DataError(f"data.validation_fraction: puts none of the {total} documents in the validation "
                         "split; raise it")
+
+
+def _one_document() -> DataError:
+    return DataError("data.sources: hold 1 document, and the validation split takes whole documents; give more "
+                     "(a plain text file is one document: several files, or JSON lines with one per row)")
+
+
+def _check_document_count(chunks: list[Chunk]) -> None:
+    """Before the tokenizer is trained: sources of plain text files hold one document per file, so one such
+    file is one document, which cannot make a training and a validation split."""
+    units = [unit for chunk in chunks for unit in chunk.units]
+    if len(units) == 1 and units[0].kind == "file" and builder_for(Path(units[0].location))[0] == "text":
+        raise _one_document()

@@ -149,7 +149,9 @@ def stream_files(locations: list[str]):
     import datasets
 
     builder, options = builder_for(Path(locations[0]))
-    return datasets.load_dataset(builder, data_files=locations, split="train", streaming=True, **options)
+    # datasets reads data_files as glob patterns: a file named a[1].txt would match a1.txt, or nothing
+    return datasets.load_dataset(builder, data_files=[glob.escape(location) for location in locations],
+                                 split="train", streaming=True, **options)
 
 
 def builder_for(file: Path) -> tuple[str, dict]:

@@ -20,6 +20,7 @@ from data_pipeline import (
     GlobalOrder,
     Manifest,
     PackedDataset,
+    SourceConfig,
     TokenizerConfig,
     eval_batches,
     load_tokenizer,
@@ -142,8 +143,19 @@ def test_truncated_shard_is_detected(prepared, prepared_copy):
     start = int(manifest.store("train").offsets[1])
     with pytest.raises(DataError, match=rf"{re.escape(str(shard))}: truncated or wrong size"):
         manifest.store("train").read(start, start + 10)
-    with pytest.raises(DataError, match=rf"{re.escape(str(shard))}: truncated"):
-        prepare(data_config(prepared_copy), TokenizerConfig(vocab_size=VOCAB))
+    # prepare repairs it: the chunk that wrote the shard is made again, the others are kept
+    chunks = {c: c.stat().st_mtime_ns for c in (prepared_copy / "shakespeare").glob("c*.json")}
+    logs = []
+    again = prepare(data_config(prepared_copy), TokenizerConfig(vocab_size=VOCAB), logs.append)
+    assert f"repairing {prepared_copy}: {shard}: truncated or wrong size" in logs[0]
+    assert "making 1 chunk(s) again" in logs[0] and any(line.startswith("tokenized 1 chunk(s)") for line in logs)
+    again.verify()
+    assert again.data["sources"] == manifest.data["sources"]
+    kept = {c: c.stat().st_mtime_ns for c in chunks}
+    assert sum(kept[c] != chunks[c] for c in chunks) == 1  # only the damaged shard's chunk was redone
+    shard.unlink()  # missing: the same
+    assert prepare(data_config(prepared_copy), TokenizerConfig(vocab_size=VOCAB)).data["sources"] == \
+        manifest.data["sources"]
 
 
 def test_flipped_byte_is_detected(prepared_copy):
@@ -404,3 +416,25 @@ def test_a_token_outside_the_vocabulary_names_its_shard(prepared_copy):
         f.write(b"\xff")
     with pytest.raises(DataError, match=rf"{re.escape(str(shard))}: token id \d+ outside the vocabulary"):
         manifest.store("train").read(0, 100)
+
+
+def test_a_file_whose_name_is_a_glob_pattern_is_read_as_itself(tmp_path):
+    """a[1].txt, given glob-escaped as a source: its text, not the empty match of a1.txt."""
+    import glob
+
+    from data_pipeline.sources import iter_texts, source_units
+
+    named = tmp_path / "a[1].txt"
+    named.write_text("To be, or not to be: that is the question.")
+    source = SourceConfig(path=glob.escape(str(named)))
+    assert list(iter_texts(source_units(source), source, "text")) == [named.read_text()]
+
+
+def test_a_single_document_is_refused_before_the_tokenizer_is_trained(tmp_path):
+    """One plain text file is one document: no validation split can be made of it, whatever the fraction."""
+    one = tmp_path / "one.txt"
+    one.write_text("a single long line " * 1000)
+    data = DataConfig(sources=[str(one)], prepared_dir=tmp_path / "prepared", seq_len=32)
+    with pytest.raises(DataError, match=r"^data.sources: hold 1 document, and the validation split takes whole"):
+        prepare(data, TokenizerConfig(vocab_size=VOCAB))
+    assert not (tmp_path / "prepared").exists()
