@@ -4,7 +4,7 @@ against bf16 sums, per ZeRO stage:
 1. Speed: tokens/s of the real CLI training the demo model (bf16, 2 ranks, 4 micro-batches per step), medians
    of the logged perf/tokens_per_s after the first steps, fp32 sums / bf16 sums.
 2. Memory: model states per GPU of the 1B preset on 8 GPUs by the memory model (trainer/memory.py, which
-   tests/test_plan.py checks against DeepSpeed's live tensors with the default fp32 sums; its bf16-sum figures
+   tests/launcher/test_plan.py checks against DeepSpeed's live tensors with the default fp32 sums; its bf16-sum figures
    are the model the same test checked before fp32 sums became the default), fp32 sums vs bf16 sums.
 
     .venv/bin/python bench/grad_accumulation.py [--steps 8]

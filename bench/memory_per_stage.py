@@ -3,7 +3,7 @@
 1. Model states against the ZeRO paper's mixed-precision Adam accounting: per parameter 2 B bf16 weights +
    2 B gradients + 12 B optimizer states (fp32 master + two moments), partitioned over N ranks as
    stage 0: 16, stage 1: 2 + 2 + 12/N, stage 2: 2 + (2 + 12)/N, stage 3: 16/N. Measured like
-   tests/test_plan.py: the bytes of the distinct tensor storages that appeared since before the model was
+   tests/launcher/test_plan.py: the bytes of the distinct tensor storages that appeared since before the model was
    built (every tensor reachable from Python, with its .grad), in the second training step (the first made
    the Adam moments) - after backward (weights, gradients and optimizer states all live: the moment the
    paper's formula describes), and the most at any of after backward / the optimizer step / after it
@@ -16,7 +16,7 @@
    what a GPU's caching allocator must hold, where RSS counts only the pages touched.
 
 Random tokens (no data needed). Each part starts real gloo process groups of `--ranks` processes. The model is
-built whole on every rank, as tests/test_plan.py does (zerotrain may build a stage-3 model inside
+built whole on every rank, as tests/launcher/test_plan.py does (zerotrain may build a stage-3 model inside
 deepspeed.zero.Init: less memory at start-up, the same states after a step).
 
     .venv/bin/python bench/memory_per_stage.py [--hidden 512] [--layers 8] [--rss-stages 1 2 3] [--steps 2]
@@ -33,7 +33,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # live_tensors, ranks: measured as tests/test_plan.py does
+sys.path.insert(0, str(REPO / "tests"))  # live_tensors, ranks: measured as tests/launcher/test_plan.py does
 from live_tensors import NewStorages  # noqa: E402
 from ranks import join, spawn, write_result  # noqa: E402
 DEMO = REPO / "configs" / "demo.yaml"

@@ -16,7 +16,7 @@ import sys
 
 from demo_runs import DEMO, REPO, prepare, train
 
-sys.path.insert(0, str(REPO / "tests"))  # live_tensors: measured as tests/test_plan.py does
+sys.path.insert(0, str(REPO / "tests"))  # live_tensors: measured as tests/launcher/test_plan.py does
 from live_tensors import split_activations  # noqa: E402
 
 MODEL = ["model.config.hidden_size=256", "model.config.intermediate_size=688", "model.config.num_hidden_layers=4",

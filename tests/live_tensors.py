@@ -1,5 +1,5 @@
-"""Live tensor memory on CPU, measured from Python's own objects: what tests/test_plan.py,
-tests/test_sequence_parallel.py and the memory benchmarks compare zerotrain's memory model with."""
+"""Live tensor memory on CPU, measured from Python's own objects: what tests/launcher/test_plan.py,
+tests/trainer/parallel/test_sequence.py and the memory benchmarks compare zerotrain's memory model with."""
 
 from __future__ import annotations
 

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from conftest import REPO, STEPS, TINY, diverging, endless_args, last_step, live_ranks, rank_pids, read_metrics, refused, \
-    running, tiny_args, training, train_losses, wait_for, zerotrain
-from trainer.config import ConfigError, load_config
 from transformers import AutoModelForCausalLM
 
+from helpers import (
+    REPO, STEPS, TINY, diverging, endless_args, last_step, live_ranks, rank_pids, read_metrics, refused, running,
+    tiny_args, train_losses, training, wait_for, zerotrain
+)
+from trainer.config import ConfigError, load_config
 from trainer.model.build import model_config
 from trainer.model.shape import run_on_meta
 from trainer.tasks import TASKS

@@ -10,7 +10,7 @@ From it, the run config and the cluster shape (nodes x GPUs per node = the data-
   accounting: per parameter 2 B 16-bit weights + 2 B gradients + 12 B optimizer states (4 B fp32 master + 8 B
   Adam moments), the partitioned parts divided by N. fp32 training: 4 + 4 + 8 B, plus the separate 4 B fp32 master
   partition DeepSpeed keeps at stages 1-3. What DeepSpeed allocates on top (measured on CPU, see
-  tests/test_plan.py): an fp32 copy of the gradients for the optimizer step; at stage 3 its reduce bucket and the
+  tests/launcher/test_plan.py): an fp32 copy of the gradients for the optimizer step; at stage 3 its reduce bucket and the
   small "persistent" parameters kept whole on every rank. Gradients summed over micro-batches in fp32 under
   bf16 (train.grad_accum_dtype's default at stages 1-3) take 4 B: at stage 1 DeepSpeed's BF16_Optimizer keeps
   every gradient in fp32 beside its bf16 one (and steps with it in place), at stages 2-3 the gradient

@@ -1,4 +1,5 @@
-"""data.document_masking: a packed sample's documents are trained as if each were alone."""
+"""Causal language modelling (trainer/tasks/causal_lm.py): data.document_masking trains a packed sample's
+documents as if each were alone; the loss chunked over tokens equals the whole one."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MambaConfig
 
-from conftest import TINY, read_metrics, tiny_args, train_losses, zerotrain
+from helpers import TINY, read_metrics, tiny_args, train_losses, zerotrain
 from trainer.config import ConfigError, load_config
 from trainer.model.shape import check_document_masking
 from trainer.tasks.causal_lm import document_positions, lm_loss
@@ -95,3 +96,46 @@ def test_a_masked_run_trains_validates_and_differs_from_the_unmasked_one(speeche
     assert sorted(masked) == list(range(1, 7))
     assert all(abs(masked[s] - plain[s]) > 1e-3 for s in masked), (masked, plain)  # speeches: several per sample
     assert any("val/loss" in record for record in read_metrics(runs["true"]))
+
+
+@pytest.mark.parametrize("dtype,masking", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_a_chunked_loss_gives_the_loss_and_gradients_of_the_whole_one(dtype, masking):
+    """train.loss_chunk_tokens (chunks of 7 tokens of 2 x 32: uneven), plain and document-masked."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from trainer.tasks.causal_lm import lm_loss
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                         num_attention_heads=2, num_key_value_heads=2,
+                                                         vocab_size=512)).to(dtype)
+    batch = torch.randint(1, 512, (2, 33))
+    batch[:, 10] = 0  # an eos
+    results = []
+    for chunk in (None, 7):
+        model.zero_grad()
+        loss = lm_loss(model, batch, eos_id=0 if masking else None, chunk=chunk)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the summation order of the loss
+    assert chunked.item() == pytest.approx(whole.item(), rel=tolerance)
+    for a, b in zip(whole_grads, chunked_grads):
+        torch.testing.assert_close(b.float(), a.float(), rtol=tolerance, atol=tolerance * 1e-2)
+
+
+def test_the_loss_is_chunked_when_its_fp32_logits_would_be_large():
+    from trainer.tasks.causal_lm import loss_chunk
+
+    assert loss_chunk(4 * 2048, 128256, None) == 2**26 // (4 * 128256)  # 130 tokens: 64 MiB of fp32 logits
+    assert loss_chunk(8 * 128, 8192, None) is None  # the demo: 32 MiB in all
+    assert loss_chunk(8 * 128, 8192, 100) == 100 and loss_chunk(4 * 2048, 128256, 0) is None
+
+
+@pytest.mark.slow
+def test_a_run_with_a_chunked_loss_trains_the_losses_of_the_whole_one(tiny_run, tiny_data, tmp_path):
+    """The real CLI at ZeRO 3 (built partitioned) on 2 ranks, the loss in chunks of 20 tokens (of 4 x 32), against
+    tiny_run (ZeRO 2, whole loss)."""
+    run_dir = tmp_path / "chunked"
+    zerotrain("train", *tiny_args(run_dir, tiny_data, "zero.stage=3", "train.loss_chunk_tokens=20"))
+    assert train_losses(run_dir) == pytest.approx(train_losses(tiny_run), rel=1e-5, abs=1e-6)

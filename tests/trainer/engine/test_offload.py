@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import STEPS, read_metrics, tiny_args, train_losses, zerotrain
+from helpers import STEPS, read_metrics, tiny_args, train_losses, zerotrain
 from trainer.config import load_config
 from trainer.engine.nvme import async_io_available, build_async_io
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 # Measured on CPU (fp32, 2 ranks, DeepSpeed 0.19.8): every offloaded run below gives the losses of its
 # non-offloaded twin to within 5e-8 relative (one float32 rounding of the logged mean, at some steps; most are
 # bit-identical) - the same fp32 master weights, gradients and AdamW arithmetic (torch's AdamW, on the CPU either
-# way); offload only changes where tensors wait between uses. The tolerance is the one test_end_to_end allows
+# way); offload only changes where tensors wait between uses. The tolerance is the one test_train.py allows
 # between ZeRO stages, 200x the measured spread and far below a real bug (a lost step or stale parameters or
 # moments move the loss in the third decimal within a step or two).
 TOLERANCE = {"rel": 1e-5, "abs": 1e-6}

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, read_metrics, train_losses, zerotrain
 from data_pipeline import DataConfig, DataError, LabelledData, load_tokenizer, prepare_labelled
+from helpers import REPO, read_metrics, train_losses, zerotrain
 
 SENTIMENT = REPO / "configs" / "finetune_sentiment.yaml"
 MINILM = REPO / "data" / "models" / "all-MiniLM-L6-v2"

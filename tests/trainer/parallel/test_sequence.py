@@ -3,12 +3,11 @@ global batch, at ZeRO 1-3, with and without document masking; checkpoints resume
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import STEPS, TINY, as_of_step_6, read_metrics, resumed_like, tiny_args, train_losses, zerotrain
+from helpers import STEPS, TINY, as_of_step_6, read_metrics, resumed_like, tiny_args, train_losses, zerotrain
 from live_tensors import split_activations
 from trainer.config import ConfigError, load_config
 from trainer.model.shape import check_sequence_split

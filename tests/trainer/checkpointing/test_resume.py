@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import STEPS, VICTIMS, as_of_step_6, end, endless_args, kill, last_step, live_ranks, rank_pid, \
-    read_metrics, refused, start, tiny_args, train_losses, training, wait_for, zerotrain
+from helpers import (
+    STEPS, VICTIMS, as_of_step_6, end, endless_args, kill, last_step, live_ranks, rank_pid, read_metrics, refused,
+    start, tiny_args, train_losses, training, wait_for, zerotrain
+)
 from ranks import free_port
 
 pytestmark = pytest.mark.slow

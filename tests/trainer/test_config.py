@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY, refused, zerotrain
+from helpers import REPO, TINY, refused, zerotrain
 from trainer.config import ConfigError, load_config
 from trainer.engine.deepspeed_config import deepspeed_config
 from trainer.engine.nvme import check_nvme_offload
@@ -245,15 +245,3 @@ def test_every_field_declares_what_a_resume_may_do():
     # a derived default given explicitly is the same setting (fp32 training sums gradients in fp32 anyway)
     assert resume_changes(cfg, load_config(TINY, ["train.grad_accum_dtype=fp32"])) == []
     assert resume_changes(cfg, load_config(TINY, ["train.precision=bf16"])) == ["train.precision fp32 -> bf16"]
-
-
-def test_the_parallel_layout_says_who_shares_a_sample():
-    from trainer.parallel.layout import ParallelLayout
-
-    layout = load_config(TINY, ["launch.nproc_per_node=4", "parallel.sequence=2"]).layout
-    assert (layout.world, layout.data_world, layout.zero_world, layout.model_parallel) == (4, 2, 4, 2)
-    assert [layout.data_rank(r) for r in range(4)] == [0, 0, 1, 1] and layout.groups() == [[0, 1], [2, 3]]
-    assert layout.grad_accum(16, 4) == 2 and layout.deepspeed_batch(16) == 32
-    tensor = ParallelLayout(4, tensor=2)
-    assert tensor.zero_world == 2 and not tensor.same_files(layout) and layout.same_files(ParallelLayout(4))
-    assert ParallelLayout.from_dict(layout.to_dict()) == layout and str(layout) == "4 ranks, parallel.sequence 2"

@@ -6,7 +6,7 @@ import ast
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 FORBIDDEN = {"data_pipeline": {"trainer", "launcher"}, "trainer": {"launcher"}}
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
-from conftest import read_metrics, zerotrain
 from data_pipeline.errors import UserError
+from helpers import read_metrics, zerotrain
 from trainer.observe.report import panels, render
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import as_of_step_6, read_metrics, resumed_like, tiny_args, train_losses, zerotrain
+from helpers import as_of_step_6, read_metrics, resumed_like, tiny_args, train_losses, zerotrain
 
 
 @pytest.mark.slow

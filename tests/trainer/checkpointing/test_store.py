@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import train_losses, zerotrain
+from helpers import REPO, train_losses, zerotrain
 
-FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint_v1"
+FIXTURE = REPO / "tests" / "fixtures" / "checkpoint_v1"
 
 
 @pytest.mark.slow

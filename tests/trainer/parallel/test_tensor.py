@@ -10,8 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from conftest import STEPS, TINY, as_of_step_6, read_metrics, refused, resumed_like, tiny_args, train_losses, \
-    zerotrain
+from helpers import STEPS, TINY, as_of_step_6, read_metrics, refused, resumed_like, tiny_args, train_losses, zerotrain
 from live_tensors import split_activations
 from trainer.config import ConfigError, load_config
 from trainer.model.shape import check_tensor_split
@@ -39,7 +38,7 @@ def tp_run(tiny_data, tmp_path_factory):
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_weights_split_over_two_ranks_train_the_losses_of_data_parallelism(stage, tp_run, tiny_run, tiny_data,
                                                                           tmp_path):
-    """tiny_run: 2 data-parallel ranks at ZeRO 2 (every stage trains its losses: test_end_to_end)."""
+    """tiny_run: 2 data-parallel ranks at ZeRO 2 (every stage trains its losses: test_train.py)."""
     split = tp_run if stage == 1 else tensor_parallel(tiny_data, tmp_path / "split", stage)
     expected, got = train_losses(tiny_run), train_losses(split)
     assert sorted(got) == list(range(1, STEPS + 1))

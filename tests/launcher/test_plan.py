@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, TINY
+from helpers import REPO, TINY
+from launcher.plan import deepspeed_estimate, flops_per_token, parse_memory, plan
 from live_tensors import NewStorages, kept_for_backward
 from ranks import spawn, write_result
-from launcher.plan import deepspeed_estimate, flops_per_token, parse_memory, plan
-from trainer.memory import OPTIONS, GiB, Option, activation_bytes, architecture, estimate, recommend
 from trainer.config import ConfigError, load_config
+from trainer.memory import OPTIONS, GiB, Option, activation_bytes, architecture, estimate, recommend
 
 VOCAB = 8192
 # a 7.1M-parameter Llama with GQA: DeepSpeed builds it in a second, yet every ZeRO structure is there
@@ -41,13 +41,12 @@ def peak_model_states(cfg) -> int:
     """The most new bytes in the second training step (the first made the Adam moments): after backward, at the
     optimizer step (DeepSpeed's fp32 gradients exist only then), after the step."""
     import deepspeed
-
-    from trainer.engine.deepspeed_config import deepspeed_config
     from transformers import AutoModelForCausalLM
 
+    from trainer.engine.deepspeed_config import deepspeed_config
     from trainer.model.build import build_model, model_config
-    from trainer.tasks.causal_lm import lm_loss
     from trainer.optim import param_groups
+    from trainer.tasks.causal_lm import lm_loss
 
     torch.manual_seed(0)
     storages = NewStorages()

@@ -11,8 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import STEPS, diverging, read_metrics, refused, tiny_args, train_losses, zerotrain
 from data_pipeline import Manifest
+from helpers import STEPS, diverging, read_metrics, refused, tiny_args, train_losses, zerotrain
 from trainer.config import load_config
 from trainer.model.build import build_model, model_config
 
