@@ -27,7 +27,7 @@ from data_pipeline.files import fingerprint, full_disk, write_durable
 from data_pipeline.manifest import SPLITS, Manifest
 from data_pipeline.record import verify_file
 from data_pipeline.shards import ShardWriter, token_dtype
-from data_pipeline.sources import Unit, builder_for, iter_texts, source_units
+from data_pipeline.sources import Unit, builder_for, file_problem, iter_texts, source_units
 from data_pipeline.splits import split_of
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe
 
@@ -331,4 +331,5 @@ def _check_document_count(chunks: list[Chunk]) -> None:
     file is one document, which cannot make a training and a validation split."""
     units = [unit for chunk in chunks for unit in chunk.units]
     if len(units) == 1 and units[0].kind == "file" and builder_for(Path(units[0].location))[0] == "text":
-        raise _one_document()
+        problem = file_problem(Path(units[0].location))  # a file that is no text at all is the first thing to say
+        raise DataError(f"{units[0].location}: {problem}") if problem else _one_document()

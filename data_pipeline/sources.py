@@ -90,7 +90,7 @@ def _named_errors(rows, locations: list[str]) -> Iterator[dict]:
 
 def unreadable(locations: list[str], error: Exception) -> DataError:
     for location in locations:
-        problem = _first_problem(Path(location))
+        problem = file_problem(Path(location))
         if problem:
             return DataError(f"{location}: {problem}")
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -98,8 +98,8 @@ def unreadable(locations: list[str], error: Exception) -> DataError:
                      f"({type(error).__name__}: {first[:200]})")
 
 
-def _first_problem(path: Path) -> str | None:
-    """What is wrong with a file's bytes: not text, or (JSON lines) the first line that is not JSON."""
+def file_problem(path: Path) -> str | None:
+    """What is wrong with a file's bytes, if anything: not text, or (JSON lines) the first line that is not JSON."""
     kind = builder_for(path)[0] if path.is_file() else None
     if kind not in ("text", "json", "csv") or path.suffix.lower() in COMPRESSIONS:
         return None

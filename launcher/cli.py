@@ -7,6 +7,7 @@ or a run directory that would be overwritten ends the command with one line and 
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
 from pathlib import Path
@@ -194,7 +195,9 @@ def _generate(args) -> None:
 def _predict(args) -> None:
     from launcher.predict import predict
 
-    lines = sys.stdin if str(args.input) == "-" else _read_lines(args.input)
+    # stdin strictly as UTF-8: Python would otherwise smuggle undecodable bytes in as surrogates
+    lines = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8") if str(args.input) == "-" else \
+        _read_lines(args.input)
     try:
         for label, score, text in predict(args.model_dir, (line.rstrip("\n") for line in lines), args.batch_size):
             print(f"{label}\t{score:.4f}\t{text}", flush=True)

@@ -5,25 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils.logging import disable_progress_bar
 
 from data_pipeline.errors import UserError
 
 
 def generate(model_dir: Path, prompts: list[str], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    encoded = [tokenizer(prompt, return_tensors="pt") for prompt in prompts]
+    _check_length(AutoConfig.from_pretrained(model_dir), [e["input_ids"].shape[1] for e in encoded], max_new_tokens)
+    disable_progress_bar()  # the samples are the output; a loading bar on stderr is not
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     torch.manual_seed(seed)
-    positions = getattr(model.config, "max_position_embeddings", None)
     outputs = []
-    for prompt in prompts:
-        inputs = tokenizer(prompt, return_tensors="pt")
-        length = inputs["input_ids"].shape[1]
-        if positions is not None and length + max_new_tokens > positions:
-            raise UserError(f"--max-new-tokens: {max_new_tokens} after a prompt of {length} tokens exceeds the "
-                            f"model's {positions} positions; at most {max(0, positions - length)} here")
+    for inputs in encoded:
         with torch.no_grad():
             ids = model.generate(**inputs, do_sample=True, temperature=temperature, top_k=50,
                                  max_new_tokens=max_new_tokens)
         outputs.append(tokenizer.decode(ids[0], skip_special_tokens=True))
     return outputs
+
+
+def _check_length(config, lengths: list[int], max_new_tokens: int) -> None:
+    """Before the model loads: every prompt and its continuation fit the model's positions."""
+    positions = getattr(config, "max_position_embeddings", None)
+    longest = max(lengths)
+    if positions is not None and longest + max_new_tokens > positions:
+        raise UserError(f"--max-new-tokens: {max_new_tokens} after a prompt of {longest} tokens exceeds the "
+                        f"model's {positions} positions; at most {max(0, positions - longest)} here")

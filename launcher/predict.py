@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils.logging import disable_progress_bar
 
 from data_pipeline.errors import UserError
 
@@ -21,6 +22,7 @@ def predict(model_dir: Path, texts: Iterable[str], batch_size: int) -> Iterator[
         raise UserError(f"{model_dir}: not a classifier ({', '.join(config.architectures or ['no architecture'])}); "
                           "export a run with model.task: classification")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    disable_progress_bar()  # the labels are the output; a loading bar on stderr is not
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     max_length = min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", 512))
     texts = (text for text in texts if text.strip())
