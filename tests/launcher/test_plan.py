@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import REPO, TINY
+from helpers import REPO, TINY, zerotrain
 from launcher.plan import deepspeed_estimate, flops_per_token, parse_memory, plan
 from live_tensors import NewStorages, kept_for_backward
 from ranks import spawn, write_result
@@ -286,6 +286,16 @@ def test_a_sequence_degree_that_does_not_divide_the_gpus_is_refused():
     cfg = load_config(REPO / "configs" / "llama_8b_32k.yaml", cuda_available=True)
     with pytest.raises(ConfigError, match="^parallel.sequence: 8 does not divide the 6 GPUs of --nodes x --gpus"):
         plan(cfg, 1, 6, 80)
+
+
+def test_the_plan_checks_the_cluster_it_is_asked_about_not_the_configs_launch_section():
+    """configs/tiny.yaml launches 2 ranks; a plan for 2 nodes x 2 GPUs with tensor degree 2 is valid there."""
+    result = zerotrain("plan", TINY, "--nodes", "2", "--gpus-per-node", "2", "--set", "parallel.tensor=2",
+                       "--set", "train.global_batch_size=8")
+    assert "4 ranks" in result.stdout and "a rank of a tensor group of 2 holds" in result.stdout
+    refused = zerotrain("plan", TINY, "--nodes", "1", "--gpus-per-node", "3", "--set", "parallel.tensor=2",
+                        check=False)
+    assert refused.returncode == 2 and "parallel.tensor: 2 does not divide the world size (3)" in refused.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------

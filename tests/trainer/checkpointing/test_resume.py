@@ -167,25 +167,33 @@ def test_a_stop_signal_saves_and_exits_with_code_3_then_resumes(sig, tiny_data, 
         assert saved_step + 1 in train_losses(run_dir)
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
-def test_resume_falls_back_to_the_newest_intact_checkpoint(damage, tiny_run, tiny_data, tmp_path):
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tiny_run, resumed)
-    shard = resumed / "checkpoints" / "step_00000012" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    with open(shard, "r+b") as f:
-        if damage == "truncated":
-            f.truncate(shard.stat().st_size - 100)
-        else:
-            f.seek(1000)
-            byte = f.read(1)
-            f.seek(1000)
-            f.write(bytes([byte[0] ^ 0xFF]))
-    result = zerotrain("train", *tiny_args(resumed, tiny_data), "--resume", "auto")
-    problem = "fails its checksum" if damage == "flipped byte" else "bytes, expected"
-    said = result.stdout + result.stderr  # the pre-flight's note, or the ranks' log after they checksummed
-    assert f"step_00000012 is damaged ({shard} " in said and problem in said
-    original, after = train_losses(tiny_run), train_losses(resumed)
-    assert [after[s] for s in range(7, STEPS + 1)] == [original[s] for s in range(7, STEPS + 1)]
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_run, tiny_data, tmp_path):
+    """A truncated file fails the pre-flight's size check: it decides on step 6. A flipped byte passes it (the
+    pre-flight checks sizes of large files): the ranks, checksumming the chosen step 12 together, find it and fall
+    back themselves. Both continue from step 6 as the uninterrupted run did (to step 13, so that the run is not over
+    before the ranks look), and alike."""
+    losses = {}
+    for damage in ("truncated", "flipped byte"):
+        resumed = shutil.copytree(tiny_run, tmp_path / damage)
+        shard = resumed / "checkpoints" / "step_00000012" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        with open(shard, "r+b") as f:
+            if damage == "truncated":
+                f.truncate(shard.stat().st_size - 100)
+            else:
+                f.seek(1000)
+                byte = f.read(1)
+                f.seek(1000)
+                f.write(bytes([byte[0] ^ 0xFF]))
+        result = zerotrain("train", *tiny_args(resumed, tiny_data, "train.max_steps=13"), "--resume", "auto")
+        if damage == "truncated":  # the pre-flight's note
+            assert f"zerotrain: checkpoint step_00000012 is damaged ({shard} has " in result.stdout
+        else:  # the ranks' log: the pre-flight chose step 12
+            assert f"checkpoint step_00000012 is damaged ({shard} fails its checksum): falling back" in result.stderr
+            assert "step_00000012 is damaged" not in result.stdout
+        losses[damage] = train_losses(resumed)
+    assert sorted(losses["truncated"]) == list(range(1, 14)) and losses["truncated"] == losses["flipped byte"]
+    # 13 steps schedule their learning rate otherwise than 12 from step 7 on: its loss is the last one alike
+    assert losses["truncated"][7] == train_losses(tiny_run)[7]
 
 
 def _convert_as_rank(rank: int, world: int, port: int, folder: str, out: str) -> None:
