@@ -10,10 +10,11 @@ torch, transformers or datasets, which the readers and writers import. (`prepare
 from importlib import import_module
 
 _HOMES = {
-    "DataConfig": "config", "SourceConfig": "config", "TokenizerConfig": "config",
+    "ChatConfig": "config", "DataConfig": "config", "SourceConfig": "config", "TokenizerConfig": "config",
     "PackedDataset": "dataset", "packed_sources": "dataset", "stack_numpy": "dataset",
     "DataError": "errors", "UserError": "errors",
-    "LabelledData": "labelled", "LabelledSplit": "labelled", "prepare_labelled": "labelled",
+    "ArraySplit": "arrays", "ChatData": "conversations", "prepare_chat": "conversations",
+    "LabelledData": "labelled", "prepare_labelled": "labelled",
     "Manifest": "manifest", "DataFile": "record", "PreparedRecord": "record",
     "GlobalBatchSampler": "sampler", "GlobalOrder": "sampler", "eval_batches": "sampler",
     "load_tokenizer": "tokenizer", "tokenizer_fingerprint": "tokenizer", "train_bpe": "tokenizer",

@@ -52,6 +52,28 @@ class SourceConfig(BaseModel):
         return self
 
 
+class ChatConfig(BaseModel):
+    """How chat examples are read and learned (model.task sft; data_pipeline.chat)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
+
+    messages_field: str = "messages"  # conversational rows: a list of turns (e.g. ShareGPT's "conversations")
+    role_field: str = "role"  # in each turn (ShareGPT: "from")
+    content_field: str = "content"  # in each turn (ShareGPT: "value")
+    roles: dict[str, str] = {}  # the data's role names -> the template's (ShareGPT: {human: user, gpt: assistant})
+    prompt_field: str = "prompt"  # prompt/completion rows (TRL's names): plain strings or lists of turns
+    completion_field: str = "completion"
+    # the tokens learned: every assistant turn, the last one, or the completion (of a conversation: its last reply)
+    train_on: Literal["assistant", "last_assistant", "completion"] = "assistant"
+    template: Path | None = None  # a Jinja chat template file to use instead of the tokenizer's
+    too_long: Literal["truncate", "drop"] = "truncate"  # an example over data.seq_len tokens: cut, or left out
+    # a row the template cannot train on (empty turn, no assistant turn, a render failure): refused (one line
+    # naming it), or left out and counted
+    skip_invalid: bool = False
+    sample_prompts: int = Field(2, ge=0, le=16)  # held-out prompts answered at each validation (TensorBoard text)
+    sample_tokens: int = Field(48, ge=1, le=1024)  # the most tokens of each of those replies
+
+
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
     RESUME: ClassVar[str] = DATA
@@ -76,6 +98,10 @@ class DataConfig(BaseModel):
     validation: SourceConfig | None = None  # given validation split; unset: validation_fraction of the train source
     test: SourceConfig | None = None  # given test split; unset: test_fraction of the train source
     test_fraction: float = Field(0.1, ge=0, lt=0.5)  # of labelled train rows held out for the final test
+    # Chat data (model.task: sft): field and role names, what is learned.
+    chat: ChatConfig = ChatConfig()
+    # sft: several conversations per sample (best-fit decreasing, kept apart) or one each, padded
+    packing: bool = on_resume(FIXED, True)
 
     @field_validator("validation", "test", mode="before")
     @classmethod

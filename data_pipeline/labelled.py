@@ -5,7 +5,7 @@ sources), maps label names to ids (the map is saved, and goes into the model's c
 validation/test rows by hashing their text when those splits are not given (so a duplicate text never lands
 in two splits), tokenizes with the model's own tokenizer, padded and truncated to seq_len, and writes each
 split as .npy arrays plus labelled.json (written last: its presence means the data is complete).
-`LabelledSplit` serves one split's examples as tensors; `GlobalOrder` orders them like packed samples.
+`LabelledData.split` serves one split's examples as tensors; `GlobalOrder` orders them like packed samples.
 """
 import json
 import shutil
@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
+from data_pipeline.arrays import ArraySplit, write_arrays
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.errors import DataError
-from data_pipeline.files import file_sha256, fingerprint, write_durable
+from data_pipeline.files import fingerprint, write_durable
 from data_pipeline.record import DataFile, PreparedRecord
 from data_pipeline.sources import iter_rows, source_units
 from data_pipeline.splits import split_of
@@ -135,18 +134,13 @@ def _is_int(name: str) -> bool:
 
 def _write_split(folder: Path, examples: list[Example], labels: list[str], tokenizer, seq_len: int) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
     encoded = tokenizer([e.text for e in examples], truncation=True, max_length=seq_len, padding="max_length")
     full = tokenizer([e.text for e in examples], truncation=False)["input_ids"]
     ids = {name: i for i, name in enumerate(labels)}
     arrays = {"input_ids": np.asarray(encoded["input_ids"], np.int32),
               "attention_mask": np.asarray(encoded["attention_mask"], np.uint8),
               "labels": np.asarray([ids[e.label] for e in examples], np.int64)}
-    files = {}
-    for name, array in arrays.items():
-        write_durable(folder / f"{name}.npy", lambda f, a=array: np.save(f, a))
-        path = folder / f"{name}.npy"
-        files[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    files = write_arrays(folder, arrays)
     counts = Counter(e.label for e in examples)
     return {"examples": len(examples), "label_counts": {name: counts[name] for name in labels},
             "truncated": sum(len(tokens) > seq_len for tokens in full), "files": files}
@@ -180,27 +174,6 @@ class LabelledData(PreparedRecord, file="labelled.json", format=2, what="labelle
         return [DataFile(self.dir / split / f"{name}.npy", file["bytes"], file["sha256"])
                 for split, info in self.data["splits"].items() for name, file in info["files"].items()]
 
-    def split(self, name: str) -> "LabelledSplit":
-        return LabelledSplit(self.dir / name, self.examples(name))
-
-
-class LabelledSplit(Dataset):
-    """Example i as {input_ids, attention_mask, labels} tensors. The arrays are memory-mapped on first use, not
-    read whole, and not pickled: a DataLoader worker receives the folder and maps them itself."""
-
-    def __init__(self, folder: Path, examples: int):
-        self.folder, self.examples = folder, examples
-        self._arrays: dict[str, np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return self.examples
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not 0 <= i < len(self):
-            raise IndexError(f"example {i} outside [0, {len(self)})")
-        if self._arrays is None:
-            self._arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
-        return {name: torch.as_tensor(np.asarray(array[i], np.int64)) for name, array in self._arrays.items()}
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_arrays": None}
+    def split(self, name: str) -> ArraySplit:
+        """Example i as {input_ids, attention_mask, labels} tensors."""
+        return ArraySplit(self.dir / name, self.examples(name), ARRAYS)

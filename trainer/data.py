@@ -1,6 +1,6 @@
 """The data one rank trains on, one object per mode, all with the same small interface: packed shards in the
-global order (`PackedShards`), a stream tokenized on the fly (`TextStream`, data.mode: streaming), or labelled
-examples (`LabelledExamples`). The task opens the one it trains on (trainer/tasks); no other caller asks which.
+global order (`PackedShards`), a stream tokenized on the fly (`TextStream`, data.mode: streaming), labelled
+examples (`LabelledExamples`) or chat samples (`ChatSamples`). The task opens the one it trains on (trainer/tasks); no other caller asks which.
 
 Each mode knows what the model needs of the data (vocabulary, labels, padding), what a checkpoint records of it
 (its fingerprint), what the pre-flight checks of its files, and the rank's training batches.
@@ -8,6 +8,7 @@ Each mode knows what the model needs of the data (vocabulary, labels, padding), 
 
 from __future__ import annotations
 
+import itertools
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,8 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, default_convert
 
-from data_pipeline import GlobalBatchSampler, GlobalOrder, LabelledData, Manifest, load_tokenizer, packed_sources, \
-    stack_numpy, tokenizer_fingerprint
+from data_pipeline import ChatData, GlobalBatchSampler, GlobalOrder, LabelledData, Manifest, load_tokenizer, \
+    packed_sources, stack_numpy, tokenizer_fingerprint
 from data_pipeline.files import fingerprint
 from data_pipeline.record import PreparedRecord
 from trainer.config import Config
@@ -127,6 +128,39 @@ class LabelledExamples(TrainingData):
     def describe(self) -> list[str]:  # class imbalance, visible before the first step
         counts = self.labelled.label_counts("train")
         return ["training examples per label: " + ", ".join(f"{label} {n}" for label, n in counts.items())]
+
+
+class ChatSamples(TrainingData):
+    """Each micro-batch carries `loss_tokens`: the learned tokens of its whole optimizer step (every micro-batch
+    of every data-parallel rank) over the micro-batches that share them, so that summing each micro-batch's
+    token losses over it, as DeepSpeed averages micro-batches and ranks, gives the step's mean over its learned
+    tokens - not a mean of micro-batch means, which would weigh a token by how few share its micro-batch."""
+
+    def __init__(self, chat: ChatData):
+        self.chat = self.record = chat
+        tokenizer = load_tokenizer(chat.tokenizer_dir)
+        self.vocab_size, self.tokenizer_dir, self.fingerprint = len(tokenizer), chat.tokenizer_dir, chat.fingerprint
+        self.eos_id, self.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def batches(self, cfg: Config, rank: Rank, consumed_samples: int, stream_state: dict | None) -> Batches:
+        samples = self.chat.split("train")
+        order = GlobalOrder([len(samples)], [1.0], cfg.run.seed)
+        micro_batches = _ordered(cfg, samples, order, rank, consumed_samples)
+        return Batches(_with_step_tokens(micro_batches, order, self.chat.learned_tokens("train"), cfg,
+                                         consumed_samples))
+
+    def describe(self) -> list[str]:
+        return self.chat.describe()
+
+
+def _with_step_tokens(micro_batches: Iterator, order: GlobalOrder, learned, cfg: Config,
+                      consumed_samples: int) -> Iterator[dict]:
+    step_size, accumulation = cfg.train.global_batch_size, cfg.grad_accum
+    shares = accumulation * cfg.layout.data_world
+    for start in itertools.count(consumed_samples, step_size):
+        tokens = sum(int(learned[order.sample(k)]) for k in range(start, start + step_size))
+        for _ in range(accumulation):
+            yield {**next(micro_batches), "loss_tokens": torch.tensor(max(tokens, 1) / shares)}
 
 
 def _ordered(cfg: Config, dataset, order: GlobalOrder, rank: Rank, consumed_samples: int) -> Iterator:

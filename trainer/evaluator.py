@@ -48,8 +48,13 @@ class Evaluator:
     def after_step(self, engine, step: int, state: TrainState) -> tuple[TrainState, Verdict]:
         if not self.due(step):
             return state, Verdict()
-        self.last = self.validation.run(engine)
+        results = self.validation.run(engine)
+        self.last = {name: value for name, value in results.items() if not isinstance(value, str)}
         self.metrics.log(step, self.last)
+        for name, text in results.items():  # e.g. a chat model's replies: TensorBoard text and the log
+            if isinstance(text, str):
+                self.metrics.text(name, text, step)
+                log.info(f"step {step} {name}:\n{text}")
         state, improved = track_best(self.section.best_metric, state, self.last)
         early = bool(self.section.early_stopping) and state.evals_since_best >= self.section.early_stopping
         if early:

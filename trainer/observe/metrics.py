@@ -56,9 +56,9 @@ class MetricsLogger:
         if self.enabled:
             self.bar.update(step - self.bar.n)
 
-    def text(self, tag: str, text: str) -> None:
+    def text(self, tag: str, text: str, step: int | None = None) -> None:
         if self.enabled:
-            self.writer.add_text(tag, f"```\n{text}\n```")
+            self.writer.add_text(tag, f"```\n{text}\n```", global_step=step)
 
     def hparams(self, config: dict, results: dict[str, float]) -> None:
         """The run's settings beside its final results, for TensorBoard's HPARAMS tab (comparing runs). Written

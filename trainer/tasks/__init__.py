@@ -27,9 +27,14 @@ class Task:
     auto_model: type  # the transformers Auto class that builds and loads the task's models
     metrics: tuple[str, ...] = ("val/loss",)  # what eval.best_metric may name
     fresh_head: bool = False  # init_from a model with a head of another size replaces the head
+    reads_model_tokenizer: bool = False  # tokenizes with model.init_from's tokenizer unless tokenizer.path is set
 
     def fill_defaults(self, raw: dict) -> None:
         """Before validation: what the task fills into the raw config."""
+        model, tokenizer = raw.get("model"), raw.setdefault("tokenizer", {})
+        if self.reads_model_tokenizer and isinstance(model, dict) and model.get("init_from") and \
+                isinstance(tokenizer, dict) and tokenizer.get("path") is None:
+            tokenizer["path"] = model["init_from"]
 
     def check_config(self, cfg: Config) -> None:
         """One-line ConfigErrors for settings the task cannot train with (no files read)."""
@@ -74,8 +79,9 @@ class Task:
 # The registry. Imported after Task, which the task modules subclass.
 from trainer.tasks.causal_lm import CausalLM  # noqa: E402
 from trainer.tasks.classification import Classification  # noqa: E402
+from trainer.tasks.sft import SFT  # noqa: E402
 
-TASKS: dict[str, Task] = {task.name: task for task in (CausalLM(), Classification())}
+TASKS: dict[str, Task] = {task.name: task for task in (CausalLM(), Classification(), SFT())}
 
 
 def task_of(cfg: Config) -> Task:

@@ -32,12 +32,7 @@ class Classification(Task):
     auto_model = AutoModelForSequenceClassification
     metrics = ("val/loss", "val/accuracy", "val/macro_f1")
     fresh_head = True  # fine-tuning a fine-tuned classifier: a head of another label count is replaced
-
-    def fill_defaults(self, raw: dict) -> None:
-        """A classifier reads text with its own model's tokenizer unless tokenizer.path says otherwise."""
-        model, tokenizer = raw.get("model"), raw.setdefault("tokenizer", {})
-        if model.get("init_from") and isinstance(tokenizer, dict) and tokenizer.get("path") is None:
-            tokenizer["path"] = model["init_from"]
+    reads_model_tokenizer = True
 
     def check_config(self, cfg: Config) -> None:
         e = cfg.eval
