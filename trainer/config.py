@@ -127,6 +127,7 @@ class EvalSection(Section):
     # val/loss or val/ppl (lower is better), val/accuracy or val/macro_f1 (classification; higher is better).
     best_metric: Literal["val/loss", "val/ppl", "val/accuracy", "val/macro_f1"] | None = None
     early_stopping: int = Field(0, ge=0)  # stop after this many validations without a better best_metric; 0: off
+    at_start: bool = False  # also validate the starting weights, before the first step (logged as step 0)
 
 
 class CheckpointSection(Section):

@@ -48,13 +48,7 @@ class Evaluator:
     def after_step(self, engine, step: int, state: TrainState) -> tuple[TrainState, Verdict]:
         if not self.due(step):
             return state, Verdict()
-        results = self.validation.run(engine)
-        self.last = {name: value for name, value in results.items() if not isinstance(value, str)}
-        self.metrics.log(step, self.last)
-        for name, text in results.items():  # e.g. a chat model's replies: TensorBoard text and the log
-            if isinstance(text, str):
-                self.metrics.text(name, text, step)
-                log.info(f"step {step} {name}:\n{text}")
+        self._validate(engine, step)
         state, improved = track_best(self.section.best_metric, state, self.last)
         early = bool(self.section.early_stopping) and state.evals_since_best >= self.section.early_stopping
         if early:
@@ -62,6 +56,20 @@ class Evaluator:
                      f"{state.best_value:.4f} (step {state.best_step}) in {state.evals_since_best} validations "
                      "(eval.early_stopping)")
         return state, Verdict(self.last, improved, early)
+
+    def at_start(self, engine) -> None:
+        """eval.at_start: the starting weights' results, as step 0's (before a fresh run's first step)."""
+        if self.section.at_start and self.validation is not None:
+            self._validate(engine, 0)
+
+    def _validate(self, engine, step: int) -> None:
+        results = self.validation.run(engine)
+        self.last = {name: value for name, value in results.items() if not isinstance(value, str)}
+        self.metrics.log(step, self.last)
+        for name, text in results.items():  # e.g. a chat model's replies: TensorBoard text and the log
+            if isinstance(text, str):
+                self.metrics.text(name, text, step)
+                log.info(f"step {step} {name}:\n{text}")
 
     def final(self, engine, state: TrainState, load_weights: Callable[[int], None]) -> dict:
         """At the end of the run: the test split's scores of the best weights (the final ones without

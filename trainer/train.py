@@ -62,6 +62,8 @@ def train(cfg: Config, resume_from: str | None) -> int:
     log.info(f"rank {rank.rank} of {rank.world_size} (local rank {rank.local_rank}) on {socket.gethostname()}, "
              f"device {rank.device}")
     run = _start(cfg, rank, stop, resume_from)
+    if run.state.step == 0:
+        run.evaluator.at_start(run.engine)
     code = _loop(run, cfg.train, cfg.data.seq_len)
     if code == 0:
         _finish(cfg, run, rank)

@@ -1,0 +1,180 @@
+"""Supervised fine-tuning (model.task: sft): real ShareGPT conversations, SmolLM2's real tokenizer and ChatML
+template, a tiny Llama (fresh weights, SmolLM2's vocabulary) so that a step takes a fraction of a second; real
+ranks, real DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from data_pipeline import ChatData, GlobalOrder
+from data_pipeline.conversations import IGNORE
+from helpers import REPO, read_metrics, refused, train_losses, zerotrain
+
+SMOLLM = REPO / "data" / "models" / "SmolLM2-135M-Instruct"
+SHAREGPT = REPO / "data" / "sharegpt" / "sharegpt.jsonl"
+CONFIG = REPO / "configs" / "sft_smollm2.yaml"
+SEQ_LEN = 256
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+    """A 2-layer Llama with SmolLM2's tokenizer and chat template: what init_from reads."""
+    if not (SMOLLM / "tokenizer.json").is_file() or not SHAREGPT.is_file():
+        pytest.fail(f"{SMOLLM} or {SHAREGPT} is missing: run `make data` (make test does)")
+    folder = tmp_path_factory.mktemp("chat-model") / "tiny-smollm"
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chat_rows(tmp_path_factory):
+    """The first 800 ShareGPT conversations, as they are (ShareGPT's field names, messy rows included)."""
+    path = tmp_path_factory.mktemp("chat") / "sharegpt-800.jsonl"
+    with open(SHAREGPT) as f:
+        path.write_text("".join(line for _, line in zip(range(800), f)))
+    return path
+
+
+def sft_args(run_dir, prepared, model, rows, *overrides: str) -> list[str]:
+    sets = [f"run.output_dir={run_dir}", f"model.init_from={model}", f"data.sources=[{rows}]",
+            f"data.prepared_dir={prepared}", f"data.seq_len={SEQ_LEN}", "data.validation_fraction=0.1",
+            "train.micro_batch_size=1", "train.global_batch_size=4", "train.max_steps=4", "train.precision=fp32",
+            "train.log_every=1", "optim.lr=1e-3", "optim.warmup_steps=1", "eval.batches=2", "eval.every=2",
+            "checkpoint.every=2", "launch.nproc_per_node=2", "zero.stage=2", "data.chat.sample_tokens=8",
+            *overrides]
+    return [str(CONFIG)] + [a for s in sets for a in ("--set", s)]
+
+
+@pytest.fixture(scope="session")
+def sft_run(tiny_chat_model, chat_rows, tmp_path_factory):
+    """2 ranks, micro-batches of 1, accumulation 2: 4 steps, saves and validations at 2 and 4 (and at the start)."""
+    root = tmp_path_factory.mktemp("sft")
+    args = sft_args(root / "run", root / "prepared", tiny_chat_model, chat_rows)
+    zerotrain("prepare", *args)
+    zerotrain("train", *args)
+    return root
+
+
+def step_one(run_dir) -> dict:
+    return next(r for r in read_metrics(run_dir) if r["step"] == 1 and "train/loss" in r)
+
+
+@pytest.mark.slow
+def test_the_prepared_chat_data_counts_what_it_left_out(sft_run):
+    chat = ChatData.load(sft_run / "prepared")
+    left_out = chat.data["left_out"]
+    # Real ShareGPT: first turns longer than the sequence, conversations with no reply, empty turns.
+    assert left_out["nothing to learn"] > 0 and left_out["no assistant turn"] > 0 and left_out["empty message"] > 0
+    train = chat.data["splits"]["train"]
+    assert train["tokens"] / (train["samples"] * SEQ_LEN) > 0.95  # best-fit decreasing: little padding
+    labels = chat.split("train").array("labels")
+    assert int((labels != IGNORE).sum()) == train["learned_tokens"] == int(chat.learned_tokens("train").sum())
+    tokenizer = AutoTokenizer.from_pretrained(sft_run / "prepared" / "tokenizer")
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(SMOLLM).chat_template
+    # Packed samples: positions restart at each conversation; a learned label is the next input token.
+    positions = chat.split("train").array("position_ids")
+    packed = int(np.argmax((positions[:, 1:] == 0).sum(1)))
+    assert train["samples"] < train["examples"] and (positions[packed, 1:] == 0).sum() >= 2
+    sample = chat.split("train")[packed]
+    learned = sample["labels"][:-1] != IGNORE
+    assert torch.equal(sample["labels"][:-1][learned], sample["input_ids"][1:][learned])
+
+
+@pytest.mark.slow
+def test_the_loss_is_the_mean_over_the_steps_learned_tokens(sft_run, tiny_chat_model):
+    """Step 1's logged loss is the cross-entropy of its 4 samples' learned tokens summed and divided by their
+    number, computed here with plain transformers: not a mean of the micro-batches' means."""
+    chat = ChatData.load(sft_run / "prepared")
+    samples = chat.split("train")
+    order = GlobalOrder([len(samples)], [1.0], seed=1234)  # configs/sft_smollm2.yaml's run.seed
+    batch = [samples[order.sample(k)] for k in range(4)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32)
+    sums, counts = [], []
+    with torch.no_grad():
+        for sample in batch:
+            logits = model(input_ids=sample["input_ids"][None], position_ids=sample["position_ids"][None]).logits
+            sums.append(float(F.cross_entropy(logits[0].float(), sample["labels"], reduction="sum")))
+            counts.append(int((sample["labels"] != IGNORE).sum()))
+    logged = step_one(sft_run / "run")["train/loss"]
+    assert logged == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
+    assert len(set(counts)) > 1  # the samples learn different numbers of tokens: a mean of means would differ
+    assert abs(np.mean([s / c for s, c in zip(sums, counts)]) - logged) > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [("--nproc", "1", "--set", "train.micro_batch_size=4"),
+                                    ("--nproc", "1", "--set", "train.micro_batch_size=1"),
+                                    ("--set", "parallel.sequence=2")])
+def test_the_step_is_the_same_for_any_batching_and_ranks(layout, sft_run, tiny_chat_model, chat_rows, tmp_path):
+    """1 rank x micro-batch 4, 1 rank x accumulation 4, 2 ranks sharing each sequence (parallel.sequence 2): the
+    loss and the gradient (its norm) of the reference's 2 ranks x accumulation 2."""
+    args = sft_args(tmp_path / "run", sft_run / "prepared", tiny_chat_model, chat_rows, "train.max_steps=1",
+                    "eval.every=0", "data.chat.sample_prompts=0")
+    zerotrain("train", *args, *layout)
+    got, reference = step_one(tmp_path / "run"), step_one(sft_run / "run")
+    assert got["train/loss"] == pytest.approx(reference["train/loss"], rel=1e-6)
+    assert got["train/grad_norm"] == pytest.approx(reference["train/grad_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_run_resumes_exactly_on_another_number_of_ranks(sft_run, tiny_chat_model, chat_rows, tmp_path):
+    reference = sft_run / "run"
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference, resumed, ignore=shutil.ignore_patterns("metrics.jsonl", "tensorboard", "summary.json",
+                                                                      "step_00000004"))
+    (resumed / "checkpoints" / "latest").write_text("step_00000002")
+    zerotrain("train", *sft_args(resumed, sft_run / "prepared", tiny_chat_model, chat_rows), "--nproc", "1",
+              "--resume", "auto")
+    expected = {step: loss for step, loss in train_losses(reference).items() if step > 2}
+    assert train_losses(resumed) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_validation_shows_the_replies_to_held_out_prompts(sft_run):
+    run = sft_run / "run"
+    val = [r for r in read_metrics(run) if "val/loss" in r]
+    assert [r["step"] for r in val] == [0, 2, 4]  # eval.at_start: the starting weights first
+    assert val[-1]["val/loss"] < val[0]["val/loss"]
+    prompts = ChatData.load(sft_run / "prepared").prompts
+    assert len(prompts) == 2 and all(p["text"].endswith("<|im_start|>assistant\n") for p in prompts)
+    log = (run / "logs" / "rank0.log").read_text()
+    for step in (0, 2, 4):
+        assert f"step {step} samples/replies:\n> {prompts[0]['question'][:60]}" in log
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["val_loss"] == pytest.approx(val[-1]["val/loss"])
+
+
+def test_bad_chat_data_is_refused_naming_the_row(tiny_chat_model, tmp_path):
+    rows = tmp_path / "chat.jsonl"
+    plain_names = ["data.chat={messages_field: messages, role_field: role, content_field: content}"]
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    cases = {
+        "not a list": ({"messages": "Hi"}, "chat.jsonl: row 1: 'messages' is str, not a list of turns"),
+        "empty turn": ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]},
+                       "chat.jsonl: row 1: turn 1 (assistant) is empty (data.chat.skip_invalid: true leaves such "
+                       "rows out)"),
+    }
+    for name, (row, message) in cases.items():
+        rows.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+        args = sft_args(tmp_path / "run", tmp_path / f"prepared-{name.replace(' ', '-')}", tiny_chat_model, rows,
+                        *plain_names)
+        result = refused("prepare", *args)
+        assert result.stderr.strip().splitlines() == [f"zerotrain: error: {rows.parent}/{message}"], name
+    # Nothing to train on at all: every row left out, and said so.
+    rows.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    result = refused("prepare", *sft_args(tmp_path / "run", tmp_path / "prepared-none", tiny_chat_model, rows,
+                                          *plain_names))
+    assert "no train conversation is left to train on (left out: 1 no assistant turn)" in result.stderr
