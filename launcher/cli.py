@@ -1,4 +1,4 @@
-"""The `zerotrain` command: prepare data, train, submit, plan, export, generate, predict, status, report.
+"""The `zerotrain` command: prepare data, train, submit, plan, export, generate, predict, chat, status, report.
 
 Everything a run needs is checked here, before any rank starts: a bad config, a missing dataset
 or a run directory that would be overwritten ends the command with one line and exit code 2.
@@ -195,14 +195,33 @@ def _generate(args) -> None:
 def _predict(args) -> None:
     from launcher.predict import predict
 
-    # stdin strictly as UTF-8: Python would otherwise smuggle undecodable bytes in as surrogates
-    lines = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8") if str(args.input) == "-" else \
-        _read_lines(args.input)
+    lines = _input_lines(args.input)
     try:
         for label, score, text in predict(args.model_dir, (line.rstrip("\n") for line in lines), args.batch_size):
             print(f"{label}\t{score:.4f}\t{text}", flush=True)
     except UnicodeDecodeError:  # stdin is read as it comes
         raise UserError("--input: standard input is not UTF-8 text; give texts, one per line") from None
+
+
+def _chat(args) -> None:
+    from launcher.chat import Chat
+
+    chat = Chat(args.model_dir, args.system, args.max_new_tokens)
+    if args.input is None and sys.stdin.isatty():
+        chat.converse()
+        return
+    lines = _input_lines(args.input or Path("-"))
+    try:
+        for message, reply in chat.replies(line.rstrip("\n") for line in lines):
+            print(f"> {message}\n{reply}\n", flush=True)
+    except UnicodeDecodeError:
+        raise UserError("--input: standard input is not UTF-8 text; give messages, one per line") from None
+
+
+def _input_lines(path: Path):
+    """--input's lines: a file, or (-) standard input, strictly as UTF-8 (Python would otherwise smuggle
+    undecodable bytes in as surrogates)."""
+    return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8") if str(path) == "-" else _read_lines(path)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -321,6 +340,13 @@ def _parser() -> argparse.ArgumentParser:
                    "classification)")
     p.add_argument("--input", type=Path, required=True, metavar="FILE", help="texts, one per line; - reads stdin")
     p.add_argument("--batch-size", type=_positive, default=32)
+    p = command("chat", _chat, "Talk to a chat model exported by `zerotrain export` (model.task: sft) through "
+                "its chat template: at a terminal one conversation, turn after turn; with --input, each line a "
+                "conversation of its own (its reply printed after it).", config=False)
+    p.add_argument("model_dir", type=Path, help="a folder written by `zerotrain export`")
+    p.add_argument("--input", type=Path, metavar="FILE", help="messages, one per line; - reads stdin")
+    p.add_argument("--system", help="a system prompt before every conversation")
+    p.add_argument("--max-new-tokens", type=_positive, default=256, help="the most tokens of a reply")
     p = command("status", _status, "Show where a run stands: step, losses, throughput, checkpoints.",
                 config=False)
     p.add_argument("run_dir", type=Path, help="the run directory (run.output_dir)")

@@ -14,7 +14,7 @@ from data_pipeline.errors import UserError
 def generate(model_dir: Path, prompts: list[str], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     encoded = [tokenizer(prompt, return_tensors="pt") for prompt in prompts]
-    _check_length(AutoConfig.from_pretrained(model_dir), [e["input_ids"].shape[1] for e in encoded], max_new_tokens)
+    check_length(AutoConfig.from_pretrained(model_dir), [e["input_ids"].shape[1] for e in encoded], max_new_tokens)
     disable_progress_bar()  # the samples are the output; a loading bar on stderr is not
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     torch.manual_seed(seed)
@@ -27,7 +27,7 @@ def generate(model_dir: Path, prompts: list[str], max_new_tokens: int, temperatu
     return outputs
 
 
-def _check_length(config, lengths: list[int], max_new_tokens: int) -> None:
+def check_length(config, lengths: list[int], max_new_tokens: int) -> None:
     """Before the model loads: every prompt and its continuation fit the model's positions."""
     positions = getattr(config, "max_position_embeddings", None)
     longest = max(lengths)

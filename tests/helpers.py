@@ -30,7 +30,7 @@ STEPS = 12  # configs/tiny.yaml: max_steps 12, checkpoint and validation every 6
 
 # Commands that start no ranks run inside the test process: the same code, without a second interpreter
 # importing torch and transformers again (seconds per call). `train`, `prepare` and `submit` start processes.
-IN_PROCESS = ("export", "status", "plan", "generate", "predict", "report")
+IN_PROCESS = ("export", "status", "plan", "generate", "predict", "chat", "report")
 
 
 def zerotrain(*args: str, timeout: float = 600, check: bool = True, env: dict | None = None) \

@@ -178,3 +178,26 @@ def test_bad_chat_data_is_refused_naming_the_row(tiny_chat_model, tmp_path):
     result = refused("prepare", *sft_args(tmp_path / "run", tmp_path / "prepared-none", tiny_chat_model, rows,
                                           *plain_names))
     assert "no train conversation is left to train on (left out: 1 no assistant turn)" in result.stderr
+
+
+@pytest.mark.slow
+def test_chat_with_an_export(sft_run, tmp_path):
+    """`zerotrain chat`: each line of --input a conversation of its own; at a terminal one conversation that goes
+    on (its history rendered by the template each turn)."""
+    export = tmp_path / "export"
+    zerotrain("export", sft_run / "run", export)
+    assert (export / "chat_template.jinja").is_file()
+    messages = tmp_path / "messages.txt"
+    messages.write_text("What is the capital of France?\n\nName three colours.\n")
+    out = zerotrain("chat", export, "--input", messages, "--max-new-tokens", "4", "--system", "Be brief.").stdout
+    assert [line for line in out.splitlines() if line.startswith("> ")] == \
+        ["> What is the capital of France?", "> Name three colours."]  # the empty line is no message
+    from launcher.chat import Chat
+
+    chat, said = Chat(export, None, 4), []
+    turns = iter(["Hi", "And then?", ""])
+    chat.converse(read=lambda prompt: next(turns), write=said.append)
+    assert len(said) == 2 and all(line.startswith("model> ") for line in said)
+    not_a_chat_model = zerotrain("chat", REPO / "data" / "models" / "all-MiniLM-L6-v2", "--input", messages,
+                                 check=False)
+    assert not_a_chat_model.returncode == 2 and "its tokenizer has no chat template" in not_a_chat_model.stderr
