@@ -111,6 +111,23 @@ finetune-demo: setup data
 	@echo; echo "=== fine-tuning summary ==="
 	@$(ZT) status $(FINETUNE_RUN)
 
+# Fine-tune SmolLM2-135M-Instruct on ShareGPT conversations (2 ranks, ZeRO 2; about 12 minutes on 2 CPU cores).
+# The log shows the held-out loss and the replies to two held-out prompts before the first step and after the last;
+# then the same two questions go to the model before and after, through `zerotrain chat`.
+SFT_QUESTIONS := "What is the capital of France?" "Give me three tips for writing a good cover letter."
+sft-demo: setup data
+	rm -rf $(SFT_RUN)
+	$(ZT) prepare configs/sft_smollm2.yaml
+	$(ZT) train configs/sft_smollm2.yaml
+	$(ZT) export $(SFT_RUN) $(SFT_RUN)/export
+	@echo; echo "=== before fine-tuning: $(SMOLLM) ==="
+	@printf '%s\n' $(SFT_QUESTIONS) | $(ZT) chat $(SMOLLM) --input - --max-new-tokens 80
+	@echo "=== after fine-tuning: $(SFT_RUN)/export ==="
+	@printf '%s\n' $(SFT_QUESTIONS) | $(ZT) chat $(SFT_RUN)/export --input - --max-new-tokens 80
+	@echo "=== fine-tuning summary ==="
+	@grep -h "val/loss" $(SFT_RUN)/logs/rank0.log | sed 's/^.*INFO /  /'
+	@$(ZT) status $(SFT_RUN)
+
 # The tests train with NVMe offload too: DeepSpeed's async_io op is compiled once first (minutes), so that no
 # test waits for gcc.
 $(VENV)/.async_io: $(VENV)/.installed

@@ -98,6 +98,8 @@ class DataConfig(BaseModel):
     validation: SourceConfig | None = None  # given validation split; unset: validation_fraction of the train source
     test: SourceConfig | None = None  # given test split; unset: test_fraction of the train source
     test_fraction: float = Field(0.1, ge=0, lt=0.5)  # of labelled train rows held out for the final test
+    # a labelled text over seq_len tokens keeps its start, its end, or both (a quarter from the start)
+    truncation: Literal["head", "tail", "head+tail"] = "head"
     # Chat data (model.task: sft): field and role names, what is learned.
     chat: ChatConfig = ChatConfig()
     # sft: several conversations per sample (best-fit decreasing, kept apart) or one each, padded

@@ -3,8 +3,8 @@
 `prepare_labelled` reads the text and label columns of the train source (and of given validation/test
 sources), maps label names to ids (the map is saved, and goes into the model's config), holds out
 validation/test rows by hashing their text when those splits are not given (so a duplicate text never lands
-in two splits), tokenizes with the model's own tokenizer, padded and truncated to seq_len, and writes each
-split as .npy arrays plus labelled.json (written last: its presence means the data is complete).
+in two splits), tokenizes with the model's own tokenizer, padded and cut to seq_len (data.truncation), and
+writes each split as .npy arrays plus labelled.json (written last: its presence means the data is complete).
 `LabelledData.split` serves one split's examples as tensors; `GlobalOrder` orders them like packed samples.
 """
 import json
@@ -52,7 +52,8 @@ def prepare_labelled(data: DataConfig, tokenizer_dir: Path, log=print) -> "Label
     info = {"format": LabelledData.FORMAT, "inputs_fingerprint": inputs_fingerprint, "labels": labels,
             "seq_len": data.seq_len, "splits": {}}
     for split, examples in splits.items():
-        info["splits"][split] = _write_split(out / split, examples, labels, tokenizer, data.seq_len)
+        info["splits"][split] = _write_split(out / split, examples, labels, tokenizer, data.seq_len,
+                                               data.truncation)
         counts = ", ".join(f"{k} {v}" for k, v in info["splits"][split]["label_counts"].items())
         log(f"{split}: {len(examples)} examples ({counts}); {info['splits'][split]['truncated']} truncated to "
             f"{data.seq_len} tokens")
@@ -132,18 +133,38 @@ def _is_int(name: str) -> bool:
     return name.removeprefix("-").isdigit()
 
 
-def _write_split(folder: Path, examples: list[Example], labels: list[str], tokenizer, seq_len: int) -> dict:
+def _write_split(folder: Path, examples: list[Example], labels: list[str], tokenizer, seq_len: int,
+                 truncation: str) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
-    encoded = tokenizer([e.text for e in examples], truncation=True, max_length=seq_len, padding="max_length")
-    full = tokenizer([e.text for e in examples], truncation=False)["input_ids"]
+    encoded = tokenizer([e.text for e in examples], return_special_tokens_mask=True) if examples else \
+        {"input_ids": [], "special_tokens_mask": []}  # data.test_fraction 0: no test split
+    rows = [kept(ids, special, seq_len, truncation)
+            for ids, special in zip(encoded["input_ids"], encoded["special_tokens_mask"])]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = {name: i for i, name in enumerate(labels)}
-    arrays = {"input_ids": np.asarray(encoded["input_ids"], np.int32),
-              "attention_mask": np.asarray(encoded["attention_mask"], np.uint8),
+    arrays = {"input_ids": np.asarray([row + [pad] * (seq_len - len(row)) for row in rows], np.int32).reshape(-1,
+                                                                                                            seq_len),
+              "attention_mask": np.asarray([[1] * len(row) + [0] * (seq_len - len(row)) for row in rows],
+                                           np.uint8).reshape(-1, seq_len),
               "labels": np.asarray([ids[e.label] for e in examples], np.int64)}
     files = write_arrays(folder, arrays)
     counts = Counter(e.label for e in examples)
     return {"examples": len(examples), "label_counts": {name: counts[name] for name in labels},
-            "truncated": sum(len(tokens) > seq_len for tokens in full), "files": files}
+            "truncated": sum(len(ids) > seq_len for ids in encoded["input_ids"]), "files": files}
+
+
+def kept(ids: list[int], special: list[int], seq_len: int, truncation: str) -> list[int]:
+    """At most seq_len tokens of an encoded text, the tokenizer's special tokens around it ([CLS], [SEP]) kept:
+    of the text's own, the first ones, the last ones, or a quarter from its start and the rest from its end
+    (data.truncation; head+tail did best on long documents in Sun et al. 2019, "How to Fine-Tune BERT for Text
+    Classification")."""
+    if len(ids) <= seq_len:
+        return ids
+    start = next((i for i, s in enumerate(special) if not s), len(ids))
+    end = len(ids) - next((i for i, s in enumerate(reversed(special)) if not s), len(ids))
+    budget = seq_len - start - (len(ids) - end)
+    head = {"head": budget, "tail": 0, "head+tail": budget // 4}[truncation]
+    return ids[:start + head] + ids[end - (budget - head):end] + ids[end:]
 
 
 def _inputs_fingerprint(data: DataConfig, tokenizer_hash: str) -> str:
@@ -151,6 +172,8 @@ def _inputs_fingerprint(data: DataConfig, tokenizer_hash: str) -> str:
     units = [[u.__dict__ for u in source_units(s)] for s in sources]
     settings = [data.text_field, data.label_field, data.labels, data.seq_len, data.validation_fraction,
                 data.test_fraction, [s.model_dump() for s in sources]]
+    if data.truncation != "head":  # the default cuts as before it could be chosen: the same data, the same print
+        settings.append(data.truncation)
     return fingerprint(units, settings, tokenizer_hash)
 
 

@@ -179,6 +179,25 @@ def test_labels_map_to_ids_and_back(minilm, tmp_path):
     assert prepare_labelled(data, minilm, log=lambda _: None).data == labelled.data  # prepared once, then reused
 
 
+@pytest.mark.parametrize("truncation, kept_words", [("head", "0 1 2 3 4 5 6 7"),
+                                                    ("tail", "32 33 34 35 36 37 38 39"),
+                                                    ("head+tail", "0 1 34 35 36 37 38 39")])
+def test_a_long_text_keeps_its_head_its_tail_or_both(minilm, tmp_path, truncation, kept_words):
+    """data.truncation: of 40 tokens, 8 fit between [CLS] and [SEP]; head+tail keeps a quarter from the start."""
+    rows = [{"text": " ".join(str(i) for i in range(40)), "label": "long"}, {"text": "0 39", "label": "short"}] * 8
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = DataConfig(sources=[str(tmp_path / "rows.jsonl")], prepared_dir=tmp_path / "out", seq_len=10,
+                      truncation=truncation, validation_fraction=0.01, test_fraction=0, validation=str(tmp_path /
+                                                                                                         "rows.jsonl"))
+    labelled = prepare_labelled(data, minilm, log=lambda _: None)
+    tokenizer = load_tokenizer(labelled.tokenizer_dir, require_eos=False)
+    long = next(e for e in labelled.split("train") if labelled.labels[int(e["labels"])] == "long")
+    assert tokenizer.decode(long["input_ids"]) == f"[CLS] {kept_words} [SEP]"
+    short = next(e for e in labelled.split("train") if labelled.labels[int(e["labels"])] == "short")
+    assert tokenizer.decode(short["input_ids"], skip_special_tokens=True) == "0 39"
+    assert labelled.data["splits"]["train"]["truncated"] == 8
+
+
 @pytest.mark.parametrize("rows, settings, message", [
     ([{"text": "a fine film", "score": 1}], {}, "has no 'label' field (data.label_field)"),
     ([{"text": "a fine film", "label": "pos"}, {"text": "  ", "label": "neg"}], {}, "row 1: the text ('text') is empty"),
