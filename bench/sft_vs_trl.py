@@ -22,10 +22,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,14 +136,101 @@ if trainer.args.process_index == 0:
 '''
 
 
+def compare_training(count: int, steps: int, seq_len: int, out: Path) -> None:
+    """Both trainers on the same conversations (the validation split held out by zerotrain's hash, for both)."""
+    from data_pipeline.splits import split_of
+
+    out.mkdir(parents=True, exist_ok=True)
+    chats = conversations(count)
+    rows = out / "conversations.jsonl"
+    rows.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    held_out = 0.05
+    train_rows = out / "train.jsonl"
+    train_rows.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats
+                                  if split_of(json.dumps(m), {"validation": held_out}) == "train"))
+    sets = [f"run.output_dir={out / 'zerotrain'}", f"data.prepared_dir={out / 'prepared'}", f"data.sources=[{rows}]",
+            "data.chat={}", f"data.seq_len={seq_len}", f"data.validation_fraction={held_out}",
+            f"train.max_steps={steps}", "eval.every=0", "eval.at_start=false", "checkpoint.every=0",
+            "train.log_every=1", "data.chat.sample_prompts=0"]
+    cli = [a for s in sets for a in ("--set", s)]
+    zerotrain = Path(sys.executable).with_name("zerotrain")
+    subprocess.run([zerotrain, "prepare", "configs/sft_smollm2.yaml", *cli], check=True)
+    subprocess.run(["rm", "-rf", str(out / "zerotrain"), str(out / "trl")], check=True)
+    subprocess.run([zerotrain, "train", "configs/sft_smollm2.yaml", *cli], check=True)
+    subprocess.run([zerotrain, "export", out / "zerotrain", out / "zerotrain" / "export"], check=True)
+    summary = json.loads((out / "zerotrain" / "summary.json").read_text())
+    from data_pipeline import ChatData
+
+    chat = ChatData.load(out / "prepared")
+    train = chat.data["splits"]["train"]
+    ours_tokens_per_s = summary["tokens_per_s"] * train["tokens"] / (train["samples"] * seq_len)  # not padding
+    theirs_tokens_per_s = run_trl(train_rows, steps, seq_len, out / "trl")
+    losses = {name: held_out_loss(folder, chat) for name, folder in
+              (("zerotrain", out / "zerotrain" / "export"), ("TRL", out / "trl" / "final"))}
+    print(f"\ntraining: {steps} steps of 8 packed {seq_len}-token samples, 2 CPU ranks, ZeRO 2, bf16")
+    print(f"  held-out loss (per learned token, {chat.data['splits']['validation']['examples']} conversations): "
+          f"zerotrain {losses['zerotrain']:.4f}, TRL {losses['TRL']:.4f} "
+          f"({losses['zerotrain'] / losses['TRL'] - 1:+.2%})")
+    print(f"  training tokens/s (not padding): zerotrain {ours_tokens_per_s:.0f}, TRL {theirs_tokens_per_s:.0f} "
+          f"({ours_tokens_per_s / theirs_tokens_per_s:.2f}x)")
+
+
+def run_trl(rows: Path, steps: int, seq_len: int, out: Path) -> float:
+    """TRL's SFTTrainer on 2 ranks (torchrun) with zerotrain's DeepSpeed config for the run; its tokens/s after
+    the first step."""
+    from trainer.config import load_config
+    from trainer.engine.deepspeed_config import deepspeed_config
+
+    cfg = load_config(REPO / "configs" / "sft_smollm2.yaml", [f"train.max_steps={steps}"])
+    spec = {"rows": str(rows), "model": str(SMOLLM), "out": str(out), "seq_len": seq_len, "steps": steps,
+            "micro": cfg.train.micro_batch_size, "lr": cfg.optim.lr, "warmup": cfg.optim.warmup_steps,
+            "template": _marked_file(), "deepspeed": _trl_deepspeed(deepspeed_config(cfg, 134_515_008))}
+    worker = out / "trl_worker.py"
+    out.mkdir(parents=True, exist_ok=True)
+    worker.write_text(TRL_WORKER)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(worker),
+                    json.dumps(spec)], check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    timing = json.loads((out / "timing.json").read_text())
+    tokens = [r["num_tokens"] for r in timing["log"] if "num_tokens" in r]
+    return (tokens[-1] - tokens[0]) / timing["seconds"]
+
+
+def _trl_deepspeed(config: dict) -> dict:
+    """zerotrain's DeepSpeed config with the values transformers fills itself marked "auto"."""
+    config = dict(config)
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        config[key] = "auto"
+    config.pop("optimizer", None), config.pop("scheduler", None)
+    return config
+
+
+def held_out_loss(folder: Path, chat, limit: int | None = None) -> float:
+    """The mean cross-entropy of the learned tokens of the prepared validation split's (first `limit`) samples: the
+    same code for every model compared."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    samples = chat.split("validation")
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(min(len(samples), limit or len(samples))):
+            s = samples[i]
+            logits = model(input_ids=s["input_ids"][None], position_ids=s["position_ids"][None]).logits[0]
+            total += float(torch.nn.functional.cross_entropy(logits.float(), s["labels"], reduction="sum"))
+            count += int((s["labels"] >= 0).sum())
+    return total / count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-sft-vs-trl")
     args = parser.parse_args()
-    compare_masks(args.conversations)
+    compare_masks(min(args.conversations, 500))
+    if not args.skip_training:
+        compare_training(args.conversations, args.steps, args.seq_len, args.out)
 
 
 if __name__ == "__main__":
