@@ -8,7 +8,7 @@ Learned tokens per second: the learned tokens of a mean sample (from the prepare
 training (summary.json, start-up excluded). The held-out loss is per learned token, over the first
 --held-out-samples packed validation samples. Goal: packed >= 1.5 x padded.
 
-    .venv/bin/python bench/sft_packing.py [--steps 8] [--seq-len 1024] [--out runs/bench-sft-packing]
+    .venv/bin/python bench/sft_packing.py [--steps 6] [--seq-len 2048] [--out runs/bench-sft-packing]
 """
 import argparse
 import json
@@ -30,7 +30,8 @@ def run(mode: str, out: Path, steps: int, seq_len: int) -> dict:
     packing = mode == "packed"
     sets = [f"run.output_dir={out / mode}", f"data.prepared_dir={out / ('prepared-' + mode)}",
             f"data.seq_len={seq_len}", f"data.packing={str(packing).lower()}", f"train.max_steps={steps}",
-            "eval.every=0", "data.chat.sample_prompts=0", "checkpoint.every=0", "train.log_every=1"]
+            "eval.every=0", "eval.at_start=false", "data.chat.sample_prompts=0", "checkpoint.every=0",
+            "train.log_every=1"]
     args = [a for s in sets for a in ("--set", s)]
     shutil.rmtree(out / mode, ignore_errors=True)
     subprocess.run([ZEROTRAIN, "prepare", CONFIG, *args], check=True)
@@ -48,8 +49,8 @@ def run(mode: str, out: Path, steps: int, seq_len: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-sft-packing"))
     parser.add_argument("--held-out-samples", type=int, default=32)
     args = parser.parse_args()

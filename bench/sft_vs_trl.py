@@ -37,13 +37,7 @@ SHAREGPT = REPO / "data" / "sharegpt" / "sharegpt.jsonl"
 SHAREGPT_NAMES = ChatConfig(messages_field="conversations", role_field="from", content_field="value",
                             roles={"human": "user", "gpt": "assistant"})
 # SmolLM2's ChatML template with TRL-style generation markers around each reply and its end of turn.
-MARKED = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
-    "{% endif %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
-    "{{ message['content'] + '<|im_end|>\\n' }}{% endgeneration %}{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+MARKED = REPO / "configs" / "templates" / "chatml-generation.jinja"
 
 
 def conversations(count: int) -> list[list[dict]]:
@@ -79,7 +73,7 @@ def compare_masks(count: int) -> None:
     ours = ChatTemplate(tokenizer, None, str(SMOLLM))
     cases = {
         "conversations, assistant turns (assistant_only_loss)": (
-            [{"messages": m} for m in chats], {"assistant_only_loss": True, "chat_template_path": _marked_file()}),
+            [{"messages": m} for m in chats], {"assistant_only_loss": True, "chat_template_path": str(MARKED)}),
         "plain prompt/completion (completion_only_loss)": (
             [{"prompt": m[0]["content"], "completion": m[1]["content"]} for m in chats],
             {"completion_only_loss": True}),
@@ -94,12 +88,6 @@ def compare_masks(count: int) -> None:
             learned += sum(mask)
         print(f"{name}: {len(rows)} examples, {learned:,} learned tokens; identical input ids {same_ids}/{len(rows)}, "
               f"identical learned tokens {same_learned}/{len(rows)}")
-
-
-def _marked_file() -> str:
-    path = Path("/tmp/chatml-generation-markers.jinja")
-    path.write_text(MARKED)
-    return str(path)
 
 
 TRL_WORKER = r'''
@@ -184,7 +172,7 @@ def run_trl(rows: Path, steps: int, seq_len: int, out: Path) -> float:
     cfg = load_config(REPO / "configs" / "sft_smollm2.yaml", [f"train.max_steps={steps}"])
     spec = {"rows": str(rows), "model": str(SMOLLM), "out": str(out), "seq_len": seq_len, "steps": steps,
             "micro": cfg.train.micro_batch_size, "lr": cfg.optim.lr, "warmup": cfg.optim.warmup_steps,
-            "template": _marked_file(), "deepspeed": _trl_deepspeed(deepspeed_config(cfg, 134_515_008))}
+            "template": str(MARKED), "deepspeed": _trl_deepspeed(deepspeed_config(cfg, 134_515_008))}
     worker = out / "trl_worker.py"
     out.mkdir(parents=True, exist_ok=True)
     worker.write_text(TRL_WORKER)

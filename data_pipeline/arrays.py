@@ -1,12 +1,15 @@
-"""A split of fixed-shape examples saved as one .npy file per array (labelled texts, chat samples): written
-durably with their sizes and checksums, served as tensors from memory maps."""
+"""Splits of fixed-shape examples saved as one .npy file per array (labelled texts, chat samples): written
+durably with their sizes and checksums, recorded (`ArrayRecord`), served as tensors from memory maps."""
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from data_pipeline.files import file_sha256, write_durable
+from data_pipeline.record import DataFile, PreparedRecord
 
 
 def write_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> dict[str, dict]:
@@ -43,3 +46,27 @@ class ArraySplit(Dataset):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_arrays": None}
+
+
+@dataclass(frozen=True)
+class ArrayRecord(PreparedRecord):
+    """A record whose splits are folders of arrays: data["splits"][split] holds the split's row count (under
+    ROWS) and its files' sizes and checksums (under "files")."""
+
+    ARRAYS: ClassVar[tuple[str, ...]]  # the arrays of every split
+    ROWS: ClassVar[str]  # the key of a split's number of rows
+
+    @property
+    def fingerprint(self) -> str:
+        return self.data["inputs_fingerprint"]
+
+    def rows(self, split: str) -> int:
+        return self.data["splits"][split][self.ROWS]
+
+    def files(self) -> list[DataFile]:
+        return [DataFile(self.dir / split / f"{name}.npy", file["bytes"], file["sha256"])
+                for split, info in self.data["splits"].items() for name, file in info["files"].items()]
+
+    def split(self, name: str) -> ArraySplit:
+        """Row i as a dict of tensors, one per array."""
+        return ArraySplit(self.dir / name, self.rows(name), self.ARRAYS)

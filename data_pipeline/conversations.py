@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.arrays import ArraySplit, write_arrays
+from data_pipeline.arrays import ArrayRecord, write_arrays
 from data_pipeline.chat import ChatTemplate, Conversation, Skipped, read_conversation
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.files import fingerprint, write_durable
 from data_pipeline.packing import best_fit_decreasing
-from data_pipeline.record import DataFile, PreparedRecord
 from data_pipeline.sources import iter_rows, source_units
 from data_pipeline.splits import split_of
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -174,25 +173,14 @@ def _inputs_fingerprint(data: DataConfig, tokenizer_hash: str, template: str) ->
 
 
 @dataclass(frozen=True)
-class ChatData(PreparedRecord, file="chat.json", format=1, what="chat data"):
-    @property
-    def fingerprint(self) -> str:
-        return self.data["inputs_fingerprint"]
+class ChatData(ArrayRecord, file="chat.json", format=1, what="chat data"):
+    """Sample i of a split: {input_ids, labels, position_ids} tensors (`split`)."""
+
+    ARRAYS, ROWS = ARRAYS, "samples"
 
     @property
     def prompts(self) -> list[dict]:
         return self.data["prompts"]
-
-    def samples(self, split: str) -> int:
-        return self.data["splits"][split]["samples"]
-
-    def files(self) -> list[DataFile]:
-        return [DataFile(self.dir / split / f"{name}.npy", file["bytes"], file["sha256"])
-                for split, info in self.data["splits"].items() for name, file in info["files"].items()]
-
-    def split(self, name: str) -> ArraySplit:
-        """Sample i as {input_ids, labels, position_ids} tensors."""
-        return ArraySplit(self.dir / name, self.samples(name), ARRAYS)
 
     def learned_tokens(self, split: str) -> np.ndarray:
         """The number of learned tokens of each sample."""

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.arrays import ArraySplit, write_arrays
+from data_pipeline.arrays import ArrayRecord, write_arrays
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.files import fingerprint, write_durable
-from data_pipeline.record import DataFile, PreparedRecord
 from data_pipeline.sources import iter_rows, source_units
 from data_pipeline.splits import split_of
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -178,25 +177,14 @@ def _inputs_fingerprint(data: DataConfig, tokenizer_hash: str) -> str:
 
 
 @dataclass(frozen=True)
-class LabelledData(PreparedRecord, file="labelled.json", format=2, what="labelled data"):
+class LabelledData(ArrayRecord, file="labelled.json", format=2, what="labelled data"):
+    """Example i of a split: {input_ids, attention_mask, labels} tensors (`split`)."""
+
+    ARRAYS, ROWS = ARRAYS, "examples"
+
     @property
     def labels(self) -> list[str]:
         return self.data["labels"]
 
-    @property
-    def fingerprint(self) -> str:
-        return self.data["inputs_fingerprint"]
-
-    def examples(self, split: str) -> int:
-        return self.data["splits"][split]["examples"]
-
     def label_counts(self, split: str) -> dict[str, int]:
         return self.data["splits"][split]["label_counts"]
-
-    def files(self) -> list[DataFile]:
-        return [DataFile(self.dir / split / f"{name}.npy", file["bytes"], file["sha256"])
-                for split, info in self.data["splits"].items() for name, file in info["files"].items()]
-
-    def split(self, name: str) -> ArraySplit:
-        """Example i as {input_ids, attention_mask, labels} tensors."""
-        return ArraySplit(self.dir / name, self.examples(name), ARRAYS)

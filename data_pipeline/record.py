@@ -30,9 +30,11 @@ class PreparedRecord:
     dir: Path
     data: dict  # the parsed record
 
-    def __init_subclass__(cls, file: str, format: int, what: str, **kwargs):
+    def __init_subclass__(cls, file: str | None = None, format: int | None = None, what: str | None = None,
+                          **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.FILE, cls.FORMAT, cls.WHAT = file, format, what
+        if file is not None:  # an intermediate base names no record
+            cls.FILE, cls.FORMAT, cls.WHAT = file, format, what
 
     @classmethod
     def load(cls, prepared_dir: str | Path):

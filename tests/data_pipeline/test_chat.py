@@ -31,13 +31,7 @@ QWEN = (
     "{%- elif message.role != 'system' %}{{- raise_exception('unknown role: ' + message.role) }}{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 # SmolLM2's template with TRL-style generation markers around each reply and its end of turn.
-MARKED = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
-    "{% endif %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
-    "{{ message['content'] + '<|im_end|>\\n' }}{% endgeneration %}{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+MARKED = (REPO / "configs" / "templates" / "chatml-generation.jinja").read_text()
 END_OF_TURN = {"chatml": "<|im_end|>\n", "llama3": "<|eot_id|>", "qwen": "<|im_end|>\n", "marked": "<|im_end|>\n"}
 
 # Multi-turn, a system prompt, replies whose first and last characters merge with the markup around them when

@@ -104,7 +104,7 @@ class ClassifierValidation:
     def test(self, engine) -> tuple[dict, str]:
         """The scores on the test split (the validation split if there is none), with the confusion matrix in
         the results and as a table."""
-        split = "test" if self.labelled.examples("test") else "validation"
+        split = "test" if self.labelled.rows("test") else "validation"
         results, confusion = self._scores(engine, split)
         prefix = next(iter(results)).split("/")[0]
         return {**results, f"{prefix}/confusion_matrix": confusion.int().tolist()}, self._table(confusion)

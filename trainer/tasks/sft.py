@@ -90,7 +90,7 @@ def sft_loss(model, batch: dict[str, torch.Tensor], shard=None, chunk: int | Non
 def validation_batches(chat: ChatData, cfg: Config) -> int:
     """Validation micro-batches over all data-parallel ranks: at most eval.batches, a multiple of their number
     (a ZeRO-3 forward is a collective: every rank runs as many)."""
-    world, available = cfg.layout.data_world, chat.samples("validation") // cfg.train.micro_batch_size
+    world, available = cfg.layout.data_world, chat.rows("validation") // cfg.train.micro_batch_size
     count = min(cfg.eval.batches, available) // world * world
     if not count:
         raise ConfigError(f"data.validation_fraction: the validation split holds {available} micro-batch(es) of "
