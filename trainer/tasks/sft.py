@@ -18,7 +18,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from data_pipeline import ChatData, eval_batches
+from data_pipeline import ChatData, eval_batches, load_tokenizer
 from data_pipeline.conversations import prepare_chat
 from trainer.config import Config, ConfigError
 from trainer.data import ChatSamples, TrainingData
@@ -112,7 +112,7 @@ class ChatValidation:
         # Sequence parallelism splits attention over the group: generate() would run a slice of the prompt.
         self.prompts = data.chat.prompts if cfg.layout.sequence == 1 else []
         self.max_new_tokens, self.eos_id, self.pad_id = cfg.data.chat.sample_tokens, data.eos_id, data.pad_token_id
-        self.tokenizer_dir = data.tokenizer_dir
+        self.tokenizer = load_tokenizer(data.tokenizer_dir) if self.prompts else None
 
     def run(self, engine) -> dict:
         totals = torch.zeros(2, dtype=torch.float64, device=self.rank.device)  # loss sum, learned tokens
@@ -133,10 +133,7 @@ class ChatValidation:
         """Greedy replies to the held-out prompts. Every rank generates (a ZeRO-3 forward is a collective)."""
         if not self.prompts:
             return {}
-        from data_pipeline import load_tokenizer
-
-        tokenizer = load_tokenizer(self.tokenizer_dir)
-        lines = []
+        tokenizer, lines = self.tokenizer, []
         for prompt in self.prompts:
             ids = torch.tensor([tokenizer(prompt["text"], add_special_tokens=False)["input_ids"]],
                                device=self.rank.device)

@@ -117,10 +117,13 @@ def test_the_loss_is_the_mean_over_the_steps_learned_tokens(sft_run, tiny_chat_m
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [("--nproc", "1", "--set", "train.micro_batch_size=4"),
                                     ("--nproc", "1", "--set", "train.micro_batch_size=1"),
-                                    ("--set", "parallel.sequence=2")])
+                                    ("--set", "parallel.sequence=2"),
+                                    ("--set", "zero.stage=3", "--set", "eval.every=1", "--set",
+                                     "data.chat.sample_prompts=1")])
 def test_the_step_is_the_same_for_any_batching_and_ranks(layout, sft_run, tiny_chat_model, chat_rows, tmp_path):
-    """1 rank x micro-batch 4, 1 rank x accumulation 4, 2 ranks sharing each sequence (parallel.sequence 2): the
-    loss and the gradient (its norm) of the reference's 2 ranks x accumulation 2."""
+    """1 rank x micro-batch 4, 1 rank x accumulation 4, 2 ranks sharing each sequence (parallel.sequence 2), ZeRO 3
+    (which also generates a reply with partitioned weights, every rank taking part): the loss and the gradient (its
+    norm) of the reference's 2 ranks x accumulation 2 at ZeRO 2."""
     args = sft_args(tmp_path / "run", sft_run / "prepared", tiny_chat_model, chat_rows, "train.max_steps=1",
                     "eval.every=0", "data.chat.sample_prompts=0")
     zerotrain("train", *args, *layout)
