@@ -10,7 +10,7 @@ second of training (summary.json, start-up excluded). Held-out loss: the exports
 by the same code on the same samples (the first --held-out-samples packed validation samples), per learned token.
 Goal: packed >= 1.5 x padded.
 
-    .venv/bin/python bench/sft_packing.py [--steps 4] [--seq-len 1024] [--out runs/bench-sft-packing]
+    .venv/bin/python bench/sft_packing.py [--steps 6] [--seq-len 1024] [--out runs/bench-sft-packing]
 """
 import argparse
 import json
@@ -63,7 +63,7 @@ def run(name: str, data: list[str], packed: bool, out: Path, steps: int, seq_len
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6)  # more than the config's 5 warmup steps
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-sft-packing"))
     parser.add_argument("--held-out-samples", type=int, default=16)

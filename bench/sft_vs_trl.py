@@ -91,7 +91,7 @@ def compare_masks(count: int) -> None:
 
 
 TRL_WORKER = r'''
-import json, os, sys, time
+import json, sys, time
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -108,17 +108,18 @@ class Clock(TrainerCallback):
         self.seconds = time.perf_counter() - self.start
 clock = Clock()
 args = SFTConfig(output_dir=spec["out"], max_length=spec["seq_len"], packing=True, packing_strategy="bfd",
-                 assistant_only_loss=True, chat_template_path=spec["template"], per_device_train_batch_size=spec["micro"],
-                 gradient_accumulation_steps=1, max_steps=spec["steps"], learning_rate=spec["lr"],
-                 lr_scheduler_type="cosine", warmup_steps=spec["warmup"], weight_decay=0.0, adam_beta2=0.999,
-                 max_grad_norm=1.0, bf16=True, logging_steps=1, save_strategy="no", report_to=[], seed=1234,
-                 deepspeed=spec["deepspeed"], use_cpu=True, dataloader_drop_last=True)
+                 assistant_only_loss=True, chat_template_path=spec["template"],
+                 per_device_train_batch_size=spec["micro"], gradient_accumulation_steps=1, max_steps=spec["steps"],
+                 learning_rate=spec["lr"], lr_scheduler_type="cosine_with_min_lr",
+                 lr_scheduler_kwargs={"min_lr_rate": spec["min_lr_rate"]}, warmup_steps=spec["warmup"],
+                 weight_decay=0.0, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, bf16=True,
+                 logging_steps=1, save_strategy="no", report_to=[], seed=spec["seed"], deepspeed=spec["deepspeed"],
+                 use_cpu=True, dataloader_drop_last=True, disable_tqdm=True)
 trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                      callbacks=[clock])
 trainer.train()
+trainer.save_model(spec["out"] + "/final")  # every rank: Trainer writes from the main one
 if trainer.args.process_index == 0:
-    trainer.save_model(spec["out"] + "/final")
-    tokens = sum(len(r["input_ids"]) for r in trainer.train_dataset)
     json.dump({"seconds": clock.seconds, "steps": spec["steps"] - 1, "log": trainer.state.log_history},
               open(spec["out"] + "/timing.json", "w"))
 '''
@@ -172,7 +173,8 @@ def run_trl(rows: Path, steps: int, seq_len: int, out: Path) -> float:
     cfg = load_config(REPO / "configs" / "sft_smollm2.yaml", [f"train.max_steps={steps}"])
     spec = {"rows": str(rows), "model": str(SMOLLM), "out": str(out), "seq_len": seq_len, "steps": steps,
             "micro": cfg.train.micro_batch_size, "lr": cfg.optim.lr, "warmup": cfg.optim.warmup_steps,
-            "template": str(MARKED), "deepspeed": _trl_deepspeed(deepspeed_config(cfg, 134_515_008))}
+            "template": str(MARKED), "min_lr_rate": cfg.optim.min_lr_ratio, "seed": cfg.run.seed,
+            "deepspeed": deepspeed_config(cfg, 134_515_008)}  # Trainer checks its arguments agree with it
     worker = out / "trl_worker.py"
     out.mkdir(parents=True, exist_ok=True)
     worker.write_text(TRL_WORKER)
@@ -181,16 +183,6 @@ def run_trl(rows: Path, steps: int, seq_len: int, out: Path) -> float:
     timing = json.loads((out / "timing.json").read_text())
     tokens = [r["num_tokens"] for r in timing["log"] if "num_tokens" in r]
     return (tokens[-1] - tokens[0]) / timing["seconds"]
-
-
-def _trl_deepspeed(config: dict) -> dict:
-    """zerotrain's DeepSpeed config with the values transformers fills itself marked "auto"."""
-    config = dict(config)
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "gradient_clipping"):
-        config[key] = "auto"
-    config.pop("optimizer", None), config.pop("scheduler", None)
-    return config
 
 
 def held_out_loss(folder: Path, chat, limit: int | None = None) -> float:

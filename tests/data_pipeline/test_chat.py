@@ -186,3 +186,29 @@ def test_best_fit_decreasing_fills_samples_tightly():
     assert bins == best_fit_decreasing(lengths, 512)  # deterministic
     with pytest.raises(ValueError):
         best_fit_decreasing([513], 512)
+
+
+def test_chat_data_from_parquet_and_a_saved_dataset(tmp_path):
+    """Conversations from Parquet (lists of structs), the validation split given as a `save_to_disk` folder."""
+    from datasets import Dataset
+
+    from data_pipeline.config import DataConfig
+    from data_pipeline.conversations import prepare_chat
+
+    def conversation(i: int) -> dict:
+        return {"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                             {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]}
+
+    Dataset.from_list([conversation(i) for i in range(40)]).to_parquet(tmp_path / "train.parquet")
+    Dataset.from_list([conversation(i) for i in range(100, 108)]).save_to_disk(tmp_path / "held-out")
+    data = DataConfig(sources=[str(tmp_path / "train.parquet")], validation=str(tmp_path / "held-out"),
+                      prepared_dir=tmp_path / "prepared", seq_len=64)
+    chat = prepare_chat(data, SMOLLM, log=lambda _: None)
+    assert chat.data["splits"]["train"]["examples"] == 40 and chat.data["splits"]["validation"]["examples"] == 8
+    assert chat.prompts[0]["question"] == "What is 100 + 100?"
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM)
+    labels = chat.split("validation").array("labels")
+    learned = tokenizer.decode(labels[labels >= 0])  # every reply, and nothing but the replies
+    assert all(f"{i} + {i} = {2 * i}.<|im_end|>\n" in learned for i in range(100, 108))
+    assert "What is" not in learned and "system" not in learned
+    assert prepare_chat(data, SMOLLM, log=lambda _: None).data == chat.data  # prepared once, then reused

@@ -204,3 +204,9 @@ def test_chat_with_an_export(sft_run, tmp_path):
     not_a_chat_model = zerotrain("chat", REPO / "data" / "models" / "all-MiniLM-L6-v2", "--input", messages,
                                  check=False)
     assert not_a_chat_model.returncode == 2 and "its tokenizer has no chat template" in not_a_chat_model.stderr
+
+
+def test_the_plan_counts_an_sft_run_like_a_causal_lm_one():
+    out = zerotrain("plan", CONFIG, "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory", "24GB").stdout
+    assert "llama, 134,515,008 parameters" in out  # SmolLM2-135M-Instruct, read from model.init_from
+    assert "batch        8 x 512 = 4.10K tokens per step" in out
