@@ -17,6 +17,7 @@ def deepspeed_config(cfg: Config, num_parameters: int, load_universal: bool = Fa
     (without it they are sized for the whole model: always enough, but more memory)."""
     t, o, z = cfg.train, cfg.optim, cfg.zero
     bucket = max(MIN_BUCKET, min(MAX_BUCKET, num_parameters))
+    bucket += bucket % 2  # ZeRO 1-2 assert a multiple of 2 (NCCL's 4-byte start alignment of 16-bit elements)
     zero = {
         "stage": z.stage,
         "reduce_bucket_size": bucket,

@@ -76,3 +76,24 @@ def test_gradients_are_summed_in_fp32_by_default_where_deepspeed_can(precision, 
 
     cfg = load_config(TINY, [f"train.precision={precision}", f"zero.stage={stage}"])
     assert deepspeed_config(cfg, 1_000_000)["data_types"] == {"grad_accum_dtype": expected}
+
+
+def _odd_sized_model(rank: int, world: int, port: int, out: str) -> None:
+    import deepspeed
+
+    from trainer.engine.deepspeed_config import deepspeed_config
+
+    join(rank, world, port)
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1001, bias=False), torch.nn.Linear(1001, 1, bias=False))
+    count = sum(p.numel() for p in model.parameters())
+    cfg = load_config(TINY, ["train.precision=bf16", "zero.stage=2", "launch.nproc_per_node=1",
+                             "train.micro_batch_size=4", "train.global_batch_size=4"])
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=deepspeed_config(cfg, count))
+    write_result(out, rank, {"parameters": count, "bucket": engine.optimizer.allgather_bucket_size})
+
+
+def test_a_model_with_an_odd_number_of_parameters_builds_at_zero_2():
+    """The buckets track the parameter count, and ZeRO 1-2 need them even (a 5-label MiniLM classifier is odd)."""
+    built = spawn(_odd_sized_model, 1)[0]
+    assert built["parameters"] % 2 == 1 and built["bucket"] == built["parameters"] + 1
