@@ -12,6 +12,7 @@ training rows (zerotrain's labelled.json says which split each row is in: the sa
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ VALIDATION, TEST = 0.05, 0.15
 def articles() -> Path:
     """The articles as JSON lines (text, topic); the one file that is not UTF-8 is read with replacements."""
     rows = OUT / "bbcnews.jsonl"
-    OUT.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(OUT, ignore_errors=True)  # a fresh measurement: the rows, the prepared data and the runs
+    OUT.mkdir(parents=True)
     files = sorted(BBC.glob("*/*.txt"))
     if not files:
         sys.exit(f"{BBC}: no articles; run `make bbc-news`")
@@ -49,7 +51,6 @@ def fine_tune(rows: Path, truncation: str, seq_len: int, epochs: int) -> dict:
             f"data.test_fraction={TEST}", f"train.max_steps={steps}", f"eval.every={steps}", "optim.warmup_steps=5",
             "optim.lr=2e-4"]
     args = [a for s in sets for a in ("--set", s)]
-    subprocess.run(["rm", "-rf", str(OUT / truncation)], check=True)
     subprocess.run([ZEROTRAIN, "prepare", CONFIG, *args], check=True)
     subprocess.run([ZEROTRAIN, "train", CONFIG, *args], check=True)
     summary = json.loads((OUT / truncation / "summary.json").read_text())
