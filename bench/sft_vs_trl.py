@@ -2,18 +2,21 @@
 `pip install trl==1.16.0` into the venv).
 
 1. The tokens learned, compared token for token on real data where TRL can make a mask:
-   - conversations (ShareGPT, the first --conversations that zerotrain keeps): TRL's `assistant_only_loss` needs
+   - conversations (the first 500 ShareGPT conversations that start with a question, with user and assistant
+     turns only, none left out by zerotrain): TRL's `assistant_only_loss` needs
      `{% generation %}` markers, which SmolLM2's ChatML template lacks (TRL ships marked templates for a few other
      families only), so TRL gets the same ChatML template with markers around each reply and its end of turn;
      zerotrain renders SmolLM2's own template (no markers: rendered prefixes).
    - plain prompt/completion pairs (each ShareGPT conversation's first question and reply): TRL's
      `completion_only_loss` against zerotrain's prompt/completion reading.
    Both must give the same input ids and the same learned tokens.
-2. Training, with the same model (SmolLM2-135M-Instruct), data (the conversations zerotrain prepared, packed
-   best-fit decreasing into --seq-len samples), schedule, and DeepSpeed config (ZeRO 2, bf16), 2 CPU ranks:
-   zerotrain's `train` against TRL's SFTTrainer (packing "bfd", padding-free, assistant-only loss) under torchrun.
-   Printed: each one's held-out loss (zerotrain's validation split, per learned token, evaluated by the same code
-   on both final models) and training tokens per second. Goal: held-out loss within 2%, tokens/s >= TRL's.
+2. Training, with the same model (SmolLM2-135M-Instruct), data (the first --conversations such conversations;
+   5% held out by zerotrain's hash for both), sequence length, packing (best-fit decreasing, cut at --seq-len),
+   schedule (configs/sft_smollm2.yaml's) and DeepSpeed config (the dict zerotrain makes, handed to TRL's
+   TrainingArguments), 2 CPU ranks: zerotrain's `train` against TRL's SFTTrainer (packing "bfd", padding-free,
+   assistant-only loss) under torchrun. Printed: each one's held-out loss (the prepared validation split, per
+   learned token, by the same code on both final models) and training tokens per second after the first step
+   (not padding). Goal: held-out loss within 2%, tokens/s >= TRL's.
 
     .venv/bin/python bench/sft_vs_trl.py [--conversations 2000] [--steps 30] [--seq-len 512] [--skip-training]
 """
