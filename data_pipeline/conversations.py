@@ -66,7 +66,7 @@ def prepare_chat(data: DataConfig, tokenizer_dir: Path, log=print) -> ChatData:
         info["splits"][split] = {**_summary(examples, arrays), "files": write_arrays(out / split, arrays)}
         log(_describe(split, info["splits"][split], data.seq_len))
     if left_out:
-        log("left out: " + ", ".join(f"{n} {reason}" for reason, n in left_out.items()))
+        log(_left_out(left_out))
     tokenizer.chat_template = template.template  # the export and `zerotrain chat` render with it
     tokenizer.save_pretrained(out / "tokenizer")
     write_durable(out / ChatData.FILE, json.dumps(info, indent=1))
@@ -104,10 +104,14 @@ def _read(data: DataConfig, template: ChatTemplate) -> tuple[dict[str, list[Exam
                 prompts.append(_prompt(conversation, template))
     for split, examples in splits.items():
         if not examples:
-            raise DataError(f"data.sources: no {split} conversation is left to train on" +
-                            (f" (left out: {', '.join(f'{n} {r}' for r, n in left_out.items())})" if left_out else
-                             "" if split == "train" else "; raise data.validation_fraction, or give data.validation"))
+            why = f" ({_left_out(left_out)})" if left_out else \
+                "; raise data.validation_fraction, or give data.validation" if split == "validation" else ""
+            raise DataError(f"data.sources: no {split} conversation is left to train on{why}")
     return splits, left_out, prompts
+
+
+def _left_out(left_out: dict[str, int]) -> str:
+    return "left out: " + ", ".join(f"{n} {reason}" for reason, n in left_out.items())
 
 
 def _example(conversation: Conversation, template: ChatTemplate, data: DataConfig) -> Example:
@@ -189,4 +193,4 @@ class ChatData(ArrayRecord, file="chat.json", format=1, what="chat data"):
     def describe(self) -> list[str]:
         seq_len, left_out = self.data["seq_len"], self.data["left_out"]
         lines = [_describe(split, info, seq_len) for split, info in self.data["splits"].items()]
-        return lines + (["left out: " + ", ".join(f"{n} {r}" for r, n in left_out.items())] if left_out else [])
+        return lines + ([_left_out(left_out)] if left_out else [])

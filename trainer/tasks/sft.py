@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import default_collate
 
 from data_pipeline import ChatData, eval_batches, load_tokenizer
 from data_pipeline.conversations import prepare_chat
@@ -118,8 +119,7 @@ class ChatValidation:
         totals = torch.zeros(2, dtype=torch.float64, device=self.rank.device)  # loss sum, learned tokens
         with engine.evaluating():
             for indices in self.batches:
-                batch = to_device({name: torch.stack([self.samples[i][name] for i in indices])
-                                   for name in self.samples.names}, self.rank.device)
+                batch = to_device(default_collate([self.samples[i] for i in indices]), self.rank.device)
                 learned = (batch["labels"] >= 0).sum()
                 totals += torch.stack([self.loss(engine, {**batch, "loss_tokens": torch.ones(())}).double(),
                                        learned.double()])
