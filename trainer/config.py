@@ -117,6 +117,9 @@ class TrainSection(Section):
     # torch.compile (inductor) the model, through DeepSpeed's engine.compile(), and the loss's fp32 cross-entropy.
     # Off by default: compiling costs each launch tens of seconds on CPU (see README: Compile).
     compile: bool = on_resume(MAY_CHANGE, False)
+    # The FLOP/s one rank can reach (TFLOP/s), the denominator of MFU. Default: the data sheet of a known GPU,
+    # otherwise a matmul probe at start-up (half a second per launch).
+    peak_tflops: float | None = on_resume(MAY_CHANGE, None, gt=0)
 
 
 class EvalSection(Section):

@@ -104,7 +104,7 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_from: 
     for line in data.describe():
         log.info(line)
     metrics.text("data", "\n".join(data.describe()))
-    peak, peak_source = peak_flops(rank.device, PRECISION_DTYPES[cfg.train.precision])
+    peak, peak_source = peak_flops(rank.device, PRECISION_DTYPES[cfg.train.precision], cfg.train.peak_tflops)
     per_token = flops_per_token(arch, cfg.data.seq_len)
     log.info(f"{per_token / 1e6:.1f} MFLOPs per token; MFU against {peak / 1e12:.2f} TFLOP/s per rank "
              f"({peak_source})")

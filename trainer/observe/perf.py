@@ -30,8 +30,10 @@ def flops_per_token(arch: Architecture, seq_len: int) -> int:
     return 6 * arch.multiplying + 12 * arch.layers * arch.hidden * seq_len
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+def peak_flops(device: torch.device, dtype: torch.dtype, given_tflops: float | None) -> tuple[float, str]:
     """FLOP/s one rank can reach at best, and where the number comes from."""
+    if given_tflops is not None:
+        return given_tflops * 1e12, "train.peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tflops in GPU_PEAK_TFLOPS.items():
