@@ -11,20 +11,29 @@
      `completion_only_loss` against zerotrain's prompt/completion reading.
    Both must give the same input ids and the same learned tokens.
 2. Training, with the same model (SmolLM2-135M-Instruct), data (the first --conversations such conversations;
-   5% held out by zerotrain's hash for both), sequence length, packing (best-fit decreasing, cut at --seq-len),
-   schedule (configs/sft_smollm2.yaml's) and DeepSpeed config (the dict zerotrain makes, handed to TRL's
-   TrainingArguments), 2 CPU ranks: zerotrain's `train` against TRL's SFTTrainer (packing "bfd", padding-free,
-   assistant-only loss) under torchrun. Printed: each one's held-out loss (the prepared validation split, per
-   learned token, by the same code on both final models) and training tokens per second after the first step
-   (not padding). Goal: held-out loss within 2%, tokens/s >= TRL's.
+   5% held out by zerotrain's hash for both), sequence length, schedule (configs/sft_smollm2.yaml's warmup and
+   cosine, zerotrain's function given to TRL's Trainer) and DeepSpeed config (the dict zerotrain makes, handed
+   to TRL's TrainingArguments), 2 CPU ranks, ZeRO 2, bf16: zerotrain's `train` against TRL's SFTTrainer under
+   torchrun. The batches (--trl-batches):
+   - `same` (default): TRL trains on zerotrain's packed samples in zerotrain's order (each sample's
+     conversations as TRL's padding-free rows: input ids, labels, sequence lengths; Trainer's sequential
+     sampler gives rank r the r-th micro-batch of each step, as zerotrain does): the two trainers see the same
+     tokens at every step, so the losses compare the training itself.
+   - `own`: TRL packs the conversations itself (packing "bfd", assistant-only loss) and draws them in its own
+     random order: another subset of the data in 30 steps, so the held-out loss differs by the luck of the draw.
+   Printed: each one's held-out loss (the prepared validation split, per learned token, by the same code on both
+   final models) and training tokens per second after the first step (not padding). Goal: held-out loss within
+   2%, tokens/s >= TRL's.
 
     .venv/bin/python bench/sft_vs_trl.py [--conversations 2000] [--steps 30] [--seq-len 512] [--skip-training]
+                                        [--trl-batches same|own]
 """
 import argparse
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,6 +42,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_pipeline.chat import ChatTemplate, Skipped, read_conversation
 from data_pipeline.config import ChatConfig
+from trainer.config import load_config
+from trainer.engine.deepspeed_config import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM = REPO / "data" / "models" / "SmolLM2-135M-Instruct"
@@ -97,8 +108,10 @@ TRL_WORKER = r'''
 import json, sys, time
 import torch
 from datasets import Dataset
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
+from trainer.optim import warmup_cosine
 spec = json.loads(sys.argv[1])
 rows = [json.loads(line) for line in open(spec["rows"])]
 tokenizer = AutoTokenizer.from_pretrained(spec["model"])
@@ -109,17 +122,24 @@ class Clock(TrainerCallback):
             self.start = time.perf_counter()
     def on_train_end(self, args, state, control, **kw):
         self.seconds = time.perf_counter() - self.start
+class SameSchedule(SFTTrainer):
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        if self.lr_scheduler is None:
+            factor = warmup_cosine(spec["warmup"], spec["steps"], spec["min_lr_rate"])
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, factor)
+        return self.lr_scheduler
+same = spec["batches"] == "same"
+batches = dict(packing=False, padding_free=True, dataset_kwargs={"skip_prepare_dataset": True},
+               train_sampling_strategy="sequential") if same else \
+    dict(packing=True, packing_strategy="bfd", assistant_only_loss=True, chat_template_path=spec["template"])
 clock = Clock()
-args = SFTConfig(output_dir=spec["out"], max_length=spec["seq_len"], packing=True, packing_strategy="bfd",
-                 assistant_only_loss=True, chat_template_path=spec["template"],
+args = SFTConfig(output_dir=spec["out"], max_length=None if same else spec["seq_len"], **batches,
                  per_device_train_batch_size=spec["micro"], gradient_accumulation_steps=1, max_steps=spec["steps"],
-                 learning_rate=spec["lr"], lr_scheduler_type="cosine_with_min_lr",
-                 lr_scheduler_kwargs={"min_lr_rate": spec["min_lr_rate"]}, warmup_steps=spec["warmup"],
-                 weight_decay=0.0, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, bf16=True,
-                 logging_steps=1, save_strategy="no", report_to=[], seed=spec["seed"], deepspeed=spec["deepspeed"],
-                 use_cpu=True, dataloader_drop_last=True, disable_tqdm=True)
-trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                     callbacks=[clock])
+                 learning_rate=spec["lr"], weight_decay=0.0, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
+                 bf16=True, logging_steps=1, save_strategy="no", report_to=[], seed=spec["seed"],
+                 deepspeed=spec["deepspeed"], use_cpu=True, dataloader_drop_last=True, disable_tqdm=True)
+trainer = SameSchedule(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                       callbacks=[clock])
 trainer.train()
 trainer.save_model(spec["out"] + "/final")  # every rank: Trainer writes from the main one
 if trainer.args.process_index == 0:
@@ -128,7 +148,7 @@ if trainer.args.process_index == 0:
 '''
 
 
-def compare_training(count: int, steps: int, seq_len: int, out: Path) -> None:
+def compare_training(count: int, steps: int, seq_len: int, batches: str, out: Path) -> None:
     """Both trainers on the same conversations (the validation split held out by zerotrain's hash, for both)."""
     from data_pipeline.splits import split_of
 
@@ -156,10 +176,14 @@ def compare_training(count: int, steps: int, seq_len: int, out: Path) -> None:
     chat = ChatData.load(out / "prepared")
     train = chat.data["splits"]["train"]
     ours_tokens_per_s = summary["tokens_per_s"] * train["tokens"] / (train["samples"] * seq_len)  # not padding
-    theirs_tokens_per_s = run_trl(train_rows, steps, seq_len, out / "trl")
+    if batches == "same":
+        train_rows = out / "train-samples.jsonl"
+        train_rows.write_text("".join(json.dumps(row) + "\n" for row in zerotrain_batches(chat, steps)))
+    theirs_tokens_per_s = run_trl(train_rows, steps, seq_len, batches, out / "trl")
     losses = {name: held_out_loss(folder, chat) for name, folder in
               (("zerotrain", out / "zerotrain" / "export"), ("TRL", out / "trl" / "final"))}
-    print(f"\ntraining: {steps} steps of 8 packed {seq_len}-token samples, 2 CPU ranks, ZeRO 2, bf16")
+    print(f"\ntraining: {steps} steps of 8 packed {seq_len}-token samples, 2 CPU ranks, ZeRO 2, bf16; "
+          f"TRL's batches: {'zerotrain' if batches == 'same' else 'its own'}")
     print(f"  held-out loss (per learned token, {chat.data['splits']['validation']['examples']} conversations): "
           f"zerotrain {losses['zerotrain']:.4f}, TRL {losses['TRL']:.4f} "
           f"({losses['zerotrain'] / losses['TRL'] - 1:+.2%})")
@@ -167,17 +191,36 @@ def compare_training(count: int, steps: int, seq_len: int, out: Path) -> None:
           f"({ours_tokens_per_s / theirs_tokens_per_s:.2f}x)")
 
 
-def run_trl(rows: Path, steps: int, seq_len: int, out: Path) -> float:
+def zerotrain_batches(chat, steps: int) -> Iterator[dict]:
+    """The samples of zerotrain's first `steps` steps, in its order, as TRL's padding-free rows: each conversation's
+    input ids and labels (not shifted: -100 where not learned) and the conversations' lengths. A cut
+    conversation's last token, which zerotrain learns to predict the first token cut off, has no label here."""
+    from data_pipeline import GlobalOrder
+
+    cfg = load_config(REPO / "configs" / "sft_smollm2.yaml", [f"train.max_steps={steps}"])
+    samples = chat.split("train")
+    order = GlobalOrder([len(samples)], [1.0], cfg.run.seed)
+    for k in range(steps * cfg.train.global_batch_size):
+        s = samples[order.sample(k)]
+        starts = (s["position_ids"] == 0).nonzero().flatten().tolist() + [len(s["position_ids"])]
+        lengths = [b - a for a, b in zip(starts, starts[1:])]
+        learned = s["labels"] >= 0  # at a token's position: the next token is learned
+        if not learned[starts[-2]:].any():  # padding (a document of its own): every conversation learns something
+            lengths.pop()
+        used = sum(lengths)
+        labels = torch.where(torch.cat([torch.zeros(1, dtype=torch.bool), learned[:-1]]), s["input_ids"], -100)
+        yield {"input_ids": s["input_ids"][:used].tolist(), "labels": labels[:used].tolist(), "seq_lengths": lengths}
+
+
+def run_trl(rows: Path, steps: int, seq_len: int, batches: str, out: Path) -> float:
     """TRL's SFTTrainer on 2 ranks (torchrun) with zerotrain's DeepSpeed config for the run; its tokens/s after
     the first step."""
-    from trainer.config import load_config
-    from trainer.engine.deepspeed_config import deepspeed_config
-
     cfg = load_config(REPO / "configs" / "sft_smollm2.yaml", [f"train.max_steps={steps}"])
     spec = {"rows": str(rows), "model": str(SMOLLM), "out": str(out), "seq_len": seq_len, "steps": steps,
             "micro": cfg.train.micro_batch_size, "lr": cfg.optim.lr, "warmup": cfg.optim.warmup_steps,
             "template": str(MARKED), "min_lr_rate": cfg.optim.min_lr_ratio, "seed": cfg.run.seed,
-            "deepspeed": deepspeed_config(cfg, 134_515_008)}  # Trainer checks its arguments agree with it
+            # Trainer checks that its arguments agree with the DeepSpeed config
+            "deepspeed": deepspeed_config(cfg, 134_515_008), "batches": batches}
     worker = out / "trl_worker.py"
     out.mkdir(parents=True, exist_ok=True)
     worker.write_text(TRL_WORKER)
@@ -209,11 +252,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--trl-batches", choices=["same", "own"], default="same")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-sft-vs-trl")
     args = parser.parse_args()
     compare_masks(min(args.conversations, 500))
     if not args.skip_training:
-        compare_training(args.conversations, args.steps, args.seq_len, args.out)
+        compare_training(args.conversations, args.steps, args.seq_len, args.trl_batches, args.out)
 
 
 if __name__ == "__main__":
