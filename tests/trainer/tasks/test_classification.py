@@ -47,7 +47,7 @@ def plays_args(run_dir, prepared, lines, *overrides: str) -> list[str]:
             f"data.prepared_dir={prepared}", "data.seq_len=32", "data.validation_fraction=0.1",
             "data.test_fraction=0.1", "train.micro_batch_size=8", "train.global_batch_size=32", "train.max_steps=6",
             "optim.lr=1e-3", "optim.warmup_steps=1", "train.log_every=1", "eval.every=3",
-            "train.precision=fp32", "checkpoint.every=3", *overrides]
+            "train.precision=fp32", "checkpoint.every=3", "train.peak_tflops=0.2", *overrides]
     return [str(SENTIMENT)] + [a for s in sets for a in ("--set", s)]
 
 

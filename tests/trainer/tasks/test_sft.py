@@ -54,7 +54,7 @@ def sft_args(run_dir, prepared, model, rows, *overrides: str) -> list[str]:
             "train.micro_batch_size=1", "train.global_batch_size=4", "train.max_steps=4", "train.precision=fp32",
             "train.log_every=1", "optim.lr=1e-3", "optim.warmup_steps=1", "eval.batches=2", "eval.every=2",
             "checkpoint.every=2", "launch.nproc_per_node=2", "zero.stage=2", "data.chat.sample_tokens=8",
-            *overrides]
+            "train.peak_tflops=0.2", *overrides]
     return [str(CONFIG)] + [a for s in sets for a in ("--set", s)]
 
 
