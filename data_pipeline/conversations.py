@@ -22,7 +22,7 @@ import numpy as np
 
 from data_pipeline.arrays import ArrayRecord, write_arrays
 from data_pipeline.chat import ChatTemplate, Conversation, Skipped, read_conversation
-from data_pipeline.config import DataConfig
+from data_pipeline.config import ChatConfig, DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.files import fingerprint, write_durable
 from data_pipeline.packing import best_fit_decreasing
@@ -46,8 +46,8 @@ class Example:
 def prepare_chat(data: DataConfig, tokenizer_dir: Path, log=print) -> ChatData:
     out = Path(data.prepared_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
-    template = ChatTemplate(tokenizer, _template_file(data), str(data.chat.template or tokenizer_dir))
-    inputs_fingerprint = _inputs_fingerprint(data, tokenizer_fingerprint(tokenizer), template.template)
+    template = chat_template(data, tokenizer, tokenizer_dir)
+    inputs_fingerprint = chat_fingerprint(data, tokenizer_fingerprint(tokenizer), template.template)
     if (out / ChatData.FILE).is_file():
         existing = ChatData.load(out)
         if existing.fingerprint != inputs_fingerprint:
@@ -59,27 +59,29 @@ def prepare_chat(data: DataConfig, tokenizer_dir: Path, log=print) -> ChatData:
     out.mkdir(parents=True, exist_ok=True)
     info = {"format": ChatData.FORMAT, "inputs_fingerprint": inputs_fingerprint, "seq_len": data.seq_len,
             "packing": data.packing, "left_out": dict(left_out), "prompts": prompts, "splits": {}}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for split, examples in splits.items():
         shutil.rmtree(out / split, ignore_errors=True)
-        arrays = pack(examples, data.seq_len, data.packing, pad)
+        arrays = pack(examples, data.seq_len, data.packing, pad_id(tokenizer))
         info["splits"][split] = {**_summary(examples, arrays), "files": write_arrays(out / split, arrays)}
         log(_describe(split, info["splits"][split], data.seq_len))
     if left_out:
-        log(_left_out(left_out))
+        log(describe_left_out(left_out))
     tokenizer.chat_template = template.template  # the export and `zerotrain chat` render with it
     tokenizer.save_pretrained(out / "tokenizer")
     write_durable(out / ChatData.FILE, json.dumps(info, indent=1))
     return ChatData(out, info)
 
 
-def _template_file(data: DataConfig) -> str | None:
+def chat_template(data: DataConfig, tokenizer, tokenizer_dir: Path) -> ChatTemplate:
+    """data.chat.template's, or else the tokenizer's."""
     path = data.chat.template
-    if path is None:
-        return None
-    if not path.is_file():
+    if path is not None and not path.is_file():
         raise DataError(f"data.chat.template: {path}: no such file")
-    return path.read_text()
+    return ChatTemplate(tokenizer, path and path.read_text(), str(path or tokenizer_dir))
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _read(data: DataConfig, template: ChatTemplate) -> tuple[dict[str, list[Example]], Counter, list[dict]]:
@@ -94,9 +96,7 @@ def _read(data: DataConfig, template: ChatTemplate) -> tuple[dict[str, list[Exam
                 conversation = read_conversation(row, f"{location}: row {i}", data.chat)
                 example = _example(conversation, template, data)
             except Skipped as e:
-                if e.reason not in ALWAYS_LEFT_OUT and not data.chat.skip_invalid:
-                    raise DataError(f"{e} (data.chat.skip_invalid: true leaves such rows out)") from None
-                left_out[e.reason] += 1
+                left_out[left_out_reason(e, data.chat)] += 1
                 continue
             split = given or split_of(json.dumps(conversation.messages), {"validation": fraction})
             splits[split].append(example)
@@ -104,13 +104,23 @@ def _read(data: DataConfig, template: ChatTemplate) -> tuple[dict[str, list[Exam
                 prompts.append(_prompt(conversation, template))
     for split, examples in splits.items():
         if not examples:
-            why = f" ({_left_out(left_out)})" if left_out else \
+            why = f" ({describe_left_out(left_out)})" if left_out else \
                 "; raise data.validation_fraction, or give data.validation" if split == "validation" else ""
             raise DataError(f"data.sources: no {split} conversation is left to train on{why}")
     return splits, left_out, prompts
 
 
-def _left_out(left_out: dict[str, int]) -> str:
+def left_out_reason(error: DataError, chat: ChatConfig) -> str:
+    """The reason to count a row that cannot be trained on under; `error` raised again if it is not a Skipped,
+    and a refusal naming the row if only data.chat.skip_invalid leaves such rows out."""
+    if not isinstance(error, Skipped):
+        raise error
+    if error.reason not in ALWAYS_LEFT_OUT and not chat.skip_invalid:
+        raise DataError(f"{error} (data.chat.skip_invalid: true leaves such rows out)") from None
+    return error.reason
+
+
+def describe_left_out(left_out: dict[str, int]) -> str:
     return "left out: " + ", ".join(f"{n} {reason}" for reason, n in left_out.items())
 
 
@@ -135,9 +145,14 @@ def _prompt(conversation: Conversation, template: ChatTemplate) -> dict:
 
 
 def pack(examples: list[Example], seq_len: int, packing: bool, pad: int) -> dict[str, np.ndarray]:
-    """The samples: several examples each (best-fit decreasing) or one each; the rest padding, not learned."""
+    """The samples: several examples each (best-fit decreasing) or one each."""
     groups = best_fit_decreasing([len(e.ids) for e in examples], seq_len) if packing else \
         [[i] for i in range(len(examples))]
+    return lay_out(examples, groups, seq_len, pad)
+
+
+def lay_out(examples: list[Example], groups: list[list[int]], seq_len: int, pad: int) -> dict[str, np.ndarray]:
+    """A sample per group of examples, in the group's order; the rest padding, not learned."""
     arrays = {"input_ids": np.full((len(groups), seq_len), pad, np.int32),
               "labels": np.full((len(groups), seq_len), IGNORE, np.int32),
               "position_ids": np.zeros((len(groups), seq_len), np.int32)}
@@ -168,7 +183,7 @@ def _describe(split: str, info: dict, seq_len: int) -> str:
             "learned")
 
 
-def _inputs_fingerprint(data: DataConfig, tokenizer_hash: str, template: str) -> str:
+def chat_fingerprint(data: DataConfig, tokenizer_hash: str, template: str) -> str:
     sources = [s for s in (*data.sources, data.validation) if s is not None]
     units = [[u.__dict__ for u in source_units(s)] for s in sources]
     settings = [data.seq_len, data.packing, data.validation_fraction, data.chat.model_dump(mode="json"),
@@ -193,4 +208,4 @@ class ChatData(ArrayRecord, file="chat.json", format=1, what="chat data"):
     def describe(self) -> list[str]:
         seq_len, left_out = self.data["seq_len"], self.data["left_out"]
         lines = [_describe(split, info, seq_len) for split, info in self.data["splits"].items()]
-        return lines + ([_left_out(left_out)] if left_out else [])
+        return lines + ([describe_left_out(left_out)] if left_out else [])

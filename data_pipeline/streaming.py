@@ -47,51 +47,41 @@ logging.getLogger("datasets.iterable_dataset").addFilter(
 )
 
 
-class StreamingPackedDataset(torch.utils.data.IterableDataset):
-    """This rank's endless stream of packed samples: long tensors of seq_len + 1 tokens.
+class DocumentStream:
+    """This rank's rows of the files, epoch after epoch, shuffled in resumable blocks (steps 1-3 above): what
+    the packed text windows and the chat samples (streaming_chat.py) are made from.
 
     The position lives in the object, like datasets' own: a new iterator continues where the last one stopped,
-    so iterate with one iterator at a time."""
+    so iterate with one iterator at a time. `field`: the column every row needs, named when a file lacks it."""
 
-    def __init__(self, files: list[Path], text_field: str, tokenizer_dir: Path, seq_len: int,
-                 rank: int, world_size: int, seed: int, shuffle_buffer: int = 1000):
+    def __init__(self, files: list[Path], field: str | None, rank: int, world_size: int, seed: int,
+                 shuffle_buffer: int):
         if not files:
             raise DataError("data.sources: no files to stream")
         if len({builder_for(f)[0] for f in files}) > 1:
             raise DataError(f"data.sources: streaming reads one type of file, got {sorted({f.suffix for f in files})}")
         self.files = files
-        self.text_field = "text" if builder_for(files[0])[0] == "text" else text_field
-        self.tokenizer = load_tokenizer(tokenizer_dir)
-        self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.field = "text" if builder_for(files[0])[0] == "text" else field
+        self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
         # buffer_size=1 keeps only the file shuffle and interleaving: documents are shuffled in resumable blocks.
         self.source = stream_files([str(f) for f in files]).shuffle(seed=seed, buffer_size=1)
-        self._tokens = np.empty(0, dtype=np.int64)
         self._start_epoch(0)
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def __iter__(self) -> Iterator[dict]:
         if torch.utils.data.get_worker_info() is not None:
-            raise RuntimeError("StreamingPackedDataset runs in the training process (DataLoader num_workers=0): "
+            raise RuntimeError("a streaming dataset runs in the training process (DataLoader num_workers=0): "
                                "a worker reads ahead, so its state_dict() would not match what was trained on")
         while True:
-            for text in self._documents():
-                ids = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
-                self._tokens = np.concatenate([self._tokens, ids["input_ids"], [self.tokenizer.eos_token_id]])
-                while len(self._tokens) > self.seq_len:
-                    window = torch.from_numpy(self._tokens[: self.seq_len + 1].copy())
-                    self._tokens = self._tokens[self.seq_len :]  # a view: O(1) however long the document
-                    yield window
+            yield from self._rows()
             self._start_epoch(self._epoch + 1)
 
     def state_dict(self) -> dict:
-        return {
-            **self._layout(),
-            "epoch": self._epoch,
-            "block": self._block,
-            "block_start": self._block_start,
-            "block_done": self._block_done,
-            "tokens": self._tokens.tolist(),
-        }
+        return {**self._layout(), "epoch": self._epoch, "block": self._block, "block_start": self._block_start,
+                "block_done": self._block_done}
 
     def load_state_dict(self, state: dict) -> None:
         saved = {key: state[key] for key in self._layout()}
@@ -99,7 +89,6 @@ class StreamingPackedDataset(torch.utils.data.IterableDataset):
             raise DataError(f"streaming data state: saved for {saved}, cannot resume exactly with {self._layout()}")
         self._epoch, self._block, self._block_start = state["epoch"], state["block"], state["block_start"]
         self._block_done = state["block_done"]
-        self._tokens = np.array(state["tokens"], dtype=np.int64)
 
     def _layout(self) -> dict:
         """What the order of documents depends on besides the files: a state is only valid under the same."""
@@ -109,9 +98,9 @@ class StreamingPackedDataset(torch.utils.data.IterableDataset):
     def _start_epoch(self, epoch: int) -> None:
         self._epoch, self._block, self._block_start, self._block_done = epoch, 0, None, 0
 
-    def _documents(self) -> Iterator[str]:
-        """The rest of this epoch's documents for this rank. The state moves before each document is handed out,
-        so that between two samples it describes exactly what has been packed."""
+    def _rows(self) -> Iterator[dict]:
+        """The rest of this epoch's rows for this rank. The state moves before each row is handed out, so that
+        between two samples it describes exactly what they were made from."""
         stream = split_dataset_by_node(self.source, self.rank, self.world_size)
         stream.set_epoch(self._epoch)
         if self._block_start is not None:
@@ -121,7 +110,7 @@ class StreamingPackedDataset(torch.utils.data.IterableDataset):
             order = np.random.default_rng([self.seed, self._epoch, self._block]).permutation(len(block))
             for i in order[self._block_done :]:
                 self._block_done += 1
-                yield self._text(block[i])
+                yield block[i]
             self._block, self._block_start, self._block_done = self._block + 1, stream.state_dict(), 0
         if self._block == 0:  # nothing read this epoch: iterating on would loop forever without a sample
             raise DataError(f"data.sources: rank {self.rank} of {self.world_size} got no document "
@@ -131,11 +120,40 @@ class StreamingPackedDataset(torch.utils.data.IterableDataset):
         try:
             return list(itertools.islice(rows, self.shuffle_buffer))
         except CastError as e:  # datasets casts every file to the first file's columns
-            raise _file_without(self.files, self.text_field) or DataError(
+            raise (self.field and _file_without(self.files, self.field)) or DataError(
                 f"data.sources: a file's columns differ from the first file's: {' '.join(str(e).split())}"
             ) from e
         except (ValueError, UnicodeError) as e:  # a file the parser cannot read
             raise unreadable([str(f) for f in self.files], e) from None
+
+
+class StreamingPackedDataset(torch.utils.data.IterableDataset):
+    """This rank's endless stream of packed samples: long tensors of seq_len + 1 tokens (one iterator at a time,
+    as DocumentStream)."""
+
+    def __init__(self, files: list[Path], text_field: str, tokenizer_dir: Path, seq_len: int,
+                 rank: int, world_size: int, seed: int, shuffle_buffer: int = 1000):
+        self.documents = DocumentStream(files, text_field, rank, world_size, seed, shuffle_buffer)
+        self.files, self.text_field = files, self.documents.field
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.seq_len = seq_len
+        self._tokens = np.empty(0, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for text in map(self._text, self.documents):  # endless: the packing buffer carries over into each epoch
+            ids = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
+            self._tokens = np.concatenate([self._tokens, ids["input_ids"], [self.tokenizer.eos_token_id]])
+            while len(self._tokens) > self.seq_len:
+                window = torch.from_numpy(self._tokens[: self.seq_len + 1].copy())
+                self._tokens = self._tokens[self.seq_len :]  # a view: O(1) however long the document
+                yield window
+
+    def state_dict(self) -> dict:
+        return {**self.documents.state_dict(), "tokens": self._tokens.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.documents.load_state_dict(state)
+        self._tokens = np.array(state["tokens"], dtype=np.int64)
 
     def _text(self, row: dict) -> str:
         text = row.get(self.text_field)

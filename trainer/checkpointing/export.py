@@ -49,6 +49,8 @@ def export(run_dir: Path, out_dir: Path, tag: str | None = None) -> tuple[Path, 
     task = task_of(cfg)
     data = task.open_data(cfg)
     tokenizer = load_tokenizer(data.tokenizer_dir, require_eos=False)
+    if data.chat_template:  # streamed chat data: data.chat.template, if given, is not the tokenizer folder's
+        tokenizer.chat_template = data.chat_template
     with init_empty_weights():  # no throw-away initialisation of a large model
         model = task.auto_model.from_config(task.model_config(cfg.model, data.vocab_size, data))
     model.tie_weights()  # as the trained model was: a tied output layer is not a parameter of its own

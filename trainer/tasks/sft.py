@@ -1,11 +1,13 @@
 """Supervised fine-tuning of chat models: next-token prediction on conversations, learning only the replies.
 
 Data: chat samples prepared by `zerotrain prepare` (data_pipeline.conversations: the model's own chat template,
-the learned tokens marked, several conversations packed per sample and kept apart by restarting positions).
-The loss is the cross-entropy summed over the learned tokens of the whole optimizer step and divided by their
-number (trainer/data.py ChatSamples), so micro-batch size, accumulation, the number of ranks and sequence
-parallelism change nothing. Validation: the held-out conversations' loss per learned token, and the replies
-the model gives to a few held-out prompts (TensorBoard text and the log), so a user sees the model change.
+the learned tokens marked, several conversations packed per sample and kept apart by restarting positions), or
+made the same way on the fly from a stream of the rows (data.mode: streaming; data_pipeline.streaming_chat). The
+loss is the cross-entropy summed over the learned tokens of the whole optimizer step and divided by their
+number (trainer/data.py ChatSamples, ChatStream), so micro-batch size, accumulation, the number of ranks and
+sequence parallelism change nothing. Validation (prepared data only): the held-out conversations' loss per learned
+token, and the replies the model gives to a few held-out prompts (TensorBoard text and the log), so a user sees the
+model change.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.utils.data import default_collate
 from data_pipeline import ChatData, eval_batches, load_tokenizer
 from data_pipeline.conversations import prepare_chat
 from trainer.config import Config, ConfigError
-from trainer.data import ChatSamples, TrainingData
+from trainer.data import ChatSamples, ChatStream, TrainingData
 from trainer.parallel.distributed import Rank, to_device
 from trainer.tasks.causal_lm import CausalLM, fp32_cross_entropy, loss_chunk, token_losses
 
@@ -45,7 +47,7 @@ class SFT(CausalLM):
             raise ConfigError("model.init_from: supervised fine-tuning starts from a chat model (a folder with its "
                               "tokenizer and chat template)")
         if cfg.data.mode == "streaming":
-            raise ConfigError("data.mode: sft reads prepared chat data (`zerotrain prepare`); use data.mode: prepared")
+            _check_streaming(cfg)
         if not cfg.data.document_masking:
             raise ConfigError("data.document_masking: sft keeps each conversation apart; leave it true")
         if any(source.weight is not None for source in cfg.data.sources):
@@ -55,9 +57,13 @@ class SFT(CausalLM):
         prepare_chat(cfg.data, cfg.tokenizer.path)
 
     def open_data(self, cfg: Config) -> TrainingData:
+        if cfg.data.mode == "streaming":
+            return ChatStream(cfg)
         return ChatSamples(ChatData.load(cfg.data.prepared_dir))
 
     def check_data(self, cfg: Config, data: TrainingData) -> None:
+        if not isinstance(data, ChatSamples):
+            return
         if data.chat.data["seq_len"] != cfg.data.seq_len:
             raise ConfigError(f"data.seq_len: {cfg.data.seq_len}, but the chat data was prepared for "
                               f"{data.chat.data['seq_len']}; prepare it again")
@@ -73,7 +79,19 @@ class SFT(CausalLM):
                        cross_entropy=torch.compile(fp32_cross_entropy) if cfg.train.compile else fp32_cross_entropy)
 
     def validation(self, cfg: Config, data: TrainingData, rank: Rank, loss: Callable):
+        if not isinstance(data, ChatSamples):  # a stream has no held-out split
+            return None
         return ChatValidation(data, validation_batches(data.chat, cfg), cfg, rank, loss)
+
+
+def _check_streaming(cfg: Config) -> None:
+    """A stream has no held-out conversations: validation settings are refused, not ignored."""
+    asked = {"data.validation": cfg.data.validation, "eval.every": cfg.eval.every, "eval.at_start": cfg.eval.at_start,
+             "eval.best_metric": cfg.eval.best_metric}
+    for name, value in asked.items():
+        if value:
+            raise ConfigError(f"{name}: streaming chat data has no held-out conversations to validate on; unset it, "
+                              "or prepare the data (data.mode: prepared)")
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor], shard=None, chunk: int | None = None,

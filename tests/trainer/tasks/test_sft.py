@@ -4,6 +4,7 @@ ranks, real DeepSpeed."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -210,3 +211,77 @@ def test_the_plan_counts_an_sft_run_like_a_causal_lm_one():
     out = zerotrain("plan", CONFIG, "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory", "24GB").stdout
     assert "llama, 134,515,008 parameters" in out  # SmolLM2-135M-Instruct, read from model.init_from
     assert "batch        8 x 512 = 4.10K tokens per step" in out
+
+
+# Learning the last reply only, the samples learn very different numbers of tokens (69 to 214 in step 1), so the
+# step's mean differs clearly from a mean of micro-batch means or of per-rank means.
+STREAMING = ["data.mode=streaming", "data.chat.train_on=last_assistant", "eval.every=0", "eval.at_start=false",
+             "checkpoint.every=2"]
+
+
+@pytest.fixture(scope="session")
+def streaming_sft_run(tiny_chat_model, chat_rows, tmp_path_factory):
+    """The sft run's 4 steps on 2 ranks, its rows streamed (no prepare); saves at 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("sft-stream") / "run"
+    zerotrain("train", *sft_args(run_dir, run_dir.parent / "unused", tiny_chat_model, chat_rows, *STREAMING))
+    return run_dir
+
+
+@pytest.mark.slow
+def test_streaming_chat_trains_and_resumes_exactly(streaming_sft_run, tiny_chat_model, chat_rows, tmp_path):
+    losses = train_losses(streaming_sft_run)
+    assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
+    saved = torch.load(streaming_sft_run / "checkpoints" / "step_00000002" / "rank1.pt", weights_only=False)
+    assert saved["stream"]["rank"] == 1 and saved["stream"]["world_size"] == 2 and saved["stream"]["pending"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(streaming_sft_run, resumed, ignore=shutil.ignore_patterns("metrics.jsonl", "tensorboard",
+                                                                              "summary.json", "step_00000004"))
+    (resumed / "checkpoints" / "latest").write_text("step_00000002")
+    args = sft_args(resumed, tmp_path / "unused", tiny_chat_model, chat_rows, *STREAMING)
+    zerotrain("train", *args, "--resume", "auto")
+    assert train_losses(resumed) == {step: losses[step] for step in (3, 4)}  # exactly: the same samples, in order
+    other_ranks = refused("train", *args, "--nproc", "1", "--resume", "auto")
+    assert "streaming data resumes on ranks laid out the same only" in other_ranks.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sequence", [1, 2])
+def test_a_streamed_step_loss_is_the_mean_over_its_learned_tokens(sequence, streaming_sft_run, tiny_chat_model,
+                                                                   chat_rows, tmp_path):
+    """Step 1's logged loss is the cross-entropy of the learned tokens of the 4 samples the data ranks streamed,
+    summed and divided by their number, computed here with plain transformers. 2 ranks: 2 samples each, the
+    count summed over them. parallel.sequence 2: the 2 ranks share one stream (4 samples), counted once."""
+    from data_pipeline.streaming_chat import StreamingChatDataset
+    from trainer.config import load_config
+
+    run_dir = streaming_sft_run
+    if sequence == 2:
+        run_dir = tmp_path / "run"
+        zerotrain("train", *sft_args(run_dir, tmp_path / "unused", tiny_chat_model, chat_rows, *STREAMING,
+                                     "train.max_steps=1", "parallel.sequence=2"))
+    cfg = load_config(next((run_dir / "checkpoints").glob("step_*/config.yaml")))
+    ranks = cfg.layout.data_world
+    streams = [itertools.islice(StreamingChatDataset([chat_rows], cfg.data, tiny_chat_model, rank, ranks,
+                                                     cfg.run.seed), 4 // ranks) for rank in range(ranks)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32)
+    sums, counts = np.zeros((ranks, 4 // ranks)), np.zeros((ranks, 4 // ranks))
+    with torch.no_grad():
+        for rank, stream in enumerate(streams):
+            for i, sample in enumerate(stream):
+                logits = model(input_ids=sample["input_ids"][None], position_ids=sample["position_ids"][None]).logits
+                sums[rank, i] = float(F.cross_entropy(logits[0].float(), sample["labels"], reduction="sum"))
+                counts[rank, i] = int((sample["labels"] != IGNORE).sum())
+    logged = step_one(run_dir)["train/loss"]
+    assert logged == pytest.approx(sums.sum() / counts.sum(), rel=1e-5)
+    assert abs((sums / counts).mean() - logged) > 1e-4  # not a mean of the micro-batches' means
+    if ranks > 1:  # nor a mean of the ranks' means
+        assert abs((sums.sum(1) / counts.sum(1)).mean() - logged) > 1e-4
+
+
+def test_streaming_chat_refuses_validation_it_cannot_do(tiny_chat_model, chat_rows, tmp_path):
+    for setting in ("eval.every=2", f"data.validation={chat_rows}"):
+        args = sft_args(tmp_path / "run", tmp_path / "unused", tiny_chat_model, chat_rows, *STREAMING, setting)
+        name = setting.split("=")[0]
+        assert refused("train", *args).stderr.strip().splitlines() == [
+            f"zerotrain: error: {name}: streaming chat data has no held-out conversations to validate on; unset "
+            "it, or prepare the data (data.mode: prepared)"]
