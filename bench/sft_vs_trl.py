@@ -240,7 +240,9 @@ def held_out_loss(folder: Path, chat, limit: int | None = None) -> float:
     with torch.no_grad():
         for i in range(min(len(samples), limit or len(samples))):
             s = samples[i]
-            logits = model(input_ids=s["input_ids"][None], position_ids=s["position_ids"][None]).logits[0]
+            # No cache: transformers keeps packed conversations apart (positions restart) only without one
+            logits = model(input_ids=s["input_ids"][None], position_ids=s["position_ids"][None],
+                           use_cache=False).logits[0]
             total += float(torch.nn.functional.cross_entropy(logits.float(), s["labels"], reduction="sum"))
             count += int((s["labels"] >= 0).sum())
     return total / count
