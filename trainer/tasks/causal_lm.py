@@ -111,6 +111,7 @@ def lm_loss(model, batch: torch.Tensor, eos_id: int | None = None, shard=None, c
     if shard is not None:  # positions and labels belong to the whole sequence: cut after they are known
         inputs, labels, positions = shard.cut(inputs), shard.cut(labels), shard.cut(positions)
         predicted = None if predicted is None else shard.cut(predicted)
+    # No cache: transformers keeps documents apart where positions restart only when it makes none
     logits = model(input_ids=inputs, position_ids=positions, use_cache=False).logits
     losses = token_losses(logits, labels, chunk, cross_entropy)
     part = (losses if predicted is None else losses * predicted.flatten()).sum() / count

@@ -101,6 +101,7 @@ def sft_loss(model, batch: dict[str, torch.Tensor], shard=None, chunk: int | Non
     inputs, labels, positions = batch["input_ids"], batch["labels"], batch["position_ids"]
     if shard is not None:
         inputs, labels, positions = shard.cut(inputs), shard.cut(labels), shard.cut(positions)
+    # No cache: transformers keeps documents apart where positions restart only when it makes none
     logits = model(input_ids=inputs, position_ids=positions, use_cache=False).logits
     part = token_losses(logits, labels, chunk, cross_entropy).sum() / batch["loss_tokens"]
     return part if shard is None else shard.whole(part)

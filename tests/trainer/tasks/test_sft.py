@@ -106,13 +106,39 @@ def test_the_loss_is_the_mean_over_the_steps_learned_tokens(sft_run, tiny_chat_m
     sums, counts = [], []
     with torch.no_grad():
         for sample in batch:
-            logits = model(input_ids=sample["input_ids"][None], position_ids=sample["position_ids"][None]).logits
+            logits = model(input_ids=sample["input_ids"][None], position_ids=sample["position_ids"][None],
+                               use_cache=False).logits
             sums.append(float(F.cross_entropy(logits[0].float(), sample["labels"], reduction="sum")))
             counts.append(int((sample["labels"] != IGNORE).sum()))
     logged = step_one(sft_run / "run")["train/loss"]
     assert logged == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
     assert len(set(counts)) > 1  # the samples learn different numbers of tokens: a mean of means would differ
     assert abs(np.mean([s / c for s, c in zip(sums, counts)]) - logged) > 1e-4
+
+
+def test_packed_conversations_do_not_attend_to_each_other(tiny_chat_model):
+    """Two conversations in one sample: the loss sft_loss computes is what each has alone (the positions restart,
+    and the model keeps the conversations apart - transformers does only when it makes no cache)."""
+    from data_pipeline.conversations import Example, lay_out
+    from trainer.tasks.sft import sft_loss
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32).eval()
+    examples = []
+    for text in ("Friends, Romans, countrymen, lend me your ears.", "Now is the winter of our discontent."):
+        ids = np.asarray(tokenizer(text)["input_ids"], np.int32)
+        examples.append(Example(ids, np.append(ids[1:], IGNORE).astype(np.int32)))
+
+    def loss(groups, restart=True):
+        arrays = lay_out(examples, groups, 32, tokenizer.pad_token_id)
+        batch = {k: torch.from_numpy(v).long() for k, v in arrays.items()} | {"loss_tokens": torch.ones(())}
+        if not restart:  # one document: the second conversation would read the first
+            batch["position_ids"] = torch.arange(32).expand(len(groups), 32)
+        with torch.no_grad():
+            return float(sft_loss(model, batch))
+
+    assert loss([[0, 1]]) == pytest.approx(loss([[0], [1]]), abs=1e-5)
+    assert abs(loss([[0, 1]], restart=False) - loss([[0], [1]])) > 1e-3
 
 
 @pytest.mark.slow
@@ -268,7 +294,8 @@ def test_a_streamed_step_loss_is_the_mean_over_its_learned_tokens(sequence, stre
     with torch.no_grad():
         for rank, stream in enumerate(streams):
             for i, sample in enumerate(stream):
-                logits = model(input_ids=sample["input_ids"][None], position_ids=sample["position_ids"][None]).logits
+                logits = model(input_ids=sample["input_ids"][None], position_ids=sample["position_ids"][None],
+                               use_cache=False).logits
                 sums[rank, i] = float(F.cross_entropy(logits[0].float(), sample["labels"], reduction="sum"))
                 counts[rank, i] = int((sample["labels"] != IGNORE).sum())
     logged = step_one(run_dir)["train/loss"]
