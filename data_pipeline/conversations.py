@@ -94,7 +94,7 @@ def _read(data: DataConfig, template: ChatTemplate) -> tuple[dict[str, list[Exam
         for location, i, row in iter_rows(source):
             try:
                 conversation = read_conversation(row, f"{location}: row {i}", data.chat)
-                example = _example(conversation, template, data)
+                example = make_example(conversation, template, data)
             except Skipped as e:
                 left_out[left_out_reason(e, data.chat)] += 1
                 continue
@@ -124,7 +124,7 @@ def describe_left_out(left_out: dict[str, int]) -> str:
     return "left out: " + ", ".join(f"{n} {reason}" for reason, n in left_out.items())
 
 
-def _example(conversation: Conversation, template: ChatTemplate, data: DataConfig) -> Example:
+def make_example(conversation: Conversation, template: ChatTemplate, data: DataConfig) -> Example:
     ids, learned = template.render(conversation, data.seq_len)
     truncated = len(ids) > data.seq_len
     if truncated and data.chat.too_long == "drop":

@@ -1,6 +1,6 @@
 """Streaming chat data (model.task sft, data.mode streaming): chat rows read as this rank's stream of the files
 (streaming.DocumentStream: per-rank parts, resumable shuffled blocks, a new order each epoch), each made an
-example as `zerotrain prepare` makes it (data_pipeline.chat, conversations._example), packed in stream order.
+example as `zerotrain prepare` makes it (data_pipeline.chat, conversations.make_example), packed in stream order.
 
 Packing is greedy: a conversation that does not fit the current sample ends it (padded, the padding not learned)
 and starts the next; with data.packing false each conversation has a sample of its own. A sample is what a
@@ -22,8 +22,8 @@ import torch
 
 from data_pipeline.chat import read_conversation
 from data_pipeline.config import DataConfig
-from data_pipeline.conversations import Example, _example, chat_template, describe_left_out, lay_out, \
-    left_out_reason, pad_id
+from data_pipeline.conversations import Example, chat_template, describe_left_out, lay_out, \
+    left_out_reason, make_example, pad_id
 from data_pipeline.errors import DataError
 from data_pipeline.sources import stream_files
 from data_pipeline.streaming import DocumentStream
@@ -72,7 +72,7 @@ class StreamingChatDataset(torch.utils.data.IterableDataset):
         """The row's example; None if it is left out (counted). A refusal names the row."""
         self._read += 1
         try:
-            example = _example(read_conversation(row, UNNAMED, self.data.chat), self.template, self.data)
+            example = make_example(read_conversation(row, UNNAMED, self.data.chat), self.template, self.data)
         except DataError as e:
             try:
                 self._left_out[left_out_reason(e, self.data.chat)] += 1
