@@ -8,24 +8,23 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils.logging import disable_progress_bar
 
 from data_pipeline.errors import UserError
+from launcher.models import export_config, load_export
 from launcher.generate import check_length
 
 
 class Chat:
     def __init__(self, model_dir: Path, system: str | None, max_new_tokens: int):
-        if not (model_dir / "config.json").is_file():
-            raise UserError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
+        self.config, self.max_new_tokens = export_config(model_dir), max_new_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if not self.tokenizer.chat_template:
             raise UserError(f"{model_dir}: its tokenizer has no chat template; export a run of model.task: sft")
-        self.config, self.max_new_tokens = AutoConfig.from_pretrained(model_dir), max_new_tokens
         self.system = [{"role": "system", "content": system}] if system else []
         disable_progress_bar()  # the replies are the output; a loading bar on stderr is not
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.model = load_export(model_dir, AutoModelForCausalLM)
 
     def reply(self, messages: list[dict]) -> str:
         """The model's greedy reply to the conversation so far (the system prompt first, if given)."""

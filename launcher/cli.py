@@ -174,7 +174,7 @@ def _plan(args) -> None:
 def _export(args) -> None:
     from trainer.checkpointing.export import export
 
-    out, auto, damaged = export(args.run_dir.absolute(), args.out_dir.absolute(), args.tag)
+    out, auto, damaged = export(args.run_dir.absolute(), args.out_dir.absolute(), args.tag, args.merge)
     for problem in damaged:
         print(f"zerotrain: checkpoint {problem}: exported an older one", file=sys.stderr)
     print(f"zerotrain: exported to {out} (load it with {auto}.from_pretrained)")
@@ -183,8 +183,6 @@ def _export(args) -> None:
 def _generate(args) -> None:
     from launcher.generate import generate
 
-    if not (args.model_dir / "config.json").is_file():
-        raise UserError(f"{args.model_dir}: not a Hugging Face model folder (no config.json)")
     if not all(prompt.strip() for prompt in args.prompt):
         raise ConfigError("--prompt: an empty prompt; give text for the model to continue")
     texts = generate(args.model_dir, args.prompt, args.max_new_tokens, args.temperature, args.seed)
@@ -326,6 +324,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path, help="where to write the model; must not exist or be empty")
     p.add_argument("--tag", help="checkpoint to export: step_00000100, best (the best validation result, "
                    "eval.best_metric) or latest (default: the newest intact one)")
+    p.add_argument("--merge", action="store_true", help="a LoRA run (model.lora): the base model with the "
+                   "adapters merged into its weights, a plain transformers folder (default: the adapter alone, "
+                   "in PEFT's format)")
     p = command("generate", _generate, "Sample text from an exported model with plain transformers.",
                 config=False)
     p.add_argument("model_dir", type=Path, help="a folder written by `zerotrain export`")

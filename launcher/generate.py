@@ -5,18 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils.logging import disable_progress_bar
 
 from data_pipeline.errors import UserError
+from launcher.models import export_config, load_export
 
 
 def generate(model_dir: Path, prompts: list[str], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
+    config = export_config(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     encoded = [tokenizer(prompt, return_tensors="pt") for prompt in prompts]
-    check_length(AutoConfig.from_pretrained(model_dir), [e["input_ids"].shape[1] for e in encoded], max_new_tokens)
+    check_length(config, [e["input_ids"].shape[1] for e in encoded], max_new_tokens)
     disable_progress_bar()  # the samples are the output; a loading bar on stderr is not
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = load_export(model_dir, AutoModelForCausalLM)
     torch.manual_seed(seed)
     outputs = []
     for inputs in encoded:

@@ -7,23 +7,22 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils.logging import disable_progress_bar
 
 from data_pipeline.errors import UserError
+from launcher.models import export_config, load_export
 
 
 def predict(model_dir: Path, texts: Iterable[str], batch_size: int) -> Iterator[tuple[str, float, str]]:
     """(label, its probability, text) per non-empty text, in input order; the label names are the export's."""
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
-    config = AutoConfig.from_pretrained(model_dir)
+    config = export_config(model_dir)
     if not any(name.endswith("ForSequenceClassification") for name in config.architectures or []):
         raise UserError(f"{model_dir}: not a classifier ({', '.join(config.architectures or ['no architecture'])}); "
                           "export a run with model.task: classification")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     disable_progress_bar()  # the labels are the output; a loading bar on stderr is not
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = load_export(model_dir, AutoModelForSequenceClassification)
     max_length = min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", 512))
     texts = (text for text in texts if text.strip())
     while batch := list(itertools.islice(texts, batch_size)):  # itertools.batched needs Python 3.12

@@ -16,6 +16,7 @@ from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer.observe.metrics import read_records
 
@@ -114,6 +115,32 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def engine_validation_loss(run: Path) -> float:
+    return [r["val/loss"] for r in read_metrics(run) if "val/loss" in r][-1]
+
+
+def export_validation_loss(run: Path, export) -> float:
+    """The validation loss of `export` (a model, or a folder transformers loads) on the samples the tiny run's
+    engine validated on (all ranks' together)."""
+    from transformers import AutoModelForCausalLM
+
+    from data_pipeline import Manifest, PackedDataset, eval_batches
+    from trainer.config import load_config
+    from trainer.tasks.causal_lm import lm_loss, validation_batch_counts
+
+    cfg = load_config(run / "config.yaml")
+    manifest = Manifest.load(cfg.data.prepared_dir)
+    model = (export if isinstance(export, torch.nn.Module) else AutoModelForCausalLM.from_pretrained(export)).eval()
+    losses = []
+    for source, count in validation_batch_counts(manifest, cfg).items():
+        dataset = PackedDataset(manifest.store("validation", source), cfg.data.seq_len)
+        for rank in range(cfg.layout.data_world):
+            for batch in eval_batches(len(dataset), cfg.train.micro_batch_size, rank, cfg.layout.data_world, count):
+                with torch.no_grad():
+                    losses.append(lm_loss(model, torch.stack([dataset[i] for i in batch])).item())
+    return sum(losses) / len(losses)
 
 
 # Processes of runs started in the background: what the kill, signal and launch tests act on.

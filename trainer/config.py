@@ -60,6 +60,27 @@ class RunSection(Section):
         return name
 
 
+class LoraSection(Section):
+    """Low-rank adapters (LoRA, through PEFT) on a frozen base model: only the adapters and `modules_to_save` are
+    trained (trainer/model/lora.py). A run cannot switch them on or off, nor reshape them, on resume."""
+
+    rank: int = Field(16, ge=1)  # r: the adapters' inner dimension, at most a target layer's smaller side
+    alpha: float = Field(32, gt=0)  # the adapters' output is scaled by alpha / rank
+    dropout: float = on_resume(MAY_CHANGE, 0.0, ge=0, lt=1)  # on the adapters' input, while training
+    # The layers that get adapters: module names (a name's last parts, e.g. q_proj, or a full name) or
+    # all-linear: every linear layer of the transformer blocks (not the output layer or a classifier head)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # Modules trained fully beside the adapters, e.g. embed_tokens (new tokens); a classifier's head always is
+    modules_to_save: list[str] = []
+
+    @field_validator("target_modules", "modules_to_save")
+    @classmethod
+    def _names(cls, names):
+        if isinstance(names, list) and not all(name.strip() for name in names):
+            raise ValueError("an empty module name")
+        return names
+
+
 class ModelSection(Section):
     # What is learned: causal_lm, pretraining / next-token fine-tuning; classification, a label per text (a linear
     # head on the encoder's pooled output). trainer/tasks has one module per task.
@@ -74,6 +95,7 @@ class ModelSection(Section):
     # (need the flash-attn package where the ranks run)
     attention: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] | None = \
         on_resume(MAY_CHANGE, None)
+    lora: LoraSection | None = None  # train low-rank adapters on the frozen model instead of all its weights
 
     @field_validator("task")
     @classmethod

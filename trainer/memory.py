@@ -72,7 +72,8 @@ def architecture(cfg: Config, vocab_size: int | None = None) -> Architecture:
     """The run's model on the meta device; what it takes of the data (a classifier's labels) the task's stand-in
     gives."""
     task = task_of(cfg)
-    return shape.architecture(task.auto_model, task.model_config(cfg.model, vocab_size or vocab_size_of(cfg)))
+    return shape.architecture(task.auto_model, task.model_config(cfg.model, vocab_size or vocab_size_of(cfg)),
+                              cfg.model)
 
 
 def element_bytes(precision: str) -> int:

@@ -26,7 +26,7 @@ HEADROOM = 0.95  # of a machine's memory a run may plan to use
 def check(cfg: Config, auto, model: PretrainedConfig, on_training_machine: bool) -> list[str]:
     """Notes for the user; raises ConfigError when the ranks cannot fit in this machine's memory. `auto`, `model`:
     the task's transformers Auto class and the model's config."""
-    arch = architecture(auto, model)
+    arch = architecture(auto, model, cfg.model)
     notes = _disk(cfg, arch)
     if on_training_machine:
         notes += _memory(cfg, arch)

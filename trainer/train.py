@@ -27,6 +27,7 @@ from trainer.data import Batches
 from trainer.engine import Engine
 from trainer.engine.deepspeed_engine import build_engine
 from trainer.evaluator import Evaluator
+from trainer.model.lora import base_of
 from trainer.observe.metrics import MetricsLogger
 from trainer.observe.monitors import FileVerifier, Monitors, PhaseTimer, StopRequest
 from trainer.observe.perf import PRECISION_DTYPES, Throughput, flops_per_token, peak_flops
@@ -97,7 +98,8 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_from: 
             store.set_rng_states(own["rng"])
         log.info(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)")
     # The data trained on from here: the pre-flight checked it against the checkpoint's, or was told to allow it.
-    state = replace(state, data_fingerprint=data.fingerprint, vocab_size=data.vocab_size, layout=cfg.layout.to_dict())
+    state = replace(state, data_fingerprint=data.fingerprint, vocab_size=data.vocab_size, layout=cfg.layout.to_dict(),
+                    base_fingerprint=base_of(cfg.model))
     metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, state.step, enabled=rank.is_main)
     metrics.text("config", cfg.to_yaml())
     metrics.text("versions", _versions())

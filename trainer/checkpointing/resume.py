@@ -134,12 +134,29 @@ def convert_to_universal(run_dir: Path, tag: str, group, log) -> Path:
     return out
 
 
+def _check_same_adapters(saved: Config, cfg: Config, tag: str, state: TrainState) -> None:
+    """A LoRA run continues with adapters on the same base model; a full fine-tune without them."""
+    from trainer.model.lora import base_of
+
+    if (saved.model.lora is None) != (cfg.model.lora is None):
+        trained = "without model.lora (all weights trained)" if saved.model.lora is None else \
+            "with LoRA adapters (model.lora)"
+        raise ConfigError(f"model.lora: checkpoint {tag} was trained {trained}; resume with its setting, or start "
+                          "another run.output_dir (init_from an export of it)")
+    if cfg.model.lora is not None and state.base_fingerprint != base_of(cfg.model):
+        raise ConfigError(f"model.init_from: {cfg.model.init_from} is not the base model checkpoint {tag} trained "
+                          f"its adapters on (weights fingerprint {state.base_fingerprint or 'none'}, here "
+                          f"{base_of(cfg.model) or 'none'}); resume with model.init_from: {saved.model.init_from}")
+
+
 def check_continues(cfg: Config, resume: ResumePoint, state: TrainState, vocab_size: int) -> None:
     """Refuse, in one line, a config that cannot continue the checkpoint: a field that may not change on resume
     (the config schema says which), a vocabulary of another size, a global batch that does not divide the
     samples consumed, or max_steps behind it."""
     folder = resume.folder(cfg.run_dir)
-    changes = resume_changes(load_config(folder / "config.yaml"), cfg)
+    saved = load_config(folder / "config.yaml")
+    _check_same_adapters(saved, cfg, resume.tag, state)
+    changes = resume_changes(saved, cfg)
     if changes:
         raise ConfigError(f"checkpoint {resume.tag} was trained with other settings that cannot change on resume: "
                           f"{'; '.join(changes)}; resume with the checkpoint's values or start another "

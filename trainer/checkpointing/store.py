@@ -63,6 +63,7 @@ class TrainState:
     best_step: int = 0
     evals_since_best: int = 0  # validations without improvement (early stopping counts them)
     layout: dict = field(default_factory=dict)  # the ParallelLayout that saved it ({} in checkpoints before it)
+    base_fingerprint: str = ""  # of model.init_from's weights, under model.lora (trainer/model/lora.py)
 
     def advanced(self, samples: int, tokens: int) -> "TrainState":
         return replace(self, step=self.step + 1, consumed_samples=self.consumed_samples + samples,

@@ -10,18 +10,23 @@ from trainer.config import Config
 MIN_BUCKET, MAX_BUCKET = 1_000_000, 500_000_000
 
 
+def bucket_size(parameters: int) -> int:
+    bucket = max(MIN_BUCKET, min(MAX_BUCKET, parameters))
+    return bucket + bucket % 2  # ZeRO 1-2 assert a multiple of 2 (NCCL's 4-byte start alignment of 16-bit elements)
+
+
 def deepspeed_config(cfg: Config, num_parameters: int, load_universal: bool = False,
-                     largest_parameter: int | None = None) -> dict:
+                     largest_parameter: int | None = None, trainable: int | None = None) -> dict:
     """`load_universal`: the run resumes from a universal checkpoint (saved by another number of ranks).
     `largest_parameter`: the numel of the model's largest parameter; sizes the NVMe parameter swap buffers
-    (without it they are sized for the whole model: always enough, but more memory)."""
+    (without it they are sized for the whole model: always enough, but more memory). `trainable`: the parameters
+    that get gradients (all by default; model.lora's adapters): the gradient buckets follow them."""
     t, o, z = cfg.train, cfg.optim, cfg.zero
-    bucket = max(MIN_BUCKET, min(MAX_BUCKET, num_parameters))
-    bucket += bucket % 2  # ZeRO 1-2 assert a multiple of 2 (NCCL's 4-byte start alignment of 16-bit elements)
+    bucket, gradients = bucket_size(num_parameters), bucket_size(trainable or num_parameters)
     zero = {
         "stage": z.stage,
-        "reduce_bucket_size": bucket,
-        "allgather_bucket_size": bucket,
+        "reduce_bucket_size": gradients,
+        "allgather_bucket_size": gradients,  # stages 1-2 gather the updated (trainable) parameters
         "overlap_comm": z.stage >= 2,
         "contiguous_gradients": z.stage >= 2,
     }

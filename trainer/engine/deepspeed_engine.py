@@ -27,6 +27,7 @@ from trainer.engine.checkpoint_engine import SnapshotEngine
 from trainer.engine.deepspeed_config import deepspeed_config
 from trainer.model.build import build_model
 from trainer.model.initialization import initialise
+from trainer.model.lora import add_adapters
 from trainer.model.shape import Architecture, architecture
 from trainer.optim import param_groups, warmup_cosine
 
@@ -42,8 +43,10 @@ def init_process_group(backend: str, timeout: timedelta) -> None:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, engine, universal: bool):
-        self.ds, self.universal = engine, universal
+    def __init__(self, engine, universal: bool, frozen: bool = False):
+        """`frozen`: some parameters are not trained (model.lora): checkpoints leave them out, and a load takes
+        the trained ones alone (the frozen ones are model.init_from's, or the seed's, again)."""
+        self.ds, self.universal, self.frozen = engine, universal, frozen
         self.device, self.module = engine.device, engine.module
         self.schedule = engine.lr_scheduler
         self.hyper = [{key: group[key] for key in HYPER_PARAMETERS} for group in self.schedule.optimizer.param_groups]
@@ -82,14 +85,15 @@ class DeepSpeedEngine(Engine):
     def save(self, root: Path, tag: str, writer=None) -> None:
         if writer is not None:  # every file DeepSpeed saves goes through zerotrain's writer
             self.ds.checkpoint_engine = SnapshotEngine.around(self.ds.checkpoint_engine, writer)
-        self.ds.save_checkpoint(str(root), tag=tag, save_latest=False)
+        self.ds.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=self.frozen)
 
     def load(self, root: Path, tag: str, *, weights_only: bool = False) -> None:
         if weights_only:
             self.ds.load_checkpoint(str(root), tag=tag, load_module_only=True, load_optimizer_states=False,
-                                    load_lr_scheduler_states=False)
+                                    load_lr_scheduler_states=False, load_module_strict=not self.frozen)
             return
-        self.ds.load_checkpoint(str(root), tag=tag, load_lr_scheduler_states=False)
+        self.ds.load_checkpoint(str(root), tag=tag, load_lr_scheduler_states=False,
+                                load_module_strict=not self.frozen)
         if self.universal:
             repairs.zero3_universal_step_tensors(self.ds)
         # DeepSpeed advances the schedule on the steps it applies, not on those it skips (non-finite gradients)
@@ -112,10 +116,13 @@ def build_engine(cfg: Config, config: PretrainedConfig, auto_model, universal: b
     its parameter count, and at stage 3 it is then built partitioned (`deepspeed.zero.Init`, unless
     zero.partitioned_init is off): no rank ever holds all of it. `universal`: the run resumes from a universal
     checkpoint (saved by ranks laid out otherwise)."""
-    arch = architecture(auto_model, config)
-    ds_config = deepspeed_config(cfg, arch.held(cfg.parallel.tensor), universal, largest_parameter=max(arch.sizes))
-    log.info(f"model: {config.model_type} ({cfg.model.task}), {arch.params / 1e6:.2f}M parameters, ZeRO stage "
-             f"{cfg.zero.stage}, {cfg.train.precision}, grad accumulation {cfg.grad_accum}")
+    arch = architecture(auto_model, config, cfg.model)
+    ds_config = deepspeed_config(cfg, arch.held(cfg.parallel.tensor), universal, largest_parameter=max(arch.sizes),
+                                 trainable=arch.trainable)
+    lora = cfg.model.lora
+    log.info(f"model: {config.model_type} ({cfg.model.task}), {arch.params / 1e6:.2f}M parameters"
+             + (f" ({arch.trainable / 1e6:.2f}M trained: LoRA rank {lora.rank})" if lora else "")
+             + f", ZeRO stage {cfg.zero.stage}, {cfg.train.precision}, grad accumulation {cfg.grad_accum}")
     torch.manual_seed(cfg.run.seed)  # the same dropout and other draws on every rank
     # While this object lives, transformers builds (and loads) models inside deepspeed.zero.Init.
     zero_init = HfDeepSpeedConfig(ds_config) if cfg.zero.stage == 3 and cfg.zero.partitioned_init else None
@@ -126,6 +133,8 @@ def build_engine(cfg: Config, config: PretrainedConfig, auto_model, universal: b
         held = sum(p.ds_tensor.numel() for p in model.parameters())
         log.info(f"model built partitioned (deepspeed.zero.Init): this rank holds {held / 1e6:.2f}M of "
                  f"{arch.params / 1e6:.2f}M parameters")
+    if lora:  # while zero_init lives: PEFT copies modules_to_save gathered under ZeRO 3
+        model = add_adapters(model, lora, cfg.model.task, cfg.run.seed)
     o = cfg.optim
     factor = warmup_cosine(o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, o.weight_decay),
@@ -133,4 +142,4 @@ def build_engine(cfg: Config, config: PretrainedConfig, auto_model, universal: b
     del zero_init
     if cfg.train.compile:  # compiled lazily, at the first forward and backward
         engine.compile()  # DeepSpeed's: torch.compile of the module, its ZeRO hooks kept around it
-    return DeepSpeedEngine(engine, universal), arch
+    return DeepSpeedEngine(engine, universal, frozen=lora is not None), arch

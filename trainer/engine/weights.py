@@ -16,7 +16,7 @@ from trainer.optim import param_groups
 
 
 def fp32_weights(ckpt: Path, cfg: Config, model: torch.nn.Module, made: Path) -> dict[str, torch.Tensor]:
-    """The whole fp32 master weights of `model`'s parameters. ZeRO 0 keeps them in its one model file; DeepSpeed's
+    """The whole fp32 master weights of `model`'s trained parameters (all, or a LoRA run's adapters). ZeRO 0 keeps them in its one model file; DeepSpeed's
     consolidation joins the partitions of its ZeRO optimizer at stages 1-3; the tensor slices of a
     tensor-parallel run, and the partitions of ZeRO 1's BF16_Optimizer (bf16 gradients summed in fp32:
     bf16_zero_* files), come from the universal conversion instead: one a resume made beside the checkpoint, or
@@ -25,12 +25,14 @@ def fp32_weights(ckpt: Path, cfg: Config, model: torch.nn.Module, made: Path) ->
     if cfg.zero.stage == 0 and cfg.parallel.tensor == 1:
         return _zero_0_weights(ckpt / "mp_rank_00_model_states.pt", cfg, model)
     if cfg.parallel.tensor == 1 and not (cfg.zero.stage == 1 and any(ckpt.glob("bf16_zero_pp_rank_*"))):
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        # a LoRA run's checkpoints hold no frozen parameters (DeepSpeed's exclude_frozen_parameters)
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name,
+                                                        exclude_frozen_parameters=True)
     if cfg.zero.stage == 0:
         raise UserError(f"{ckpt}: a ZeRO-0 checkpoint of a tensor-parallel run keeps its weights sliced in its "
                           "model files, which DeepSpeed's universal conversion does not read; save at zero.stage "
                           "1 or 2 to export")
-    shapes = {name: p.shape for name, p in model.named_parameters()}
+    shapes = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
     if made.is_dir():
         return universal.weights(made, shapes)
     with tempfile.TemporaryDirectory(prefix=f"{ckpt.name}.export-", dir=ckpt.parent) as tmp:

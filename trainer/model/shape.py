@@ -37,6 +37,7 @@ class Architecture:
     vocab: int
     attention: str  # the attention implementation transformers chose: sdpa, eager, flash_attention_2, ...
     tensor_split: int  # parameters parallel.tensor splits: the linear layers of the model's tensor-parallel plan
+    trainable: int  # parameters that get gradients and optimizer states: all, or with model.lora its adapters
 
     def held(self, tensor: int) -> int:
         """Parameters one rank of a tensor group of `tensor` holds: its slice of the split layers, and the rest
@@ -155,9 +156,20 @@ def _experts(config: PretrainedConfig) -> int:
     return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
 
 
-def architecture(auto, config: PretrainedConfig) -> Architecture:
-    """The shape of the model of Auto class `auto` and `config`."""
+def architecture(auto, config: PretrainedConfig, section: ModelSection | None = None) -> Architecture:
+    """The shape of the model of Auto class `auto` and `config`; with `section.lora`, of the model with its
+    adapters (checked: a ConfigError names a setting that cannot wrap it)."""
     model = on_meta(auto, config)
+    trainable = sum(p.numel() for p in model.parameters())
+    if section is not None and section.lora is not None:
+        from accelerate import init_empty_weights
+
+        from trainer.model.lora import add_adapters, check_adapters
+
+        with init_empty_weights():
+            model = add_adapters(model, section.lora, section.task, seed=0)
+        check_adapters(model, section.lora)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     params = list(model.parameters())  # a tied (shared) parameter is listed once
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
@@ -181,6 +193,7 @@ def architecture(auto, config: PretrainedConfig) -> Architecture:
         vocab=config.vocab_size,
         attention=attention_of(config),
         tensor_split=_tensor_split(model, config),
+        trainable=trainable,
     )
 
 

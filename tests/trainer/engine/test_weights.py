@@ -10,13 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
-from data_pipeline import Manifest, PackedDataset, eval_batches
-from helpers import STEPS, as_of_step_6, read_metrics, resumed_like, tiny_args, train_losses, zerotrain
-from trainer.config import load_config
-from trainer.tasks.causal_lm import lm_loss, validation_batch_counts
+from helpers import (STEPS, as_of_step_6, engine_validation_loss, export_validation_loss, resumed_like, tiny_args,
+                     , train_losses, zerotrain)
 
 pytestmark = pytest.mark.slow
 BF16 = ["train.precision=bf16", "model.config.tie_word_embeddings=true"]
@@ -33,25 +30,6 @@ def bf16_run(tiny_data, tmp_path_factory):
             zerotrain("train", *tiny_args(runs[stage], tiny_data, *BF16, f"zero.stage={stage}"))
         return runs[stage]
     return trained
-
-
-def engine_validation_loss(run: Path) -> float:
-    return [r["val/loss"] for r in read_metrics(run) if "val/loss" in r][-1]
-
-
-def export_validation_loss(run: Path, export: Path) -> float:
-    """The validation loss of `export` on the samples the run's engine validated on (all ranks' together)."""
-    cfg = load_config(run / "config.yaml")
-    manifest = Manifest.load(cfg.data.prepared_dir)
-    model = AutoModelForCausalLM.from_pretrained(export).eval()
-    losses = []
-    for source, count in validation_batch_counts(manifest, cfg).items():
-        dataset = PackedDataset(manifest.store("validation", source), cfg.data.seq_len)
-        for rank in range(cfg.layout.data_world):
-            for batch in eval_batches(len(dataset), cfg.train.micro_batch_size, rank, cfg.layout.data_world, count):
-                with torch.no_grad():
-                    losses.append(lm_loss(model, torch.stack([dataset[i] for i in batch])).item())
-    return sum(losses) / len(losses)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 3])  # stage 2: test_train.py compares the export with the live weights
