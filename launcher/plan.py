@@ -25,7 +25,7 @@ from trainer.parallel.layout import ParallelLayout
 from trainer.tasks import task_of
 from trainer.memory import OPTIONS, Estimate, GiB, Option, architecture, element_bytes, estimate, recommend
 from trainer.model.shape import Architecture, check_sequence_split, check_tensor_split
-from trainer.observe.perf import flops_per_token
+from trainer.observe.perf import flops_per_token, frozen_multiplying
 
 MARGIN = 0.10  # of GPU memory left free for the CUDA context, NCCL's buffers and allocator fragmentation
 
@@ -138,6 +138,10 @@ def _header(cfg: Config, arch: Architecture, est: Estimate, nodes: int, gpus_per
     embeddings = (f"embeddings {_count(arch.embedding)} in + {_count(arch.lm_head)} out" if arch.lm_head
                   else f"embeddings {_count(arch.embedding)} (tied)")
     sequence, tensor = cfg.parallel.sequence, cfg.parallel.tensor
+    lora = [f"             LoRA rank {cfg.model.lora.rank}: {arch.trainable:,} parameters trained "
+            f"({arch.trainable / arch.params:.2%}), the rest frozen: weights only, no gradients or optimizer "
+            "states"] if cfg.model.lora else []
+    frozen = f" - 2 x {_count(frozen_multiplying(arch))} frozen" if cfg.model.lora else ""
     split = f", {s // sequence} per rank of a sequence group of {sequence}" if sequence > 1 else ""
     held = [f"             a rank of a tensor group of {tensor} holds {_count(arch.held(tensor))} of them (the "
             "linear layers split, embedding and norms whole); ZeRO 0-2"] if tensor > 1 else []
@@ -147,12 +151,13 @@ def _header(cfg: Config, arch: Architecture, est: Estimate, nodes: int, gpus_per
         f"zerotrain plan: {cfg.run.name} on {nodes} node(s) x {gpus_per_node} GPU(s) = {world} ranks, "
         f"{gpu_memory_gib:g} GiB per GPU",
         f"model        {cfg.model.type}, {arch.params:,} parameters ({_count(arch.params)}), {embeddings}",
+        *lora,
         f"             {arch.layers} layers, hidden {arch.hidden}, {arch.heads} heads (KV dim {arch.kv_dim}), "
         f"MLP {arch.intermediate}{' gated' if arch.gated_mlp else ''}, vocab {arch.vocab}, attention {arch.attention}",
         *held,
         f"batch        {t.global_batch_size} x {s} = {_count(t.global_batch_size * s)} tokens per step; "
         f"micro-batch {t.micro_batch_size} per rank, {_accumulation(cfg, world)}",
-        f"compute      6 x {_count(arch.multiplying)} + 12 x {arch.layers} x {arch.hidden} x {s} = "
+        f"compute      6 x {_count(arch.multiplying)}{frozen} + 12 x {arch.layers} x {arch.hidden} x {s} = "
         f"{_flops(per_token)} per token ({12 * arch.layers * arch.hidden * s / per_token:.0%} attention), "
         f"{_flops(per_token * t.global_batch_size * s)} per step",
         f"precision    {t.precision}: per parameter {e} B weights + {states}",
@@ -259,6 +264,9 @@ def _start_up(cfg: Config, arch: Architecture, usable: float, gpus_per_node: int
 
 def _cross_check(arch: Architecture, estimates: list[Estimate], nodes: int, gpus_per_node: int, precision: str,
                  mem: Units) -> list[str]:
+    if arch.trainable < arch.params:
+        return ["DeepSpeed's estimators (estimate_zero2/3_model_states_mem_needs) assume every parameter trains: "
+                "no comparison for a LoRA run."]
     lines = ["DeepSpeed's estimators (estimate_zero2/3_model_states_mem_needs) vs ours: GPU model states with the",
              "optimizer step's fp32 gradients. At stage 3 DeepSpeed adds 4 B x the largest layer "
              f"({_count(arch.largest_layer)} parameters;",

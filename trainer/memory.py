@@ -145,11 +145,12 @@ class Estimate:
         return self.states + self.resident + max(self.transient + activations, self.step)
 
 
-def zero_section_of(cfg: Config, option: Option, nodes: int, gpus_per_node: int, n_params: int):
+def zero_section_of(cfg: Config, option: Option, nodes: int, gpus_per_node: int, n_params: int,
+                    trainable: int | None = None):
     """DeepSpeed's parsed `zero_optimization` section of the config zerotrain would write for this run."""
     launch = cfg.launch.model_copy(update={"nnodes": nodes, "nproc_per_node": gpus_per_node})
     run = cfg.model_copy(update={"zero": option.zero_section(), "launch": launch})
-    return zero_config(deepspeed_config(run, n_params))
+    return zero_config(deepspeed_config(run, n_params, trainable=trainable))
 
 
 def persistent_params(arch: Architecture, zero) -> int:
@@ -189,14 +190,22 @@ def model_states(precision: str, option: Option, n_params: int, world: int, accu
     return params, grads, optimizer * part, step, 0
 
 
-def buffers(arch: Architecture, held: int, precision: str, option: Option, zero, world: int) -> tuple[int, int]:
-    """(resident, transient) DeepSpeed buffer bytes per rank, which holds `held` parameters (its tensor slice)
-    and shares them with `world` data-parallel ranks."""
+def frozen_weights(precision: str, option: Option, frozen: int, world: int) -> tuple[int, int]:
+    """(GPU, host) bytes per rank of `frozen` parameters (a LoRA run's base): 16-bit (or fp32) weights without
+    gradients or optimizer states, partitioned at stage 3, on the host with offloaded parameters."""
+    weights = element_bytes(precision) * (math.ceil(frozen / world) if option.stage == 3 else frozen)
+    return (0, weights) if option.offload_param else (weights, 0)
+
+
+def buffers(arch: Architecture, held: int, trained: int, precision: str, option: Option, zero, world: int) \
+        -> tuple[int, int]:
+    """(resident, transient) DeepSpeed buffer bytes per rank, which holds `held` parameters (its tensor slice),
+    `trained` of them with gradients, and shares them with `world` data-parallel ranks."""
     e, P = element_bytes(precision), held
     if option.stage == 0:  # the engine all-reduces gradients flattened into buffers of this many elements
-        return 0, e * min(P, allreduce_buffer_elements()) if world > 1 else 0
+        return 0, e * min(trained, allreduce_buffer_elements()) if world > 1 else 0
     if option.stage == 1:  # reduced at the end of backward, a flattened bucket at a time
-        return 0, e * min(P, zero.reduce_bucket_size)
+        return 0, e * min(trained, zero.reduce_bucket_size)
     if option.stage == 2:  # contiguous gradient buckets, double-buffered with overlap_comm
         count = 2 if zero.contiguous_gradients and zero.overlap_comm else 1
         return 0, count * e * zero.reduce_bucket_size
@@ -211,10 +220,13 @@ def estimate(cfg: Config, arch: Architecture, option: Option, nodes: int, gpus_p
     layout = ParallelLayout(nodes * gpus_per_node, cfg.parallel.sequence, tensor)
     # ZeRO partitions a rank's tensor slice over the ranks holding the same slice
     held, world = arch.held(tensor), layout.zero_world
+    trained = min(held, arch.trainable)  # model.lora: the adapters; the frozen rest has weights only
     accumulate = accumulation_dtype(t, option.stage)
-    params, grads, optimizer, step, host = model_states(t.precision, option, held, world, accumulate)
-    zero = zero_section_of(cfg, option, nodes, gpus_per_node, held)
-    resident, transient = buffers(arch, held, t.precision, option, zero, world)
+    params, grads, optimizer, step, host = model_states(t.precision, option, trained, world, accumulate)
+    frozen, frozen_host = frozen_weights(t.precision, option, held - trained, world)
+    params, host = params + frozen, host + frozen_host
+    zero = zero_section_of(cfg, option, nodes, gpus_per_node, held, trained)
+    resident, transient = buffers(arch, held, trained, t.precision, option, zero, world)
     # A rank of a sequence group holds its slice of every activation; attention holds the whole sequence with
     # that share of the heads: the same bytes. The document mask spans the whole sequence.
     tokens = cfg.data.seq_len // cfg.parallel.sequence
@@ -224,7 +236,7 @@ def estimate(cfg: Config, arch: Architecture, option: Option, nodes: int, gpus_p
                     + document_mask_bytes(cfg, arch),
                     activation_bytes(arch, t.precision, t.micro_batch_size, tokens, True, tensor, chunked)
                     + document_mask_bytes(cfg, arch, checkpointing=True),
-                    host, save_copy_bytes(held, t.precision, option, world), accumulate)
+                    host, save_copy_bytes(trained, t.precision, option, world), accumulate)
 
 
 def document_mask_bytes(cfg: Config, arch: Architecture, checkpointing: bool = False) -> int:

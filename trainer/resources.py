@@ -34,8 +34,9 @@ def check(cfg: Config, auto, model: PretrainedConfig, on_training_machine: bool)
 
 
 def checkpoint_bytes(arch: Architecture, precision: str) -> int:
-    """A checkpoint's size: the 16-bit (or fp32) weights, the fp32 master copy and both Adam moments."""
-    return (element_bytes(precision) + 12) * arch.params
+    """A checkpoint's size: the 16-bit (or fp32) weights, the fp32 master copy and both Adam moments of the
+    trained parameters (a LoRA run's adapters: its frozen base is not saved)."""
+    return (element_bytes(precision) + 12) * arch.trainable
 
 
 def _disk(cfg: Config, arch: Architecture) -> list[str]:

@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from helpers import (STEPS, as_of_step_6, engine_validation_loss, export_validation_loss, resumed_like, tiny_args,
-                     , train_losses, zerotrain)
+                     train_losses, zerotrain)
 
 pytestmark = pytest.mark.slow
 BF16 = ["train.precision=bf16", "model.config.tie_word_embeddings=true"]
