@@ -165,7 +165,7 @@ bbc-news: setup
 # Wheels for the offline GPU machine (bench/gpu_check.sh installs them there): what its image lacks or holds at
 # another version, Python 3.12 x86-64, pinned by constraints.txt. DeepSpeed as a pure-Python wheel (ops JIT-built).
 GPU_WHEELS := transformers datasets dill multiprocess pydantic pydantic_core annotated-types typing-inspection \
-	typing_extensions hjson
+	typing_extensions hjson peft bitsandbytes
 gpu-wheels: setup
 	rm -rf .whl && mkdir -p .whl
 	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -c constraints.txt deepspeed -w .whl

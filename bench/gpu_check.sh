@@ -10,7 +10,8 @@
 # check every import zerotrain needs, naming what is missing; 1. the real CLI on the GPU: `zerotrain prepare` and
 # `train configs/tiny.yaml` at ZeRO 0 and 3 in bf16, each saving at step 6 and then continuing with `--resume
 # auto`, `export` and `generate`, then supervised fine-tuning of that export (`model.task: sft`, a ShareGPT excerpt
-# made by `make gpu-check-data`) with validation replies, `export` and `chat`; 2. bench/gpu_llama_1b.py at ZeRO 1, 2, 3, then ZeRO 1 compiled and ZeRO 1 with
+# made by `make gpu-check-data`) with validation replies, `export` and `chat`; 1c. QLoRA of that export (a 4-bit
+# base), resumed from its step-6 save, exported as an adapter and merged; 2. bench/gpu_llama_1b.py at ZeRO 1, 2, 3, then ZeRO 1 compiled and ZeRO 1 with
 # the chunked loss off; 3. document masking at sequence length 8192 with sdpa (and flash-attention 2 where its
 # package imports). OUT_DIR/summary.txt holds each step's exit status and seconds, and the figures.
 set -u
@@ -60,8 +61,11 @@ fi
 step imports 120 "$python" - <<'EOF' || exit 1
 import importlib, sys
 names = ["torch", "deepspeed", "transformers", "accelerate", "datasets", "tokenizers", "pydantic", "yaml",
-         "tensorboard", "psutil", "matplotlib", "safetensors", "numpy", "pyarrow", "hjson", "tqdm",
+         "tensorboard", "psutil", "matplotlib", "safetensors", "numpy", "pyarrow", "hjson", "tqdm", "peft",
          "launcher.cli", "trainer.main", "data_pipeline"]
+import torch
+if torch.cuda.is_available():  # QLoRA's 4-bit kernels (zerotrain refuses them on CPU)
+    names.append("bitsandbytes")
 missing = []
 for name in names:
     try:
@@ -125,6 +129,31 @@ if [ -f data/gpu-check/sharegpt.jsonl ] && [ -d "$out/tiny-zero0/export" ]; then
   rm -rf "$out/sft/checkpoints" "$out/prepared-sft"
 else
   say "sft: skipped, data/gpu-check/sharegpt.jsonl (make gpu-check-data; carry data/gpu-check) or the tiny export is missing"
+fi
+
+# --- 1c. QLoRA: adapters on the ZeRO-0 export, its base in 4 bits (plain LoRA under --smoke: CPU refuses 4 bits) --
+lora() {  # 12 steps saving at 6; a copy as of step 6 resumed to 12 (the same losses); both exports; generate
+  local run=$out/lora quantize=(--set model.lora.quantize=4bit)
+  [ "$smoke" = --smoke ] && quantize=()
+  local sets=(--set model.init_from="$out/tiny-zero0/export" --set model.config={} --set model.lora.rank=16
+              "${quantize[@]}" --set zero.stage=2 --set train.precision=bf16 --set launch.nproc_per_node=1
+              --set data.prepared_dir="$out/prepared-tiny" --set optim.lr=1e-3)
+  zt train configs/tiny.yaml "${sets[@]}" --set run.output_dir="$run" &&
+    cp -r "$run" "$run-resumed" && rm -rf "$run-resumed/checkpoints/step_00000012" &&
+    echo step_00000006 >"$run-resumed/checkpoints/latest" &&
+    zt train configs/tiny.yaml "${sets[@]}" --set run.output_dir="$run-resumed" --resume auto &&
+    echo "uninterrupted: $(jq_losses "$run/metrics.jsonl")" && echo "resumed:       $(jq_losses "$run-resumed/metrics.jsonl")" &&
+    zt export "$run" "$run/adapter" && zt export "$run" "$run/merged" --merge &&
+    zt generate "$run/adapter" --prompt "ROMEO." --max-new-tokens 20 &&
+    zt generate "$run/merged" --prompt "ROMEO." --max-new-tokens 20
+}
+export -f lora jq_losses
+export smoke
+if [ -d "$out/tiny-zero0/export" ]; then
+  step lora 150 lora && say "lora: $(grep -h "uninterrupted\|resumed: " "$out/lora.log" | tr '\n' ';')"
+  rm -rf "$out/lora/checkpoints" "$out/lora-resumed/checkpoints"
+else
+  say "lora: skipped, the tiny export is missing"
 fi
 
 # --- 2. the 1B preset per ZeRO stage, compiled, without the chunked loss -------------------------------------

@@ -52,6 +52,9 @@ SHAREGPT_NAMES = ChatConfig(messages_field="conversations", role_field="from", c
                             roles={"human": "user", "gpt": "assistant"})
 # SmolLM2's ChatML template with TRL-style generation markers around each reply and its end of turn.
 MARKED = REPO / "configs" / "templates" / "chatml-generation.jinja"
+CONFIG = REPO / "configs" / "sft_smollm2.yaml"
+ZEROTRAIN = Path(sys.executable).with_name("zerotrain")
+HELD_OUT = 0.05  # of the conversations, by zerotrain's hash: validation for both trainers
 
 
 def conversations(count: int) -> list[list[dict]]:
@@ -137,9 +140,16 @@ args = SFTConfig(output_dir=spec["out"], max_length=None if same else spec["seq_
                  per_device_train_batch_size=spec["micro"], gradient_accumulation_steps=1, max_steps=spec["steps"],
                  learning_rate=spec["lr"], weight_decay=0.0, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
                  bf16=True, logging_steps=1, save_strategy="no", report_to=[], seed=spec["seed"],
-                 deepspeed=spec["deepspeed"], use_cpu=True, dataloader_drop_last=True, disable_tqdm=True)
+                 deepspeed=spec["deepspeed"], use_cpu=True, dataloader_drop_last=True, disable_tqdm=True,
+                 **spec["args"])
+peft = None
+if spec["lora"]:  # PEFT's LoraConfig as zerotrain makes it of model.lora; the adapters drawn from the seed, as its
+    from trainer.config import LoraSection
+    from trainer.model.lora import lora_config
+    peft = lora_config(LoraSection(**spec["lora"]), "sft")
+    torch.manual_seed(spec["seed"])
 trainer = SameSchedule(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                       callbacks=[clock])
+                       callbacks=[clock], peft_config=peft)
 trainer.train()
 trainer.save_model(spec["out"] + "/final")  # every rank: Trainer writes from the main one
 if trainer.args.process_index == 0:
@@ -148,34 +158,52 @@ if trainer.args.process_index == 0:
 '''
 
 
+def zerotrain(*args) -> None:
+    subprocess.run([ZEROTRAIN, *map(str, args)], check=True)
+
+
+def cli(sets: list[str]) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
+def prepare(chats: list[list[dict]], steps: int, seq_len: int, out: Path) -> list[str]:
+    """`chats` written to out/conversations.jsonl and prepared by zerotrain in out/prepared (HELD_OUT of them held
+    out); returns the --set overrides of CONFIG for a run of `steps` steps on them into out/zerotrain that logs
+    every step and validates and saves at the end only."""
+    rows = out / "conversations.jsonl"
+    rows.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    sets = [f"run.output_dir={out / 'zerotrain'}", f"data.prepared_dir={out / 'prepared'}", f"data.sources=[{rows}]",
+            "data.chat={}", f"data.seq_len={seq_len}", f"data.validation_fraction={HELD_OUT}",
+            f"train.max_steps={steps}", "eval.every=0", "eval.at_start=false", "checkpoint.every=0",
+            "train.log_every=1", "data.chat.sample_prompts=0"]
+    zerotrain("prepare", CONFIG, *cli(sets))
+    return sets
+
+
+def tokens_per_s(run: Path, chat, seq_len: int) -> float:
+    """A finished zerotrain run's training tokens per second after its first step (summary.json), padding not
+    counted: its samples per second times a training sample's mean tokens."""
+    summary = json.loads((run / "summary.json").read_text())
+    train = chat.data["splits"]["train"]
+    return summary["tokens_per_s"] * train["tokens"] / (train["samples"] * seq_len)
+
+
 def compare_training(count: int, steps: int, seq_len: int, batches: str, out: Path) -> None:
     """Both trainers on the same conversations (the validation split held out by zerotrain's hash, for both)."""
+    from data_pipeline import ChatData
     from data_pipeline.splits import split_of
 
     out.mkdir(parents=True, exist_ok=True)
     chats = conversations(count)
-    rows = out / "conversations.jsonl"
-    rows.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
-    held_out = 0.05
     train_rows = out / "train.jsonl"
     train_rows.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats
-                                  if split_of(json.dumps(m), {"validation": held_out}) == "train"))
-    sets = [f"run.output_dir={out / 'zerotrain'}", f"data.prepared_dir={out / 'prepared'}", f"data.sources=[{rows}]",
-            "data.chat={}", f"data.seq_len={seq_len}", f"data.validation_fraction={held_out}",
-            f"train.max_steps={steps}", "eval.every=0", "eval.at_start=false", "checkpoint.every=0",
-            "train.log_every=1", "data.chat.sample_prompts=0"]
-    cli = [a for s in sets for a in ("--set", s)]
-    zerotrain = Path(sys.executable).with_name("zerotrain")
-    subprocess.run([zerotrain, "prepare", "configs/sft_smollm2.yaml", *cli], check=True)
+                                  if split_of(json.dumps(m), {"validation": HELD_OUT}) == "train"))
+    sets = prepare(chats, steps, seq_len, out)
     subprocess.run(["rm", "-rf", str(out / "zerotrain"), str(out / "trl")], check=True)
-    subprocess.run([zerotrain, "train", "configs/sft_smollm2.yaml", *cli], check=True)
-    subprocess.run([zerotrain, "export", out / "zerotrain", out / "zerotrain" / "export"], check=True)
-    summary = json.loads((out / "zerotrain" / "summary.json").read_text())
-    from data_pipeline import ChatData
-
+    zerotrain("train", CONFIG, *cli(sets))
+    zerotrain("export", out / "zerotrain", out / "zerotrain" / "export")
     chat = ChatData.load(out / "prepared")
-    train = chat.data["splits"]["train"]
-    ours_tokens_per_s = summary["tokens_per_s"] * train["tokens"] / (train["samples"] * seq_len)  # not padding
+    ours_tokens_per_s = tokens_per_s(out / "zerotrain", chat, seq_len)
     if batches == "same":
         train_rows = out / "train-samples.jsonl"
         train_rows.write_text("".join(json.dumps(row) + "\n" for row in zerotrain_batches(chat, steps)))
@@ -197,7 +225,7 @@ def zerotrain_batches(chat, steps: int) -> Iterator[dict]:
     conversation's last token, which zerotrain learns to predict the first token cut off, has no label here."""
     from data_pipeline import GlobalOrder
 
-    cfg = load_config(REPO / "configs" / "sft_smollm2.yaml", [f"train.max_steps={steps}"])
+    cfg = load_config(CONFIG, [f"train.max_steps={steps}"])
     samples = chat.split("train")
     order = GlobalOrder([len(samples)], [1.0], cfg.run.seed)
     for k in range(steps * cfg.train.global_batch_size):
@@ -212,15 +240,18 @@ def zerotrain_batches(chat, steps: int) -> Iterator[dict]:
         yield {"input_ids": s["input_ids"][:used].tolist(), "labels": labels[:used].tolist(), "seq_lengths": lengths}
 
 
-def run_trl(rows: Path, steps: int, seq_len: int, batches: str, out: Path) -> float:
+def run_trl(rows: Path, steps: int, seq_len: int, batches: str, out: Path, sets: list[str] = (), **args) -> float:
     """TRL's SFTTrainer on 2 ranks (torchrun) with zerotrain's DeepSpeed config for the run; its tokens/s after
-    the first step."""
-    cfg = load_config(REPO / "configs" / "sft_smollm2.yaml", [f"train.max_steps={steps}"])
+    the first step. `sets`: --set overrides of CONFIG that zerotrain's run had (its lr, ZeRO stage; with
+    model.lora, TRL trains PEFT's adapters as zerotrain makes them); `args`: more SFTConfig arguments."""
+    cfg = load_config(CONFIG, [*sets, f"train.max_steps={steps}"])
+    lora = cfg.model.lora
     spec = {"rows": str(rows), "model": str(SMOLLM), "out": str(out), "seq_len": seq_len, "steps": steps,
             "micro": cfg.train.micro_batch_size, "lr": cfg.optim.lr, "warmup": cfg.optim.warmup_steps,
             "template": str(MARKED), "min_lr_rate": cfg.optim.min_lr_ratio, "seed": cfg.run.seed,
             # Trainer checks that its arguments agree with the DeepSpeed config
-            "deepspeed": deepspeed_config(cfg, 134_515_008), "batches": batches}
+            "deepspeed": zerotrain_deepspeed(cfg), "batches": batches,
+            "lora": lora.model_dump(mode="json") if lora else None, "args": args}
     worker = out / "trl_worker.py"
     out.mkdir(parents=True, exist_ok=True)
     worker.write_text(TRL_WORKER)
@@ -229,6 +260,16 @@ def run_trl(rows: Path, steps: int, seq_len: int, batches: str, out: Path) -> fl
     timing = json.loads((out / "timing.json").read_text())
     tokens = [r["num_tokens"] for r in timing["log"] if "num_tokens" in r]
     return (tokens[-1] - tokens[0]) / timing["seconds"]
+
+
+def zerotrain_deepspeed(cfg) -> dict:
+    """The DeepSpeed config zerotrain's engine makes for the run `cfg` (build_engine's call): its parameter count
+    and, with model.lora, the trained ones size the buckets."""
+    from trainer.memory import architecture
+
+    arch = architecture(cfg)
+    return deepspeed_config(cfg, arch.held(cfg.parallel.tensor), largest_parameter=max(arch.sizes),
+                            trainable=arch.trainable)
 
 
 def held_out_loss(folder: Path, chat, limit: int | None = None) -> float:

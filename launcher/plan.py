@@ -94,8 +94,9 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_memory_gib: float, voc
 
 def _estimates(cfg: Config, arch: Architecture, nodes: int, gpus_per_node: int) -> list[Estimate]:
     """Every ZeRO stage and offload choice zerotrain can run with the config's parallel degrees."""
+    quantized = cfg.model.lora is not None and cfg.model.lora.quantize is not None
     return [estimate(cfg, arch, option, nodes, gpus_per_node) for option in OPTIONS
-            if cfg.parallel.tensor == 1 or option.stage < 3]  # AutoTP: ZeRO 0-2
+            if (cfg.parallel.tensor == 1 and not quantized) or option.stage < 3]  # AutoTP, QLoRA: ZeRO 0-2
 
 
 @dataclass(frozen=True)

@@ -190,9 +190,16 @@ def model_states(precision: str, option: Option, n_params: int, world: int, accu
     return params, grads, optimizer * part, step, 0
 
 
-def frozen_weights(precision: str, option: Option, frozen: int, world: int) -> tuple[int, int]:
+# NF4 (model.lora.quantize): 4 bits per weight and an fp32 scale (absmax) per block of 64
+NF4_BYTES = 0.5 + 4 / 64
+
+
+def frozen_weights(precision: str, option: Option, frozen: int, world: int, quantized: int = 0) -> tuple[int, int]:
     """(GPU, host) bytes per rank of `frozen` parameters (a LoRA run's base): 16-bit (or fp32) weights without
-    gradients or optimizer states, partitioned at stage 3, on the host with offloaded parameters."""
+    gradients or optimizer states, partitioned at stage 3, on the host with offloaded parameters. `quantized`:
+    of them, the weights held in 4 bits (QLoRA; stages 0-2)."""
+    if quantized:
+        return int(NF4_BYTES * quantized) + element_bytes(precision) * (frozen - quantized), 0
     weights = element_bytes(precision) * (math.ceil(frozen / world) if option.stage == 3 else frozen)
     return (0, weights) if option.offload_param else (weights, 0)
 
@@ -223,7 +230,8 @@ def estimate(cfg: Config, arch: Architecture, option: Option, nodes: int, gpus_p
     trained = min(held, arch.trainable)  # model.lora: the adapters; the frozen rest has weights only
     accumulate = accumulation_dtype(t, option.stage)
     params, grads, optimizer, step, host = model_states(t.precision, option, trained, world, accumulate)
-    frozen, frozen_host = frozen_weights(t.precision, option, held - trained, world)
+    quantized = arch.linear if cfg.model.lora and cfg.model.lora.quantize else 0
+    frozen, frozen_host = frozen_weights(t.precision, option, held - trained, world, quantized)
     params, host = params + frozen, host + frozen_host
     zero = zero_section_of(cfg, option, nodes, gpus_per_node, held, trained)
     resident, transient = buffers(arch, held, trained, t.precision, option, zero, world)

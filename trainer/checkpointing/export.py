@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 from accelerate import init_empty_weights
@@ -52,6 +53,10 @@ def export(run_dir: Path, out_dir: Path, tag: str | None = None, merge: bool = F
     if merge and cfg.model.lora is None:
         raise ConfigError(f"--merge: {ckpt} trained all the model's weights (no model.lora): there are no adapters "
                           "to merge; export without --merge")
+    if merge and cfg.model.lora is not None and _stored_quantized(cfg.model.init_from):
+        raise ConfigError(f"--merge: the base model {cfg.model.init_from} is stored quantized (its config.json has a "
+                          "quantization_config); merging needs the base in full precision: export the adapter "
+                          "alone, or train on a full-precision base (model.lora.quantize quantizes it as it loads)")
     if cfg.model.lora is not None and not merge and cfg.model.init_from is None:
         raise ConfigError(f"--merge: the base model of {ckpt} was drawn from run.seed (no model.init_from) and is "
                           "saved nowhere, so its adapter alone could not be loaded; export with --merge")
@@ -91,7 +96,7 @@ def _trained_model(ckpt: Path, cfg, task, config, base_weights: bool) -> PreTrai
             model = task.auto_model.from_config(config)
     else:
         _check_base(cfg.model, ckpt)
-        model = build_model(cfg.model, config, task.auto_model, task.fresh_head)
+        model = build_model(cfg.model, config, task.auto_model, task.fresh_head, quantized=False)
         if cfg.model.init_from is None:
             initialise(model, cfg.run.seed)
     if cfg.model.lora is not None:
@@ -109,6 +114,11 @@ def _trained_model(ckpt: Path, cfg, task, config, base_weights: bool) -> PreTrai
         raise UserError(f"{ckpt}: its weights do not fit the model of its config.yaml (missing: "
                         f"{missing[:3]}, unexpected: {unexpected[:3]})")
     return model
+
+
+def _stored_quantized(init_from: Path | None) -> bool:
+    return init_from is not None and (init_from / "config.json").is_file() and \
+        "quantization_config" in json.loads((init_from / "config.json").read_text())
 
 
 def _check_base(section, ckpt: Path) -> None:

@@ -90,14 +90,30 @@ class DeepSpeedEngine(Engine):
     def load(self, root: Path, tag: str, *, weights_only: bool = False) -> None:
         if weights_only:
             self.ds.load_checkpoint(str(root), tag=tag, load_module_only=True, load_optimizer_states=False,
-                                    load_lr_scheduler_states=False, load_module_strict=not self.frozen)
+                                    load_lr_scheduler_states=False, custom_load_fn=self._trained_only)
             return
         self.ds.load_checkpoint(str(root), tag=tag, load_lr_scheduler_states=False,
-                                load_module_strict=not self.frozen)
+                                custom_load_fn=self._trained_only)
         if self.universal:
             repairs.zero3_universal_step_tensors(self.ds)
         # DeepSpeed advances the schedule on the steps it applies, not on those it skips (non-finite gradients)
         self._follow_config(self.ds.global_steps - self.ds.skipped_steps)
+
+    @property
+    def _trained_only(self):
+        """How a checkpoint's module weights load: DeepSpeed's own strict load, or with frozen parameters only the
+        trained ones - the state dict DeepSpeed saved still holds a 4-bit base's quantization state (absmax...),
+        which must stay the base's own."""
+        if not self.frozen:
+            return None
+
+        def load(src: dict, dst: torch.nn.Module) -> None:
+            trained = [name for name, p in dst.named_parameters() if p.requires_grad]
+            missing = [name for name in trained if name not in src]
+            if missing:
+                raise RuntimeError(f"the checkpoint lacks trained parameters: {missing[:3]}")
+            dst.load_state_dict({name: src[name] for name in trained}, strict=False)
+        return load
 
     def _follow_config(self, step: int) -> None:
         """The config's hyper-parameters on every group again, and the schedule at `step` (optimizer steps

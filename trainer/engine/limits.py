@@ -29,6 +29,10 @@ def _check_parallel(cfg: Config) -> None:
     if p.sequence > 1 and p.tensor > 1:  # AutoTP's mesh is 2-D: data x tensor
         raise ConfigError("parallel.tensor: does not compose with parallel.sequence (DeepSpeed's tensor-parallel "
                           "mesh is data x tensor only); choose one of them")
+    if p.tensor > 1 and cfg.model.lora is not None:  # measured: a KeyError in its ZeRO optimizer's parameter map
+        raise ConfigError(f"parallel.tensor: DeepSpeed {DEEPSPEED}'s AutoTP does not compose with LoRA adapters (it "
+                          "replaces the linear layers PEFT wrapped, and its ZeRO optimizer no longer finds their "
+                          "parameters); train LoRA data-parallel, ZeRO 3 partitioning the frozen base")
     if p.tensor > 1 and cfg.zero.stage == 3 and cfg.world_size % p.tensor == 0:
         # measured: its batch-size check counts the world one way, then the other
         raise ConfigError(f"parallel.tensor: DeepSpeed {DEEPSPEED} cannot initialise tensor parallelism at "

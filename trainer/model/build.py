@@ -7,6 +7,8 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from trainer.config import ConfigError, ModelSection
+from trainer.model import lora
+from trainer.parallel.distributed import uses_gpus
 
 
 def model_config(section: ModelSection, vocab_size: int) -> PretrainedConfig:
@@ -31,11 +33,19 @@ def model_config(section: ModelSection, vocab_size: int) -> PretrainedConfig:
     return config
 
 
-def build_model(section: ModelSection, config: PretrainedConfig, auto, fresh_head: bool = False) -> PreTrainedModel:
+def build_model(section: ModelSection, config: PretrainedConfig, auto, fresh_head: bool = False,
+                quantized: bool = True) -> PreTrainedModel:
     """The model to train, of the task's transformers Auto class `auto`: the weights of `init_from`, or a fresh
     initialisation. `fresh_head`: a head whose size differs from init_from's is replaced (a classifier of other
-    labels). Under a live `HfDeepSpeedConfig` of stage 3, transformers builds it partitioned."""
-    if section.init_from is not None:
+    labels). Under a live `HfDeepSpeedConfig` of stage 3, transformers builds it partitioned. `quantized`: the
+    linear layers in 4 bits where model.lora.quantize says so (an export merges into the full-precision base)."""
+    quantization = lora.quantization(section.lora) if quantized else None
+    if quantization is not None:  # bitsandbytes quantizes the weights as they load onto this rank's device
+        device = torch.device("cuda", torch.cuda.current_device()) if uses_gpus() else torch.device("cpu")
+        model = auto.from_pretrained(section.init_from, config=config, dtype=torch.bfloat16,
+                                     quantization_config=quantization, device_map={"": device},
+                                     ignore_mismatched_sizes=fresh_head)
+    elif section.init_from is not None:
         # fp32 like a fresh model: DeepSpeed makes its own bf16/fp16 copy and keeps fp32 master weights.
         model = auto.from_pretrained(section.init_from, config=config, dtype=torch.float32,
                                      ignore_mismatched_sizes=fresh_head)

@@ -10,13 +10,20 @@ export the base comes again from model.init_from - hence the fingerprint - or, w
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import logging
 import warnings
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 
-from trainer.config import ConfigError, LoraSection, ModelSection
+# PEFT imports bitsandbytes where installed, whose CPU backend then looks for an optional kernel from the Hub and
+# warns at every start when the `kernels` package is absent; its fallback is what QLoRA on CPU was measured with.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+from trainer.config import Config, ConfigError, LoraSection, ModelSection
+from trainer.engine import DEEPSPEED
 
 # PEFT's task types: what the wrapper's forward takes, and which heads it trains fully (a classifier's)
 PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "sft": "CAUSAL_LM", "classification": "SEQ_CLS"}
@@ -29,6 +36,39 @@ def lora_config(section: LoraSection, task: str, base: str | None = None) -> Lor
     return LoraConfig(r=section.rank, lora_alpha=section.alpha, lora_dropout=section.dropout,
                       target_modules=section.target_modules, modules_to_save=section.modules_to_save or None,
                       task_type=PEFT_TASKS[task], base_model_name_or_path=base)
+
+
+def check_lora(cfg: Config, cuda_available: bool | None) -> None:
+    """One-line ConfigErrors for what the adapters cannot be combined with (no files read).
+    `cuda_available=None`: the device is not known yet."""
+    if cfg.model.lora.quantize is None:
+        return
+    if cuda_available is False:  # measured with bitsandbytes 0.50.2 (the note in docs/lora.md)
+        raise ConfigError("model.lora.quantize: 4-bit bases need a CUDA GPU: bitsandbytes' CPU kernels train but "
+                          "do not resume exactly (a resumed run's first loss differs by 4e-3); use LoRA on the "
+                          "bf16 base here")
+    if cfg.model.init_from is None:
+        raise ConfigError("model.lora.quantize: quantizes a trained base model; give model.init_from")
+    if cfg.train.precision != "bf16":
+        raise ConfigError(f"model.lora.quantize: the 4-bit base computes in bf16; set train.precision: bf16 (got "
+                          f"{cfg.train.precision})")
+    if cfg.zero.stage == 3:  # measured on 2 gloo ranks: losses that rise, then an AssertionError in the save
+        raise ConfigError(f"model.lora.quantize: DeepSpeed {DEEPSPEED}'s ZeRO 3 partitions the packed 4-bit weights "
+                          "and breaks them; use zero.stage 0-2 (a 4-bit base is a quarter of a 16-bit one)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.lora.quantize: needs the bitsandbytes package (pip install bitsandbytes), not "
+                          "installed here")
+
+
+def quantization(section: LoraSection | None):
+    """transformers' quantization config of the base (None: not quantized). NF4 with bf16 compute; the packed
+    weights stored as bf16 elements, the dtype DeepSpeed's bf16 engine keeps the module in."""
+    if section is None or section.quantize is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                              bnb_4bit_quant_storage=torch.bfloat16)
 
 
 def add_adapters(model: torch.nn.Module, section: LoraSection, task: str, seed: int) -> PeftModel:

@@ -38,6 +38,7 @@ class Architecture:
     attention: str  # the attention implementation transformers chose: sdpa, eager, flash_attention_2, ...
     tensor_split: int  # parameters parallel.tensor splits: the linear layers of the model's tensor-parallel plan
     trainable: int  # parameters that get gradients and optimizer states: all, or with model.lora its adapters
+    linear: int  # weights of the linear layers but the output layer: what model.lora.quantize stores in 4 bits
 
     def held(self, tensor: int) -> int:
         """Parameters one rank of a tensor group of `tensor` holds: its slice of the split layers, and the rest
@@ -161,6 +162,8 @@ def architecture(auto, config: PretrainedConfig, section: ModelSection | None = 
     adapters (checked: a ConfigError names a setting that cannot wrap it)."""
     model = on_meta(auto, config)
     trainable = sum(p.numel() for p in model.parameters())
+    output = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output)
     if section is not None and section.lora is not None:
         from accelerate import init_empty_weights
 
@@ -194,6 +197,7 @@ def architecture(auto, config: PretrainedConfig, section: ModelSection | None = 
         attention=attention_of(config),
         tensor_split=_tensor_split(model, config),
         trainable=trainable,
+        linear=linear,
     )
 
 

@@ -119,6 +119,11 @@ def test_resuming_on_another_base_or_without_adapters_is_refused(lora_run, lora_
     ("model.lora.rank=600", "model.lora.rank: 600 exceeds the smaller side of layer model.layers.0.self_attn.q_proj "
                             "(512 -> 512); at most 512"),
     ("model.lora.rank=0", "model.lora.rank: input should be greater than or equal to 1 (got 0)"),
+    ("model.lora.target_modules=[act_fn]", "model.lora: PEFT cannot add adapters to this llama model (Target module "
+                                           "SiLUActivation() is not supported."),
+    ("parallel.tensor=2", "parallel.tensor: DeepSpeed 0.19.8's AutoTP does not compose with LoRA adapters"),
+    ("model.lora.quantize=4bit", "model.lora.quantize: 4-bit bases need a CUDA GPU: bitsandbytes' CPU kernels train "
+                                 "but do not resume exactly"),
 ])
 def test_bad_adapter_settings_are_refused_in_one_line(setting, says, lora_base, tiny_data, tmp_path):
     message = refused("train", *lora_args(tmp_path / "run", tiny_data, lora_base, setting)).stderr
