@@ -137,20 +137,21 @@ def report_memory(full: Run, lora: Run, stage: int) -> None:
     rss = max(p[0] for p in lora.peak_rss) / max(p[0] for p in full.peak_rss)
     floor = lora.weights / (full.weights + full.gradients + full.expected_optimizer)
     print(f"  LoRA/full, the larger rank: model states {states:.3f}x (goal <= 0.2x: "
-          f"{'met' if states <= 0.2 else 'not met'}; the frozen bf16 base alone is {floor:.3f}x at ZeRO {stage}), "
+          f"{'met' if states <= 0.2 else 'not met'}; LoRA's 16-bit weights alone are {floor:.3f}x at ZeRO {stage}), "
           f"with the buckets {with_buckets:.3f}x, peak RSS at the last step {rss:.3f}x")
 
 
 def compare(args: argparse.Namespace) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    # prepared afresh: `zerotrain prepare` refuses a folder of another conversations.jsonl (rewritten by every run)
+    subprocess.run(["rm", "-rf", *(str(out / name) for name in ("prepared", "full", "lora", "trl"))], check=True)
     sets = prepare(conversations(args.conversations), args.steps, args.seq_len, out) + \
         [f"zero.stage={args.zero_stage}"]
     lr = load_config(CONFIG, sets).optim.lr
     runs = {"full": sets + [f"run.output_dir={out / 'full'}"],
             "LoRA": sets + [f"run.output_dir={out / 'lora'}", f"model.lora={LORA}",
                             f"optim.lr={lr * args.lora_lr_factor:g}"]}
-    subprocess.run(["rm", "-rf", str(out / "full"), str(out / "lora"), str(out / "trl")], check=True)
     for name, run in runs.items():
         zerotrain("train", CONFIG, *cli(run))
     full, lora = (measure(name, run) for name, run in runs.items())

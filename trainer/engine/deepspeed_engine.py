@@ -47,6 +47,8 @@ class DeepSpeedEngine(Engine):
         """`frozen`: some parameters are not trained (model.lora): checkpoints leave them out, and a load takes
         the trained ones alone (the frozen ones are model.init_from's, or the seed's, again)."""
         self.ds, self.universal, self.frozen = engine, universal, frozen
+        if frozen:
+            repairs.exclude_frozen_under_every_name(engine)
         self.device, self.module = engine.device, engine.module
         self.schedule = engine.lr_scheduler
         self.hyper = [{key: group[key] for key in HYPER_PARAMETERS} for group in self.schedule.optimizer.param_groups]

@@ -51,6 +51,7 @@ def build_model(section: ModelSection, config: PretrainedConfig, auto, fresh_hea
                                      ignore_mismatched_sizes=fresh_head)
     else:
         model = auto.from_config(config)
+    model.train()  # from_pretrained returns it in evaluation mode: no dropout until the first validation
     if section.gradient_checkpointing:
         # Non-reentrant: the variant that works with ZeRO-3's parameter gathering and needs no input grads.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

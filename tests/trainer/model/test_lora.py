@@ -30,11 +30,13 @@ LORA = [f"model.lora.rank={RANK}", "model.lora.alpha=256", "model.config={}", "z
 
 @pytest.fixture(scope="session")
 def lora_base(tiny_data, tmp_path_factory) -> Path:
-    """A model of the tiny data's vocabulary, large enough that ZeRO 3 partitions its adapters."""
+    """A model of the tiny data's vocabulary, large enough that ZeRO 3 partitions its adapters; its output layer is
+    its input embedding (tied: a frozen parameter of two names)."""
     folder = tmp_path_factory.mktemp("lora-base") / "base"
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64)
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64,
+                         tie_word_embeddings=True)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
 
@@ -59,11 +61,12 @@ def test_adapters_exceed_the_persistence_threshold(lora_run):
 
 def test_checkpoints_hold_the_adapters_not_the_base(lora_run, lora_base):
     """Only the adapters are trained and saved: fp32 master weights and Adam moments of their 2.2M elements (12 B
-    each), none of the base's 5.5M weights."""
+    each), none of the base's 5.3M weights."""
     ckpt = lora_run / "checkpoints" / f"step_{STEPS:08d}"
     states = torch.load(ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
     names = [name for group in states["param_shapes"] for name in group]
     assert names and all(".lora_A." in name or ".lora_B." in name for name in names)
+    assert sorted(states["module"]) == sorted(names)  # no frozen weight under any of its names
     adapters = sum(torch.Size(shape).numel() for group in states["param_shapes"] for shape in group.values())
     base = AutoModelForCausalLM.from_pretrained(lora_base).num_parameters()
     saved = sum(f.stat().st_size for f in ckpt.iterdir())

@@ -123,6 +123,33 @@ def test_classification_is_the_same_at_every_stage_and_resumes_exactly(plays_pre
 
 
 @pytest.mark.slow
+def test_a_lora_classifier_resumes_exactly_and_both_exports_predict_alike(minilm, plays_prepared, play_lines,
+                                                                          tmp_path):
+    """MiniLM with adapters at ZeRO 3 built partitioned, its fresh head trained fully (PEFT's modules_to_save):
+    resumed from step 3 it logs the same losses; the adapter (loaded on MiniLM) and the merged export predict the
+    same labels with the same probabilities."""
+    lora = [f"model.init_from={minilm}", "model.config={}", "model.lora.rank=8", "zero.stage=3"]
+    run = tmp_path / "run"
+    zerotrain("train", *plays_args(run, plays_prepared, play_lines, *lora))
+    assert "M trained: LoRA rank 8" in (run / "logs" / "rank0.log").read_text()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed, ignore=shutil.ignore_patterns("metrics.jsonl", "tensorboard", "summary.json",
+                                                                "step_00000006"))
+    (resumed / "checkpoints" / "latest").write_text("step_00000003")
+    zerotrain("train", *plays_args(resumed, plays_prepared, play_lines, *lora), "--resume", "auto")
+    assert train_losses(resumed) == {step: loss for step, loss in train_losses(run).items() if step > 3}
+    zerotrain("export", run, tmp_path / "adapter")
+    zerotrain("export", run, tmp_path / "merged", "--merge")
+    lines = tmp_path / "lines.txt"
+    lines.write_text("To be, or not to be, that is the question\nIf music be the food of love, play on\n")
+    adapter, merged = (zerotrain("predict", tmp_path / name, "--input", lines).stdout.splitlines()
+                       for name in ("adapter", "merged"))
+    assert len(adapter) == 2 and [line.split("\t")[0] for line in adapter] == [line.split("\t")[0] for line in merged]
+    assert [float(line.split("\t")[1]) for line in adapter] == \
+        pytest.approx([float(line.split("\t")[1]) for line in merged], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_early_stopping_ends_a_run_that_stopped_improving(plays_prepared, play_lines, tmp_path):
     run_dir = tmp_path / "run"
     # A learning rate too small to change a prediction: the validation accuracy of step 3 is never beaten.
