@@ -176,7 +176,7 @@ def compare(args: argparse.Namespace) -> None:
 
     rows = out / "train-samples.jsonl"
     rows.write_text("".join(json.dumps(row) + "\n" for row in zerotrain_batches(chat, args.steps)))
-    theirs = run_trl(rows, args.steps, args.seq_len, "same", out / "trl", runs["LoRA"], gradient_checkpointing=False)
+    theirs = run_trl(rows, args.steps, args.seq_len, "same", out / "trl", runs["LoRA"])
     ours = tokens_per_s(out / "lora", chat, args.seq_len)
     trl = {r["step"]: r for r in json.loads((out / "trl" / "timing.json").read_text())["log"] if "loss" in r}
     both = [(r, trl[r["step"]]) for r in lora.records if r["step"] in trl]

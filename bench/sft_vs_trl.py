@@ -14,7 +14,8 @@
    5% held out by zerotrain's hash for both), sequence length, schedule (configs/sft_smollm2.yaml's warmup and
    cosine, zerotrain's function given to TRL's Trainer) and DeepSpeed config (the dict zerotrain makes, handed
    to TRL's TrainingArguments), 2 CPU ranks, ZeRO 2, bf16: zerotrain's `train` against TRL's SFTTrainer under
-   torchrun. The batches (--trl-batches):
+   torchrun; TRL's gradient checkpointing (SFTConfig turns it on by default) off, as zerotrain's is. The
+   batches (--trl-batches):
    - `same` (default): TRL trains on zerotrain's packed samples in zerotrain's order (each sample's
      conversations as TRL's padding-free rows: input ids, labels, sequence lengths; Trainer's sequential
      sampler gives rank r the r-th micro-batch of each step, as zerotrain does): the two trainers see the same
@@ -141,7 +142,7 @@ args = SFTConfig(output_dir=spec["out"], max_length=None if same else spec["seq_
                  learning_rate=spec["lr"], weight_decay=0.0, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
                  bf16=True, logging_steps=1, save_strategy="no", report_to=[], seed=spec["seed"],
                  deepspeed=spec["deepspeed"], use_cpu=True, dataloader_drop_last=True, disable_tqdm=True,
-                 **spec["args"])
+                 gradient_checkpointing=False)  # SFTConfig's default is on; zerotrain's runs recompute nothing
 peft = None
 if spec["lora"]:  # PEFT's LoraConfig as zerotrain makes it of model.lora; the adapters drawn from the seed, as its
     from trainer.config import LoraSection
@@ -240,10 +241,10 @@ def zerotrain_batches(chat, steps: int) -> Iterator[dict]:
         yield {"input_ids": s["input_ids"][:used].tolist(), "labels": labels[:used].tolist(), "seq_lengths": lengths}
 
 
-def run_trl(rows: Path, steps: int, seq_len: int, batches: str, out: Path, sets: list[str] = (), **args) -> float:
+def run_trl(rows: Path, steps: int, seq_len: int, batches: str, out: Path, sets: list[str] = ()) -> float:
     """TRL's SFTTrainer on 2 ranks (torchrun) with zerotrain's DeepSpeed config for the run; its tokens/s after
     the first step. `sets`: --set overrides of CONFIG that zerotrain's run had (its lr, ZeRO stage; with
-    model.lora, TRL trains PEFT's adapters as zerotrain makes them); `args`: more SFTConfig arguments."""
+    model.lora, TRL trains PEFT's adapters as zerotrain makes them)."""
     cfg = load_config(CONFIG, [*sets, f"train.max_steps={steps}"])
     lora = cfg.model.lora
     spec = {"rows": str(rows), "model": str(SMOLLM), "out": str(out), "seq_len": seq_len, "steps": steps,
@@ -251,7 +252,7 @@ def run_trl(rows: Path, steps: int, seq_len: int, batches: str, out: Path, sets:
             "template": str(MARKED), "min_lr_rate": cfg.optim.min_lr_ratio, "seed": cfg.run.seed,
             # Trainer checks that its arguments agree with the DeepSpeed config
             "deepspeed": zerotrain_deepspeed(cfg), "batches": batches,
-            "lora": lora.model_dump(mode="json") if lora else None, "args": args}
+            "lora": lora.model_dump(mode="json") if lora else None}
     worker = out / "trl_worker.py"
     out.mkdir(parents=True, exist_ok=True)
     worker.write_text(TRL_WORKER)

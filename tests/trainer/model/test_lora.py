@@ -1,5 +1,5 @@
 """LoRA (model.lora, trainer/model/lora.py): adapters on a frozen base trained at ZeRO 3 on 2 ranks, checkpoints
-without the base, exact resume (also on 1 rank), both exports giving the engine's validation loss, and the
+without the base, resume on 1 rank, both exports giving the engine's validation loss, and the
 settings refused before any rank starts.
 
 The base is a 2-layer Llama of hidden size 512 and MLP width 1024 with adapters of rank 128: its MLP adapters
@@ -94,12 +94,12 @@ def test_both_exports_give_the_engines_validation_loss(lora_run, lora_base, tmp_
     assert zerotrain("generate", tmp_path / "adapter", "--prompt", "ROMEO:", "--max-new-tokens", "5").stdout
 
 
-def test_a_lora_run_resumes_exactly_also_on_one_rank(lora_run, lora_base, tiny_data, tmp_path):
-    for ranks, tolerance in ((2, 0), (1, 1e-5)):
-        run = as_of_step_6(lora_run, tmp_path / f"ranks{ranks}")
-        zerotrain("train", *lora_args(run, tiny_data, lora_base, f"launch.nproc_per_node={ranks}"), "--resume",
-                  "auto")
-        assert resumed_like(run, lora_run, tolerance), (train_losses(run), train_losses(lora_run))
+def test_a_lora_run_resumes_on_one_rank(lora_run, lora_base, tiny_data, tmp_path):
+    """Through DeepSpeed's universal conversion of a checkpoint without the frozen base. (Bit for bit on the same
+    ranks: the LoRA classifier of tests/trainer/tasks/test_classification.py.)"""
+    run = as_of_step_6(lora_run, tmp_path / "run")
+    zerotrain("train", *lora_args(run, tiny_data, lora_base, "launch.nproc_per_node=1"), "--resume", "auto")
+    assert resumed_like(run, lora_run, 1e-5), (train_losses(run), train_losses(lora_run))
 
 
 def test_resuming_on_another_base_or_without_adapters_is_refused(lora_run, lora_base, tiny_data, tmp_path):
