@@ -47,7 +47,7 @@ def peak_model_states(cfg) -> int:
 
     from trainer.engine.deepspeed_config import deepspeed_config
     from trainer.model.build import build_model, model_config
-    from trainer.model.lora import add_adapters, trainable
+    from trainer.model.lora import add_adapters
     from trainer.optim import param_groups
     from trainer.tasks.causal_lm import lm_loss
 
@@ -56,7 +56,8 @@ def peak_model_states(cfg) -> int:
     model = build_model(cfg.model, model_config(cfg.model, VOCAB), AutoModelForCausalLM)
     if cfg.model.lora:
         model = add_adapters(model, cfg.model.lora, cfg.model.task, 0)
-    ds_config = deepspeed_config(cfg, sum(p.numel() for p in model.parameters()), trainable=trainable(model))
+    ds_config = deepspeed_config(cfg, sum(p.numel() for p in model.parameters()),
+                                 trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
                                       config=ds_config)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch AdamW DeepSpeed steps

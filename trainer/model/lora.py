@@ -31,11 +31,11 @@ ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: marks an exported adapter's fo
 TASK_CONFIG = "task_config.json"  # beside an adapter: the trained model's transformers config (a classifier's labels)
 
 
-def lora_config(section: LoraSection, task: str, base: str | None = None) -> LoraConfig:
-    """PEFT's config of the adapters; `base`: the base model's folder, recorded in an exported adapter."""
+def lora_config(section: LoraSection, task: str) -> LoraConfig:
+    """PEFT's config of the adapters of model.lora `section` for model.task `task`."""
     return LoraConfig(r=section.rank, lora_alpha=section.alpha, lora_dropout=section.dropout,
                       target_modules=section.target_modules, modules_to_save=section.modules_to_save or None,
-                      task_type=PEFT_TASKS[task], base_model_name_or_path=base)
+                      task_type=PEFT_TASKS[task])
 
 
 def check_lora(cfg: Config, cuda_available: bool | None) -> None:
@@ -104,10 +104,6 @@ def check_adapters(model: PeftModel, section: LoraSection) -> None:
                                   f"{name.removeprefix('base_model.model.')} ({module.in_features} -> "
                                   f"{module.out_features}); at most {smaller}, or leave that layer out of "
                                   "model.lora.target_modules")
-
-
-def trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # The fingerprint reads each weight file's size, its first MiB (a safetensors file's header: every tensor's name,

@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
+from transformers import BertConfig, BertModel
 
 from data_pipeline import DataConfig, DataError, LabelledData, load_tokenizer, prepare_labelled
 from helpers import REPO, read_metrics, train_losses, zerotrain
@@ -125,10 +127,14 @@ def test_classification_is_the_same_at_every_stage_and_resumes_exactly(plays_pre
 @pytest.mark.slow
 def test_a_lora_classifier_resumes_exactly_and_both_exports_predict_alike(minilm, plays_prepared, play_lines,
                                                                           tmp_path):
-    """MiniLM with adapters at ZeRO 3 built partitioned, its fresh head trained fully (PEFT's modules_to_save):
-    resumed from step 3 it logs the same losses; the adapter (loaded on MiniLM) and the merged export predict the
-    same labels with the same probabilities."""
-    lora = [f"model.init_from={minilm}", "model.config={}", "model.lora.rank=8", "zero.stage=3"]
+    """The tiny BERT, saved and read as init_from, with adapters at ZeRO 3 built partitioned and a fresh head
+    trained fully (PEFT's modules_to_save): resumed from step 3 it logs the same losses (its dropout on from step 1:
+    from_pretrained hands over a model in evaluation mode); the adapter (loaded on its base) and the merged export
+    predict the same labels with the same probabilities."""
+    base = tmp_path / "base"
+    BertModel(BertConfig(**yaml.safe_load(TINY_BERT), vocab_size=len(load_tokenizer(minilm, require_eos=False)))) \
+        .save_pretrained(base)
+    lora = [f"model.init_from={base}", "model.config={}", "model.lora.rank=8", "zero.stage=3"]
     run = tmp_path / "run"
     zerotrain("train", *plays_args(run, plays_prepared, play_lines, *lora))
     assert "M trained: LoRA rank 8" in (run / "logs" / "rank0.log").read_text()
