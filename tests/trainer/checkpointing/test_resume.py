@@ -221,9 +221,9 @@ def test_the_ranks_convert_to_universal_as_deepspeeds_command_does(tiny_run, tmp
         assert same_tensors(*(torch.load(tmp_path / side / name, weights_only=False) for side in ("command", "ranks")))
 
 
-# Every stage on fewer and on more ranks would take 8 runs: each stage gets one direction, stage 3 (the partitioned
-# parameters, the likeliest to break) both. test_weights resumes a bf16 run of every stage on 1 rank besides.
-@pytest.mark.parametrize("stage,rank_counts", [(0, (4,)), (1, (1,)), (2, (4,)), (3, (1, 4))])
+# Every stage on fewer and on more ranks would take 8 runs: each stage gets one direction here. test_weights resumes
+# a bf16 run of every stage on 1 rank besides, and test_lora an fp32 stage-3 run (its base frozen).
+@pytest.mark.parametrize("stage,rank_counts", [(0, (4,)), (1, (1,)), (2, (4,)), (3, (4,))])
 def test_resume_on_another_number_of_ranks(stage, rank_counts, stage_run, tiny_data, tmp_path):
     """Saved by 2 ranks at step 6, resumed by 1 or 4: same global batch, optimizer state carried over, data
     exactly-once."""
