@@ -206,6 +206,9 @@ class ParallelSection(Section):
     # AutoTP tensor parallelism: each linear layer's weight split over this many ranks (model states / N, the
     # embedding replicated); they train the same samples. ZeRO 0-2.
     tensor: int = Field(1, ge=1)
+    # Expert parallelism (DeepSpeed's AutoEP) of a mixture-of-experts model: each rank holds 1/N of every MoE
+    # layer's experts and tokens travel all-to-all to theirs; the ranks still train different samples.
+    expert: int = Field(1, ge=1)
 
 
 class Config(Section):
@@ -227,7 +230,7 @@ class Config(Section):
 
     @property
     def layout(self) -> ParallelLayout:
-        return ParallelLayout(self.world_size, self.parallel.sequence, self.parallel.tensor)
+        return ParallelLayout(self.world_size, self.parallel.sequence, self.parallel.tensor, self.parallel.expert)
 
     @property
     def grad_accum(self) -> int:
@@ -479,7 +482,7 @@ def _check_combinations(cfg: Config, cuda_available: bool | None) -> None:
 def _check_layout(cfg: Config) -> None:
     """The parallel degrees divide the world (and the sequence), and the global batch the data-parallel ranks."""
     layout, t = cfg.layout, cfg.train
-    for name, degree in (("sequence", layout.sequence), ("tensor", layout.tensor)):
+    for name, degree in (("sequence", layout.sequence), ("tensor", layout.tensor), ("expert", layout.expert)):
         if layout.world % degree:
             raise ConfigError(f"parallel.{name}: {degree} does not divide the world size ({layout.world})")
     if cfg.data.seq_len % layout.sequence:
@@ -514,6 +517,11 @@ def _check_streaming(cfg: Config) -> None:
                           "prepare the data for mixtures")
 
 
+# transformers' config fields of a mixture of experts' routing
+ROUTER_FIELDS = ("router_aux_loss_coef", "num_experts_per_tok", "num_experts", "num_local_experts",
+                 "output_router_logits")
+
+
 def _check_model_fields(model: ModelSection) -> None:
     from transformers import AutoConfig  # imported here: a second of start-up only where needed
 
@@ -532,4 +540,7 @@ def _check_model_fields(model: ModelSection) -> None:
         if key == "vocab_size":
             raise ConfigError("model.config.vocab_size: set by the tokenizer; set tokenizer.vocab_size instead")
         if not hasattr(defaults, key):
+            if key in ROUTER_FIELDS:
+                raise ConfigError(f"model.config.{key}: {model.type} models have no router (they are dense, not a "
+                                  "mixture of experts)")
             raise ConfigError(f"model.config.{key}: not a field of {type(defaults).__name__}")

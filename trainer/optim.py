@@ -9,12 +9,13 @@ import torch
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: norms and biases (1-D tensors) are not weight-decayed, as in GPT-2/Llama recipes.
-    A parameter built partitioned (deepspeed.zero.Init) is an empty stand-in: its real shape is `ds_shape`."""
+    A parameter built partitioned (deepspeed.zero.Init) is an empty stand-in: its real shape is `ds_shape`. The
+    names let DeepSpeed split each group into its expert and other parameters under expert parallelism."""
     params = [p for p in model.parameters() if p.requires_grad]
     matrix = {id(p): len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params}
     return [
-        {"params": [p for p in params if matrix[id(p)]], "weight_decay": weight_decay},
-        {"params": [p for p in params if not matrix[id(p)]], "weight_decay": 0.0},
+        {"name": "decay", "params": [p for p in params if matrix[id(p)]], "weight_decay": weight_decay},
+        {"name": "no_decay", "params": [p for p in params if not matrix[id(p)]], "weight_decay": 0.0},
     ]
 
 

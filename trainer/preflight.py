@@ -15,6 +15,7 @@ from trainer.checkpointing.resume import ResumePoint
 from trainer.config import Config, ConfigError
 from trainer.data import TrainingData
 from trainer.engine import DEEPSPEED
+from trainer.model.moe import check_expert_split
 from trainer.model.shape import check_attention_installed, check_runs, check_sequence_split, check_tensor_split
 from trainer.tasks import task_of
 
@@ -42,6 +43,7 @@ def preflight(cfg: Config, resume: str, allow_data_change: bool, on_training_mac
     task.check_model(cfg, model)
     check_sequence_split(model, cfg.parallel.sequence)
     check_tensor_split(model, cfg.parallel.tensor)
+    check_expert_split(model, cfg.parallel.expert)
     checked = _resume(cfg, data, resume, allow_data_change)
     checked.notes += resources.check(cfg, task.auto_model, model, on_training_machine)
     if on_training_machine:

@@ -28,6 +28,7 @@ from trainer.engine import Engine
 from trainer.engine.deepspeed_engine import build_engine
 from trainer.evaluator import Evaluator
 from trainer.model.lora import base_of
+from trainer.model.moe import Router, routing
 from trainer.observe.metrics import MetricsLogger
 from trainer.observe.monitors import FileVerifier, Monitors, PhaseTimer, StopRequest
 from trainer.observe.perf import PRECISION_DTYPES, Throughput, flops_per_token, peak_flops
@@ -51,6 +52,7 @@ class Run:
     state: TrainState
     loss_fn: object  # the task's loss of a micro-batch
     grad_accum: int  # micro-batches per optimizer step on this many ranks
+    router: Router | None  # a mixture of experts' load-balancing loss and expert load
 
 
 def train(cfg: Config, resume_from: str | None) -> int:
@@ -92,6 +94,8 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_from: 
     loss = task.loss(cfg, data, shard)
     engine, arch = build_engine(cfg, model_config, task.auto_model, universal=bool(point and point.universal),
                                 fresh_head=task.fresh_head)
+    moe = routing(model_config)
+    router = Router(engine.module, moe, engine.device) if moe else None
     if point:
         engine.load(store.checkpoints_dir(cfg.run_dir), resume.load_tag(point))
         if own:
@@ -116,7 +120,7 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_from: 
                Evaluator(cfg.eval, task.validation(cfg, data, rank, loss), metrics, cfg.train.max_steps),
                Checkpointer(cfg.checkpoint, cfg.run_dir, engine, batches.state, metrics, cfg.train.max_steps,
                             cfg.async_saves, long_work),
-               metrics, state, loss, cfg.grad_accum)
+               metrics, state, loss, cfg.grad_accum, router)
 
 
 def _loop(run: Run, t: TrainSection, seq_len: int) -> int:
@@ -124,13 +128,14 @@ def _loop(run: Run, t: TrainSection, seq_len: int) -> int:
     monitors.nonfinite.start(engine.skipped_steps)
     for step in range(state.step + 1, t.max_steps + 1):
         lr = engine.lr
-        loss = _train_step(engine, run.batches.iterator, run.loss_fn, run.grad_accum, monitors.phases)
+        loss = _train_step(engine, run.batches.iterator, run.loss_fn, run.grad_accum, monitors.phases, run.router)
         state = state.advanced(t.global_batch_size, t.global_batch_size * seq_len)
         run.metrics.advance(step)
         health = monitors.after_step(step, loss, engine.skipped_steps)
         if monitors.log_due(step):
             run.metrics.log(step, {**monitors.record(step, engine, lr, state.tokens_seen),
-                                   **run.batches.metrics(state.consumed_samples)})
+                                   **run.batches.metrics(state.consumed_samples),
+                                   **(run.router.metrics() if run.router else {})})
         state, verdict = run.evaluator.after_step(engine, step, state)
         saved = run.checkpointer.after_step(step, state, health, verdict)
         if verdict.results or saved:
@@ -144,8 +149,10 @@ def _loop(run: Run, t: TrainSection, seq_len: int) -> int:
     return 0
 
 
-def _train_step(engine: Engine, batches, loss_fn, grad_accum: int, phases: PhaseTimer) -> torch.Tensor:
-    """One optimizer step over `grad_accum` micro-batches; returns this rank's mean loss (no host sync)."""
+def _train_step(engine: Engine, batches, loss_fn, grad_accum: int, phases: PhaseTimer, router: Router | None) \
+        -> torch.Tensor:
+    """One optimizer step over `grad_accum` micro-batches; returns this rank's mean loss (no host sync): the
+    task's, without a mixture of experts' load-balancing loss, which its gradients include."""
     total = torch.zeros((), device=engine.device)
     phases.restart()  # the loop's own bookkeeping since the last step is no phase of this one
     for _ in range(grad_accum):
@@ -153,7 +160,7 @@ def _train_step(engine: Engine, batches, loss_fn, grad_accum: int, phases: Phase
         phases.mark("data")
         loss = loss_fn(engine, batch)
         phases.mark("forward")
-        engine.backward(loss)
+        engine.backward(loss if router is None else loss + router.penalty())
         phases.mark("backward")
         engine.step()  # the optimizer steps after the last micro-batch
         phases.mark("optimizer")

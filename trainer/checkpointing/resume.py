@@ -126,7 +126,11 @@ def convert_to_universal(run_dir: Path, tag: str, group, log) -> Path:
     dist.barrier(group)
     # the cores of this node, shared by its ranks (the engine does not exist yet: the memory is free)
     workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    universal.convert(root / tag, tmp, group, log, workers)
+    if saved_layout(root / tag).expert > 1:  # AutoEP's experts: DeepSpeed's own (serial) conversion gathers them
+        if dist.get_rank(group) == 0:
+            universal.convert_here(root / tag, tmp)
+    else:
+        universal.convert(root / tag, tmp, group, log, workers)
     if dist.get_rank(group) == 0:
         tmp.rename(out)
         fsync_dir(root)
@@ -156,6 +160,11 @@ def check_continues(cfg: Config, resume: ResumePoint, state: TrainState, vocab_s
     folder = resume.folder(cfg.run_dir)
     saved = load_config(folder / "config.yaml")
     _check_same_adapters(saved, cfg, resume.tag, state)
+    if (saved.parallel.expert > 1) != (cfg.parallel.expert > 1):  # AutoEP renames and splits the experts' weights
+        raise ConfigError(f"parallel.expert: checkpoint {resume.tag} was trained with parallel.expert "
+                          f"{saved.parallel.expert}, and DeepSpeed cannot load expert-parallel weights into a model "
+                          "without it or the reverse; resume with expert parallelism "
+                          f"{'on' if saved.parallel.expert > 1 else 'off'} (any degree), or init_from an export")
     changes = resume_changes(saved, cfg)
     if changes:
         raise ConfigError(f"checkpoint {resume.tag} was trained with other settings that cannot change on resume: "

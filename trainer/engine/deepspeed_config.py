@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.config import Config
+from trainer.model.moe import expert_parallel_config
 
 # Bucket sizes track the model: DeepSpeed's 5e8-element defaults cost ~1 GB extra on a small model.
 MIN_BUCKET, MAX_BUCKET = 1_000_000, 500_000_000
@@ -16,11 +17,13 @@ def bucket_size(parameters: int) -> int:
 
 
 def deepspeed_config(cfg: Config, num_parameters: int, load_universal: bool = False,
-                     largest_parameter: int | None = None, trainable: int | None = None) -> dict:
+                     largest_parameter: int | None = None, trainable: int | None = None,
+                     model_type: str | None = None) -> dict:
     """`load_universal`: the run resumes from a universal checkpoint (saved by another number of ranks).
     `largest_parameter`: the numel of the model's largest parameter; sizes the NVMe parameter swap buffers
     (without it they are sized for the whole model: always enough, but more memory). `trainable`: the parameters
-    that get gradients (all by default; model.lora's adapters): the gradient buckets follow them."""
+    that get gradients (all by default; model.lora's adapters): the gradient buckets follow them. `model_type`:
+    the transformers model type, which parallel.expert needs."""
     t, o, z = cfg.train, cfg.optim, cfg.zero
     bucket, gradients = bucket_size(num_parameters), bucket_size(trainable or num_parameters)
     zero = {
@@ -60,7 +63,8 @@ def deepspeed_config(cfg: Config, num_parameters: int, load_universal: bool = Fa
         "steps_per_print": 2**31 - 1,  # zerotrain logs its own metrics
         "wall_clock_breakdown": False,
     } | ({"aio": aio} if aio else {}) | (
-        {"tensor_parallel": {"autotp_size": cfg.parallel.tensor}} if cfg.parallel.tensor > 1 else {})
+        {"tensor_parallel": {"autotp_size": cfg.parallel.tensor}} if cfg.parallel.tensor > 1 else {}) | (
+        {"expert_parallel": expert_parallel_config(model_type, cfg.parallel.expert)} if cfg.parallel.expert > 1 else {})
 
 
 # DeepSpeed swaps a tensor to NVMe only if it has at least this many bytes (swap_tensor.utils.MIN_AIO_BYTES);

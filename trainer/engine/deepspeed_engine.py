@@ -136,7 +136,7 @@ def build_engine(cfg: Config, config: PretrainedConfig, auto_model, universal: b
     checkpoint (saved by ranks laid out otherwise)."""
     arch = architecture(auto_model, config, cfg.model)
     ds_config = deepspeed_config(cfg, arch.held(cfg.parallel.tensor), universal, largest_parameter=max(arch.sizes),
-                                 trainable=arch.trainable)
+                                 trainable=arch.trainable, model_type=config.model_type)
     lora = cfg.model.lora
     log.info(f"model: {config.model_type} ({cfg.model.task}), {arch.params / 1e6:.2f}M parameters"
              + (f" ({arch.trainable / 1e6:.2f}M trained: LoRA rank {lora.rank})" if lora else "")
@@ -153,6 +153,8 @@ def build_engine(cfg: Config, config: PretrainedConfig, auto_model, universal: b
                  f"{arch.params / 1e6:.2f}M parameters")
     if lora:  # while zero_init lives: PEFT copies modules_to_save gathered under ZeRO 3
         model = add_adapters(model, lora, cfg.model.task, cfg.run.seed)
+    if cfg.parallel.expert > 1:
+        repairs.output_recorders_by_class_name()
     o = cfg.optim
     factor = warmup_cosine(o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, o.weight_decay),

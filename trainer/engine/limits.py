@@ -33,6 +33,12 @@ def _check_parallel(cfg: Config) -> None:
         raise ConfigError(f"parallel.tensor: DeepSpeed {DEEPSPEED}'s AutoTP does not compose with LoRA adapters (it "
                           "replaces the linear layers PEFT wrapped, and its ZeRO optimizer no longer finds their "
                           "parameters); train LoRA data-parallel, ZeRO 3 partitioning the frozen base")
+    if p.expert > 1 and p.sequence * p.tensor > 1:  # untested: AutoEP builds its own groups, ignorant of these
+        raise ConfigError("parallel.expert: does not compose with parallel.sequence or parallel.tensor here; "
+                          "choose one of them")
+    if p.expert > 1 and cfg.model.lora is not None:  # AutoEP replaces the MoE blocks PEFT would have wrapped
+        raise ConfigError("parallel.expert: LoRA adapters are trained without expert parallelism (AutoEP replaces "
+                          "the layers PEFT wraps); set parallel.expert: 1")
     if p.tensor > 1 and cfg.zero.stage == 3 and cfg.world_size % p.tensor == 0:
         # measured: its batch-size check counts the world one way, then the other
         raise ConfigError(f"parallel.tensor: DeepSpeed {DEEPSPEED} cannot initialise tensor parallelism at "

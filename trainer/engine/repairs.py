@@ -36,3 +36,23 @@ def exclude_frozen_under_every_name(engine) -> None:
         return state
 
     engine.module_state_dict = module_state_dict
+
+
+def output_recorders_by_class_name() -> None:
+    """AutoEP (expert parallelism) re-points transformers' recorder of router logits at its own router through
+    transformers' registry of output recorders, calling `registry.get(key, default)` with a class name as the
+    key; transformers 5.24's registry takes a model, not a name, and no default (measured: `TypeError:
+    _CanRecordRegistry.get() takes 2 positional arguments but 3 were given` at deepspeed.initialize). Its `get`
+    accepts both again; a model still looks up its class's entry as before. Idempotent."""
+    from transformers.utils import output_capturing
+
+    registry = output_capturing._CanRecordRegistry
+    if getattr(registry.get, "accepts_names", False):
+        return
+    by_model = registry.get
+
+    def get(self, key, default=None):
+        return dict.get(self, key, default) if isinstance(key, str) else by_model(self, key)
+
+    get.accepts_names = True
+    registry.get = get

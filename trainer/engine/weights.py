@@ -12,6 +12,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from data_pipeline.errors import UserError
 from trainer.config import Config
 from trainer.engine import universal
+from trainer.model.moe import autoep_shapes, from_autoep
 from trainer.optim import param_groups
 
 
@@ -22,17 +23,25 @@ def fp32_weights(ckpt: Path, cfg: Config, model: torch.nn.Module, made: Path) ->
     bf16_zero_* files), come from the universal conversion instead: one a resume made beside the checkpoint, or
     one made here (in a temporary folder beside it: it takes about the checkpoint's size). `made`: where a
     resume's universal conversion of `ckpt` would be."""
-    if cfg.zero.stage == 0 and cfg.parallel.tensor == 1:
+    sliced = cfg.parallel.tensor > 1 or cfg.parallel.expert > 1
+    if cfg.zero.stage == 0 and not sliced:
         return _zero_0_weights(ckpt / "mp_rank_00_model_states.pt", cfg, model)
-    if cfg.parallel.tensor == 1 and not (cfg.zero.stage == 1 and any(ckpt.glob("bf16_zero_pp_rank_*"))):
+    if not sliced and not (cfg.zero.stage == 1 and any(ckpt.glob("bf16_zero_pp_rank_*"))):
         # a LoRA run's checkpoints hold no frozen parameters (DeepSpeed's exclude_frozen_parameters)
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name,
                                                         exclude_frozen_parameters=True)
     if cfg.zero.stage == 0:
-        raise UserError(f"{ckpt}: a ZeRO-0 checkpoint of a tensor-parallel run keeps its weights sliced in its "
-                          "model files, which DeepSpeed's universal conversion does not read; save at zero.stage "
-                          "1 or 2 to export")
+        raise UserError(f"{ckpt}: a ZeRO-0 checkpoint of a tensor- or expert-parallel run keeps its weights sliced "
+                          "in its model files, which DeepSpeed's universal conversion does not read; save at "
+                          "zero.stage 1-3 to export")
     shapes = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
+    if cfg.parallel.expert == 1:
+        return _universal_weights(ckpt, made, shapes)
+    return from_autoep(_universal_weights(ckpt, made, autoep_shapes(shapes)), shapes)
+
+
+def _universal_weights(ckpt: Path, made: Path, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The weights of `shapes` from the universal conversion of `ckpt`: a resume's at `made`, or one made now."""
     if made.is_dir():
         return universal.weights(made, shapes)
     with tempfile.TemporaryDirectory(prefix=f"{ckpt.name}.export-", dir=ckpt.parent) as tmp:

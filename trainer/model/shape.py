@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from trainer.config import ConfigError, ModelSection
+from trainer.model.moe import check_routing, routing
 
 # attention that a sequence group can share: eager needs a dense mask, flex would be given a plain causal one
 SEQUENCE_SPLIT_ATTENTIONS = ("sdpa", "flash_attention_2", "flash_attention_3")
@@ -39,6 +40,8 @@ class Architecture:
     tensor_split: int  # parameters parallel.tensor splits: the linear layers of the model's tensor-parallel plan
     trainable: int  # parameters that get gradients and optimizer states: all, or with model.lora its adapters
     linear: int  # weights of the linear layers but the output layer: what model.lora.quantize stores in 4 bits
+    expert_weights: int = 0  # a mixture of experts' routed experts, every layer's (0: a dense model)
+    active_experts: float = 1.0  # the share of them one token uses: top-k over the experts of a layer
 
     def held(self, tensor: int) -> int:
         """Parameters one rank of a tensor group of `tensor` holds: its slice of the split layers, and the rest
@@ -47,9 +50,10 @@ class Architecture:
 
     @property
     def multiplying(self) -> int:
-        """Parameters that take part in matmuls: the input embedding is only a lookup, unless it is tied to
-        the output layer."""
-        return self.params - (0 if self.tied else self.embedding)
+        """Parameters that take part in a token's matmuls: the input embedding is only a lookup, unless it is
+        tied to the output layer; of a mixture of experts' routed experts, the top-k the token goes to."""
+        idle = round(self.expert_weights * (1 - self.active_experts))
+        return self.params - (0 if self.tied else self.embedding) - idle
 
 
 def attention_of(config: PretrainedConfig) -> str:
@@ -67,7 +71,7 @@ def on_meta(auto, config: PretrainedConfig) -> PreTrainedModel:
     config = copy.deepcopy(config)
     if attention_of(config).startswith("flash_attention"):
         config._attn_implementation = "sdpa"
-    if _experts(config):
+    if routing(config):
         config._experts_implementation = "batched_mm"
     with init_empty_weights():
         model = auto.from_config(config)
@@ -86,6 +90,7 @@ def check_runs(section: ModelSection, config: PretrainedConfig, auto, inputs: di
     if limit is not None and seq_len > limit:
         raise ConfigError(f"data.seq_len: {seq_len} exceeds the model's position limit ({limit}, "
                           f"max_position_embeddings of {where}); lower data.seq_len or raise the limit")
+    check_routing(config, where)
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
     if heads and kv_heads and heads % kv_heads:
         raise ConfigError(f"model.config.num_key_value_heads: {kv_heads} does not divide num_attention_heads "
@@ -152,11 +157,6 @@ def run_on_meta(auto, config: PretrainedConfig, inputs: dict[str, torch.Tensor],
                           f"starts, it fails with: {cause}") from None
 
 
-def _experts(config: PretrainedConfig) -> int:
-    """The experts of a mixture-of-experts model's layers (0 for a dense model)."""
-    return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
-
-
 def architecture(auto, config: PretrainedConfig, section: ModelSection | None = None) -> Architecture:
     """The shape of the model of Auto class `auto` and `config`; with `section.lora`, of the model with its
     adapters (checked: a ConfigError names a setting that cannot wrap it)."""
@@ -198,7 +198,19 @@ def architecture(auto, config: PretrainedConfig, section: ModelSection | None = 
         tensor_split=_tensor_split(model, config),
         trainable=trainable,
         linear=linear,
+        **_experts(model, config),
     )
+
+
+def _experts(model: PreTrainedModel, config: PretrainedConfig) -> dict:
+    """A mixture of experts' routed expert weights (transformers 5 keeps a layer's in one `experts` module) and
+    the share of them a token uses."""
+    moe = routing(config)
+    if moe is None:
+        return {}
+    weights = sum(p.numel() for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == "experts"
+                  for p in module.parameters())
+    return {"expert_weights": weights, "active_experts": moe.top_k / moe.experts}
 
 
 def _tensor_split(model: PreTrainedModel, config: PretrainedConfig) -> int:

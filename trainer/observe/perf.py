@@ -24,16 +24,18 @@ GPU_PEAK_TFLOPS = {
 
 
 def flops_per_token(arch: Architecture, seq_len: int) -> int:
-    """Training FLOPs per token: 6 per weight that multiplies (forward 2, backward 4: 2 for the gradient of its
-    input, 2 for its own; the input embedding is a lookup, not a matmul) plus attention's scores and weighted
-    values, 12 * layers * hidden * seq_len (the PaLM paper's appendix B accounting; like it, the whole s x s
-    score matrix counts). A frozen weight (a LoRA run's base) has no gradient of its own: 4."""
+    """Training FLOPs per token: 6 per weight that multiplies it (forward 2, backward 4: 2 for the gradient of its
+    input, 2 for its own; the input embedding is a lookup, not a matmul; of a mixture of experts' routed experts,
+    the top-k the token goes to) plus attention's scores and weighted values, 12 * layers * hidden * seq_len (the
+    PaLM paper's appendix B accounting; like it, the whole s x s score matrix counts). A frozen weight (a LoRA
+    run's base) has no gradient of its own: 4."""
     return 6 * arch.multiplying - 2 * frozen_multiplying(arch) + 12 * arch.layers * arch.hidden * seq_len
 
 
 def frozen_multiplying(arch: Architecture) -> int:
-    """Frozen weights that multiply: a LoRA run's base less its input embedding (counted frozen, a lookup)."""
-    return max(0, arch.params - arch.trainable - (0 if arch.tied else arch.embedding))
+    """Frozen weights that multiply a token: a LoRA run's base less its input embedding (a lookup) and the experts
+    the token does not use."""
+    return max(0, arch.multiplying - arch.trainable)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, given_tflops: float | None) -> tuple[float, str]:

@@ -37,6 +37,9 @@ PANELS = (
     Panel("memory", ("mem/*_gib",), "GiB", from_zero=True),  # GPU: allocated/reserved/peak; CPU: rss
     Panel("gradient norm", ("train/grad_norm",), "norm before clipping"),
     Panel("fine-tuning", ("val/accuracy", "val/macro_f1"), "score"),
+    Panel("router loss", ("train/router_aux_loss",), "load-balancing loss"),
+    # 1: every expert of the layer got as many tokens; experts / top-k: one expert got them all
+    Panel("expert load", ("moe/layer*/load_max_mean",), "busiest expert / mean", from_zero=True),
 )
 
 

@@ -17,6 +17,7 @@ class ParallelLayout:
     world: int  # ranks of the job
     sequence: int = 1  # parallel.sequence
     tensor: int = 1  # parallel.tensor
+    expert: int = 1  # parallel.expert: a mixture of experts' experts split over this many ranks (AutoEP)
 
     @property
     def model_parallel(self) -> int:
@@ -52,9 +53,9 @@ class ParallelLayout:
         return global_batch * self.model_parallel
 
     def same_files(self, other: ParallelLayout) -> bool:
-        """Whether DeepSpeed's checkpoint files of one fit the other: a rank's ZeRO partition and tensor slice
-        depend on these two (the sequence groups are invisible to DeepSpeed)."""
-        return (self.world, self.tensor) == (other.world, other.tensor)
+        """Whether DeepSpeed's checkpoint files of one fit the other: a rank's ZeRO partition, tensor slice and
+        experts depend on these (the sequence groups are invisible to DeepSpeed)."""
+        return (self.world, self.tensor, self.expert) == (other.world, other.tensor, other.expert)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -64,6 +65,6 @@ class ParallelLayout:
         return cls(**fields)
 
     def __str__(self) -> str:
-        groups = "".join(f", parallel.{name} {n}" for name, n in (("sequence", self.sequence),
-                                                                  ("tensor", self.tensor)) if n > 1)
+        groups = "".join(f", parallel.{name} {n}" for name, n in (("sequence", self.sequence), ("tensor", self.tensor),
+                                                                  ("expert", self.expert)) if n > 1)
         return f"{self.world} rank{'s' * (self.world > 1)}{groups}"

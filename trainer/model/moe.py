@@ -1,0 +1,165 @@
+"""Mixture-of-experts models (Mixtral, Qwen3-MoE, DeepSeek, ...): their routing, the router's load-balancing loss
+and the experts' load while training, and expert parallelism through DeepSpeed's AutoEP.
+
+transformers 5 stores each layer's experts as one module of 3-D weights (experts x out x in) that every token's
+layer calls, whichever experts its tokens chose. So ZeRO 3 gathers and partitions them like any layer, and a rank
+whose tokens skip an expert still takes part in every collective: no leaf modules are needed (measured: bench/moe.py,
+docs/moe.md). What transformers leaves to its own `labels` path - the auxiliary loss - zerotrain adds here, since
+its tasks compute their own losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from transformers import PretrainedConfig
+
+from trainer.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a mixture-of-experts model routes its tokens."""
+
+    experts: int  # routed experts per MoE layer
+    top_k: int  # experts each token uses
+    aux_loss_coef: float  # weight of the load-balancing loss in the training loss (router_aux_loss_coef)
+
+
+def routing(config: PretrainedConfig) -> Routing | None:
+    """The model's routing; None for a dense model."""
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if not experts:
+        return None
+    return Routing(experts, config.num_experts_per_tok, getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+
+
+def check_routing(config: PretrainedConfig, where: str) -> None:
+    """Pre-flight: routing transformers builds but cannot run (`where`: the key that set the config)."""
+    moe = routing(config)
+    if moe is not None and not 1 <= moe.top_k <= moe.experts:
+        raise ConfigError(f"{where}.num_experts_per_tok: each token cannot use {moe.top_k} of the model's "
+                          f"{moe.experts} experts; give 1 to {moe.experts}")
+
+
+class Router:
+    """The router's load-balancing loss and the experts' load, taken from each training forward's output (the
+    model returns its routers' logits and transformers' auxiliary loss when config.output_router_logits is on).
+    `penalty()` is what the step adds to the task's loss; `metrics()` the logged means since the last log."""
+
+    def __init__(self, model: torch.nn.Module, moe: Routing, device: torch.device):
+        model.config.output_router_logits = True  # the trained module only: an export's config keeps its own
+        self.moe, self.device = moe, device
+        self.aux = None  # the last training forward's auxiliary loss, with its graph
+        self.aux_sum, self.micro_batches = torch.zeros((), device=device), 0
+        self.load = None  # tokens routed to each expert of each MoE layer since the last log
+        model.register_forward_hook(self._record)
+
+    def _record(self, module: torch.nn.Module, _inputs, output) -> None:
+        if not module.training:  # validation's forwards neither train nor count
+            return
+        self.aux = output.aux_loss
+        if self.load is None:
+            self.load = torch.zeros(len(output.router_logits), self.moe.experts, device=self.device)
+        self.aux_sum += self.aux.detach().float()
+        self.micro_batches += 1
+        with torch.no_grad():
+            for layer, logits in enumerate(output.router_logits):
+                # top-k of the logits is top-k of the softmax the router takes: the experts the tokens went to
+                chosen = logits.topk(self.moe.top_k, dim=-1).indices.flatten()
+                self.load[layer] += torch.bincount(chosen, minlength=self.moe.experts)
+
+    def penalty(self) -> torch.Tensor | float:
+        """router_aux_loss_coef x the auxiliary loss of the forward that just ran, as transformers' own loss
+        adds it."""
+        aux, self.aux = self.aux, None
+        return 0.0 if aux is None or not self.moe.aux_loss_coef else self.moe.aux_loss_coef * aux
+
+    def metrics(self) -> dict[str, float]:
+        """Over every rank, since the last call (a collective): the mean auxiliary loss, and per MoE layer the
+        busiest expert's tokens over the mean (1 is perfect balance; top_k/experts x experts is one expert for
+        all). transformers' Mixtral and Qwen3-MoE drop no tokens: every token reaches its experts."""
+        packed = torch.cat([torch.stack([self.aux_sum, torch.tensor(float(self.micro_batches), device=self.device)]),
+                            self.load.flatten()])
+        dist.all_reduce(packed)
+        aux, load = packed[0] / packed[1].clamp(min=1), packed[2:].view_as(self.load)
+        self.aux_sum.zero_()
+        self.micro_batches = 0
+        self.load.zero_()
+        balance = (load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist()
+        return {"train/router_aux_loss": aux.item(),
+                **{f"moe/layer{layer}/load_max_mean": value for layer, value in enumerate(balance)}}
+
+
+def autoep_preset(model_type: str) -> str | None:
+    """DeepSpeed AutoEP's preset for a transformers model type (None: AutoEP does not know it)."""
+    from deepspeed.module_inject.auto_ep_presets.registry import preset_name_for_hf_model_type
+
+    return preset_name_for_hf_model_type(model_type)
+
+
+def check_expert_split(config: PretrainedConfig, size: int) -> None:
+    """Pre-flight of parallel.expert: a mixture of experts AutoEP knows, whose experts split `size` ways."""
+    if size == 1:
+        return
+    from trainer.engine import DEEPSPEED
+
+    moe = routing(config)
+    if moe is None:
+        raise ConfigError(f"parallel.expert: model type {config.model_type} is dense (no experts to split); set "
+                          "parallel.expert: 1")
+    if autoep_preset(config.model_type) is None:
+        from deepspeed.module_inject.auto_ep_presets.registry import PRESET_MODELS
+
+        known = sorted({t for preset in PRESET_MODELS.values() for t in preset.hf_model_types})
+        raise ConfigError(f"parallel.expert: DeepSpeed {DEEPSPEED}'s AutoEP has no preset for model type "
+                          f"{config.model_type} (it knows {', '.join(known)}); set parallel.expert: 1")
+    if moe.experts % size:
+        raise ConfigError(f"parallel.expert: {size} does not divide the model's {moe.experts} experts per layer")
+
+
+def expert_parallel_config(model_type: str, size: int) -> dict:
+    """DeepSpeed's `expert_parallel` section: AutoEP replaces each MoE block by one holding experts / `size` of
+    its experts, tokens exchanged all-to-all within groups of `size` consecutive ranks."""
+    return {"enabled": True, "autoep_size": size, "preset_model": autoep_preset(model_type)}
+
+
+# transformers' names of a MoE block's parameters, and AutoEP's for them (its experts split into the gate and up
+# projections w1 and w3, and w2)
+FUSED, DOWN, ROUTER = "experts.gate_up_proj", "experts.down_proj", "gate.weight"
+AUTOEP = {"w1": "experts.w1", "w3": "experts.w3", "w2": "experts.w2", "router": "router.gate.weight"}
+
+
+def autoep_shapes(shapes: dict[str, torch.Size]) -> dict[str, torch.Size]:
+    """The names and whole shapes AutoEP gives the parameters of a model whose transformers names and shapes are
+    `shapes` (its experts held by one rank or many)."""
+    out = dict(shapes)
+    for block in _blocks(shapes):
+        fused, down = out.pop(block + FUSED), out.pop(block + DOWN)
+        experts, rows, cols = fused
+        half = (experts, rows // 2, cols) if rows == 2 * down[2] else (experts, cols // 2, rows)
+        out |= {block + AUTOEP["w1"]: torch.Size(half), block + AUTOEP["w3"]: torch.Size(half),
+                block + AUTOEP["w2"]: torch.Size((experts, *half[2:0:-1])),
+                block + AUTOEP["router"]: out.pop(block + ROUTER)}
+    return out
+
+
+def from_autoep(weights: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """An expert-parallel run's whole weights (AutoEP's names) under transformers' names of `shapes`: the gate and
+    up projections joined as transformers stores them, gate first (DeepSpeed's ep_repack splits them so)."""
+    out = dict(weights)
+    for block in _blocks(shapes):
+        w1, w3, w2 = (out.pop(block + AUTOEP[key]) for key in ("w1", "w3", "w2"))
+        transposed = shapes[block + FUSED][1] != 2 * w1.shape[1]  # (experts, hidden, 2 x ffn) layouts
+        fused = torch.cat([w1, w3], dim=1)
+        out[block + FUSED] = fused.transpose(1, 2).contiguous() if transposed else fused
+        out[block + DOWN] = w2.transpose(1, 2).contiguous() if transposed else w2
+        out[block + ROUTER] = out.pop(block + AUTOEP["router"])
+    return out
+
+
+def _blocks(shapes: dict[str, torch.Size]) -> list[str]:
+    """The name prefixes of the MoE blocks with fused experts (e.g. `model.layers.0.mlp.`)."""
+    return [name.removesuffix(FUSED) for name in shapes if name.endswith("." + FUSED)]
