@@ -31,7 +31,9 @@ def deepspeed_config(cfg: Config, num_parameters: int, load_universal: bool = Fa
         "reduce_bucket_size": gradients,
         "allgather_bucket_size": gradients,  # stages 1-2 gather the updated (trainable) parameters
         "overlap_comm": z.stage >= 2,
-        "contiguous_gradients": z.stage >= 2,
+        # Under expert parallelism ZeRO 1 needs it too (measured: without, the experts' gradients come out wrong -
+        # a step-1 gradient norm of 0.8325 instead of 0.8273 - with DeepSpeed's AutoEP)
+        "contiguous_gradients": z.stage >= 2 or cfg.parallel.expert > 1,
     }
     if z.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": z.offload_optimizer}

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 MODELS = {
     "mixtral": ["model.type=mixtral", "model.config.num_local_experts=4", "model.config.router_aux_loss_coef=0.02"],
     "qwen3_moe": ["model.type=qwen3_moe", "model.config.num_experts=4", "model.config.num_experts_per_tok=2",
-                  "model.config.moe_intermediate_size=64", "model.config.head_dim=32",
+                  "model.config.moe_intermediate_size=64",
                   "model.config.router_aux_loss_coef=0.02"],
 }
 # fp32; expert parallelism sums each token's experts in another order (measured: within 1e-6)
@@ -105,12 +105,13 @@ def test_an_expert_parallel_run_exports_the_model_it_trained(moe_run, tmp_path):
 
 def test_resume_on_other_ranks_and_expert_degree(moe_run, tiny_data, tmp_path):
     """2 ranks holding 2 experts each, resumed on 4 ranks holding 1 each: DeepSpeed's universal conversion of
-    AutoEP's experts."""
+    AutoEP's experts. The load-balancing loss is a micro-batch's: 4 ranks of 2 samples balance other groups of
+    tokens than 2 ranks of 4 (measured: losses within 1.2e-5)."""
     uninterrupted = moe_run("mixtral", 3, expert=2)
     copy = as_of_step_6(uninterrupted, tmp_path / "resumed")
     zerotrain("train", *tiny_args(copy, tiny_data, *MODELS["mixtral"], "zero.stage=3", "parallel.expert=4",
                                   "launch.nproc_per_node=4", "train.micro_batch_size=2"), "--resume", "auto")
-    assert resumed_like(copy, uninterrupted, TOLERANCE)
+    assert resumed_like(copy, uninterrupted, 5e-5)
 
 
 def test_lora_of_an_moe_export(moe_run, tiny_data, tmp_path):
