@@ -24,6 +24,7 @@ from trainer.engine.limits import accumulation_dtype
 from trainer.parallel.layout import ParallelLayout
 from trainer.tasks import task_of
 from trainer.memory import OPTIONS, Estimate, GiB, Option, architecture, element_bytes, estimate, recommend
+from trainer.model.moe import check_expert_split, routing
 from trainer.model.shape import Architecture, check_sequence_split, check_tensor_split
 from trainer.observe.perf import flops_per_token, frozen_multiplying
 
@@ -76,7 +77,8 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_memory_gib: float, voc
     for flag, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node), ("--gpu-memory", gpu_memory_gib)):
         if not value > 0:
             raise ConfigError(f"{flag}: must be more than 0 (got {value})")
-    for name, degree in (("sequence", cfg.parallel.sequence), ("tensor", cfg.parallel.tensor)):
+    for name, degree in (("sequence", cfg.parallel.sequence), ("tensor", cfg.parallel.tensor),
+                         ("expert", cfg.parallel.expert)):
         if (nodes * gpus_per_node) % degree:
             raise ConfigError(f"parallel.{name}: {degree} does not divide the {nodes * gpus_per_node} GPUs of "
                               "--nodes x --gpus-per-node")
@@ -88,7 +90,7 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_memory_gib: float, voc
     lines = (_header(cfg, arch, estimates[0], nodes, gpus_per_node, gpu_memory_gib, mem)
              + _table(estimates, usable, gpus_per_node, mem)
              + _verdict(cfg, arch, estimates, usable, nodes, gpus_per_node, mem)
-             + _cross_check(arch, estimates, nodes, gpus_per_node, cfg.train.precision, mem))
+             + _cross_check(arch, estimates, nodes, gpus_per_node, cfg.train.precision, mem, cfg.parallel.expert))
     return "\n".join(lines) + "\n"
 
 
@@ -146,6 +148,7 @@ def _header(cfg: Config, arch: Architecture, est: Estimate, nodes: int, gpus_per
     split = f", {s // sequence} per rank of a sequence group of {sequence}" if sequence > 1 else ""
     held = [f"             a rank of a tensor group of {tensor} holds {_count(arch.held(tensor))} of them (the "
             "linear layers split, embedding and norms whole); ZeRO 0-2"] if tensor > 1 else []
+    held += _experts(cfg, arch, world)
     states = ("4 B gradients + 8 B Adam moments (+ a 4 B fp32 master partition at stages 1-3)" if e == 4
               else "2 B gradients + 12 B optimizer states (4 B fp32 master + 8 B Adam moments)")
     return [
@@ -168,6 +171,20 @@ def _header(cfg: Config, arch: Architecture, est: Estimate, nodes: int, gpus_per
         "             (model.gradient_checkpointing: true)",
         "",
     ]
+
+
+def _experts(cfg: Config, arch: Architecture, world: int) -> list[str]:
+    """A mixture of experts: its routed experts, what a token uses of them, and what expert parallelism holds."""
+    if not arch.expert_weights:
+        return []
+    moe, expert = routing(task_of(cfg).model_config(cfg.model, arch.vocab)), cfg.parallel.expert
+    active = arch.params - round(arch.expert_weights * (1 - arch.active_experts))
+    lines = [f"experts      {moe.experts} per MoE layer, {moe.top_k} per token: {_count(arch.expert_weights)} "
+             f"parameters in routed experts; {_count(active)} of {_count(arch.params)} active per token"]
+    if expert > 1:
+        lines.append(f"             parallel.expert {expert}: a GPU holds {moe.experts // expert} of each layer's "
+                     f"experts, ZeRO partitions them over the {world // expert} GPU(s) holding the same ones")
+    return lines
 
 
 def _table(estimates: list[Estimate], usable: float, gpus_per_node: int, mem: Units) -> list[str]:
@@ -225,11 +242,12 @@ def _parallel_hint(cfg: Config, arch: Architecture, chosen: tuple[Estimate, bool
                    nodes: int, gpus_per_node: int, mem: Units) -> list[str]:
     """When the run needs offload or activation checkpointing, or nothing fits, and it splits neither sequences
     nor weights yet: the smallest tensor or sequence degree within a node with which a stage fits without them."""
-    if cfg.layout.model_parallel > 1 or _plain(chosen):
+    if cfg.layout.model_parallel > 1 or cfg.parallel.expert > 1 or _plain(chosen):
         return []
     config = task_of(cfg).model_config(cfg.model, arch.vocab)
     for degree in (d for d in (2, 4, 8) if d <= gpus_per_node and gpus_per_node % d == 0):
-        for name, check in (("tensor", check_tensor_split), ("sequence", check_sequence_split)):
+        for name, check in (("expert", check_expert_split), ("tensor", check_tensor_split),
+                            ("sequence", check_sequence_split)):
             run = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={name: degree})})
             try:
                 check(config, degree)
@@ -255,8 +273,10 @@ def _start_up(cfg: Config, arch: Architecture, usable: float, gpus_per_node: int
     if cfg.zero.stage == 3 and cfg.zero.partitioned_init:
         return ["start-up:    at stage 3 each rank builds only its partition of the model (deepspeed.zero.Init, "
                 "zero.partitioned_init)"]
-    # built whole in fp32 on the host, then deepspeed.initialize moves all of it onto the rank's GPU
-    on_gpu = element_bytes(cfg.train.precision) * arch.params
+    # built whole in fp32 on the host, then deepspeed.initialize moves all of it onto the rank's GPU - under
+    # expert parallelism once AutoEP has kept the rank's experts only
+    held = arch.params - arch.expert_weights + arch.expert_weights // cfg.parallel.expert
+    on_gpu = element_bytes(cfg.train.precision) * held
     return [f"start-up:    each rank builds the whole model in fp32 on the host "
             f"({mem(4 * arch.params * gpus_per_node)} {mem.name} per node), then DeepSpeed moves it",
             f"             whole onto its GPU before partitioning it ({mem(on_gpu)} {mem.name})"
@@ -264,10 +284,13 @@ def _start_up(cfg: Config, arch: Architecture, usable: float, gpus_per_node: int
 
 
 def _cross_check(arch: Architecture, estimates: list[Estimate], nodes: int, gpus_per_node: int, precision: str,
-                 mem: Units) -> list[str]:
+                 mem: Units, expert: int) -> list[str]:
     if arch.trainable < arch.params:
         return ["DeepSpeed's estimators (estimate_zero2/3_model_states_mem_needs) assume every parameter trains: "
                 "no comparison for a LoRA run."]
+    if expert > 1:
+        return ["DeepSpeed's estimators (estimate_zero2/3_model_states_mem_needs) know no expert parallelism: no "
+                "comparison."]
     lines = ["DeepSpeed's estimators (estimate_zero2/3_model_states_mem_needs) vs ours: GPU model states with the",
              "optimizer step's fp32 gradients. At stage 3 DeepSpeed adds 4 B x the largest layer "
              f"({_count(arch.largest_layer)} parameters;",

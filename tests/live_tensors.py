@@ -33,6 +33,7 @@ class NewStorages:
         self.before = [weakref.ref(t) for t in tensors()]
 
     def bytes(self) -> int:
+        gc.collect()  # a tensor in uncollected garbage (a temporary caught in a reference cycle) is not alive
         old = {t.untyped_storage().data_ptr() for t in (ref() for ref in self.before) if t is not None}
         new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors()}
         return sum(n for ptr, n in new.items() if ptr not in old)

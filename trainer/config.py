@@ -517,6 +517,8 @@ def _check_streaming(cfg: Config) -> None:
                           "prepare the data for mixtures")
 
 
+# read by transformers' models where set, though their config classes declare no field (Qwen3-MoE's head_dim)
+READ_IF_SET = ("head_dim",)
 # transformers' config fields of a mixture of experts' routing
 ROUTER_FIELDS = ("router_aux_loss_coef", "num_experts_per_tok", "num_experts", "num_local_experts",
                  "output_router_logits")
@@ -539,7 +541,7 @@ def _check_model_fields(model: ModelSection) -> None:
     for key in model.config:
         if key == "vocab_size":
             raise ConfigError("model.config.vocab_size: set by the tokenizer; set tokenizer.vocab_size instead")
-        if not hasattr(defaults, key):
+        if not hasattr(defaults, key) and key not in READ_IF_SET:
             if key in ROUTER_FIELDS:
                 raise ConfigError(f"model.config.{key}: {model.type} models have no router (they are dense, not a "
                                   "mixture of experts)")

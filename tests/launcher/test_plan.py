@@ -28,11 +28,19 @@ SMALL = ["model.config.hidden_size=256", "model.config.intermediate_size=688", "
 TOLERANCE = 0.15  # measured live model-state bytes vs the estimate
 
 
-def small_config(stage: int, precision: str, world: int, lora: bool = False):
-    """`lora`: adapters of rank 64 on every linear layer of the blocks (1.2M parameters trained, 7.1M frozen)."""
+VARIANTS = {
+    "": [],
+    # adapters of rank 64 on every linear layer of the blocks (1.2M parameters trained, 7.1M frozen)
+    "lora": ["model.lora.rank=64"],
+    # a Mixtral of 4 experts per layer (8.5M of its 11.2M parameters), each of 2 ranks holding 2 (AutoEP)
+    "moe": ["model.type=mixtral", "model.config.num_local_experts=4", "parallel.expert=2"],
+}
+
+
+def small_config(stage: int, precision: str, world: int, variant: str = ""):
     return load_config(TINY, SMALL + [f"zero.stage={stage}", f"train.precision={precision}",
                                       f"launch.nproc_per_node={world}", f"train.global_batch_size={2 * world}"]
-                       + (["model.lora.rank=64"] if lora else []))
+                       + VARIANTS[variant])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,6 +54,7 @@ def peak_model_states(cfg) -> int:
     from transformers import AutoModelForCausalLM
 
     from trainer.engine.deepspeed_config import deepspeed_config
+    from trainer.engine.repairs import output_recorders_by_class_name
     from trainer.model.build import build_model, model_config
     from trainer.model.lora import add_adapters
     from trainer.optim import param_groups
@@ -56,9 +65,13 @@ def peak_model_states(cfg) -> int:
     model = build_model(cfg.model, model_config(cfg.model, VOCAB), AutoModelForCausalLM)
     if cfg.model.lora:
         model = add_adapters(model, cfg.model.lora, cfg.model.task, 0)
+    if cfg.parallel.expert > 1:
+        output_recorders_by_class_name()
     ds_config = deepspeed_config(cfg, sum(p.numel() for p in model.parameters()),
-                                 trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
+                                 trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                                 model_type=model.config.model_type)
+    groups = param_groups(model, cfg.optim.weight_decay, named=cfg.parallel.expert > 1)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
                                       config=ds_config)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch AdamW DeepSpeed steps
     batch = torch.randint(0, VOCAB, (cfg.train.micro_batch_size, cfg.data.seq_len + 1))
@@ -83,8 +96,8 @@ def measure_rank(rank: int, world: int, port: int, combos: list, out: str) -> No
     # DeepSpeed's JIT-compiled shared-memory all-reduce changes no allocation; skipping it saves its (re)build
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-    results = {f"{stage}-{precision}{'-lora' * lora}": peak_model_states(small_config(stage, precision, world, lora))
-               for stage, precision, lora in combos}
+    results = {f"{stage}-{precision}-{variant}": peak_model_states(small_config(stage, precision, world, variant))
+               for stage, precision, variant in combos}
     write_result(out, rank, results)
     dist.barrier()
     dist.destroy_process_group()
@@ -97,10 +110,10 @@ def measured(world: int, combos: list) -> dict:
 def estimated(key: str, world: int) -> int:
     """The plan's peak without activations and backward-only buffers (gradient buckets, stage-3 gathered layers),
     which are gone at the points measured: model states, resident buffers, the optimizer step's fp32 gradients.
-    `key`: stage-precision[-lora]."""
-    stage, precision, *lora = key.split("-")
+    `key`: stage-precision-variant."""
+    stage, precision, variant = key.split("-")
     stage = int(stage)
-    cfg = small_config(stage, precision, world, bool(lora))
+    cfg = small_config(stage, precision, world, variant)
     est = estimate(cfg, architecture(cfg, VOCAB), Option(stage), 1, world)
     return est.states + est.resident + max(est.step, 0)
 
@@ -113,16 +126,17 @@ def check(results: dict, world: int) -> None:
 
 
 def test_model_states_match_deepspeed_on_one_process():
-    combos = [(stage, precision, False) for stage in (0, 1, 2, 3) for precision in ("bf16", "fp32")]
+    combos = [(stage, precision, "") for stage in (0, 1, 2, 3) for precision in ("bf16", "fp32")]
     check(measured(1, combos), 1)
 
 
 @pytest.mark.slow
 def test_model_states_match_deepspeed_partitioned_over_two_ranks():
     """With LoRA too (stage 1: its fp32 gradient copies; stage 3: partitioned): the frozen base in 16-bit weights
-    only, the adapters' full states."""
-    check(measured(2, [(0, "bf16", False), (1, "bf16", False), (2, "bf16", False), (2, "fp32", False),
-                       (3, "bf16", False), (1, "bf16", True), (3, "bf16", True)]), 2)
+    only, the adapters' full states. And a mixture of experts split over the 2 ranks (parallel.expert): each
+    holds half the experts, whose states ZeRO cannot partition further (each is held by one rank only)."""
+    check(measured(2, [(0, "bf16", ""), (1, "bf16", ""), (2, "bf16", ""), (2, "fp32", ""), (3, "bf16", ""),
+                       (1, "bf16", "lora"), (3, "bf16", "lora"), (1, "bf16", "moe"), (3, "bf16", "moe")]), 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,6 +258,22 @@ def test_gpu_presets_load_and_follow_the_plan(name, size):
     assert (cfg.parallel.sequence == 8) == (name == "llama_8b_32k")
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     assert 1e6 <= tokens <= 4.5e6
+
+
+@pytest.mark.parametrize("name,total,active", [("qwen3_30b_a3b", 30.5e9, 3.3e9), ("mixtral_8x7b", 46.7e9, 12.9e9)])
+def test_mixture_of_experts_presets_follow_the_plan_on_one_and_sixteen_h200_nodes(name, total, active):
+    """The published totals and active parameters per token; expert parallelism over a node's 8 GPUs; the stage
+    the plan recommends for 8 and 128 H200s (141 GB) as the preset's comment says."""
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", cuda_available=True)
+    arch = architecture(cfg)
+    assert arch.params == pytest.approx(total, rel=0.01)
+    assert arch.params - arch.expert_weights * (1 - arch.active_experts) == pytest.approx(active, rel=0.02)
+    assert cfg.parallel.expert == cfg.launch.nproc_per_node == 8
+    chosen = {nodes: recommend([estimate(cfg, arch, option, nodes, 8) for option in OPTIONS], 141 * 0.9 * GiB)
+              for nodes in (1, 16)}
+    assert {nodes: (est.option, checkpointing) for nodes, (est, checkpointing) in chosen.items()} == {
+        1: (Option(1, offload_optimizer=name == "mixtral_8x7b"), False), 16: (Option(1), False)}
+    assert Option(cfg.zero.stage, cfg.zero.offload_optimizer != "none") == chosen[cfg.launch.nnodes][0].option
 
 
 def test_report_for_7b_on_two_nodes():

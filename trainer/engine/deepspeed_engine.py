@@ -157,7 +157,8 @@ def build_engine(cfg: Config, config: PretrainedConfig, auto_model, universal: b
         repairs.output_recorders_by_class_name()
     o = cfg.optim
     factor = warmup_cosine(o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, o.weight_decay),
+    groups = param_groups(model, o.weight_decay, named=cfg.parallel.expert > 1)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
                                       lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor), config=ds_config)
     del zero_init
     if cfg.train.compile:  # compiled lazily, at the first forward and backward

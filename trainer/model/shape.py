@@ -189,8 +189,7 @@ def architecture(auto, config: PretrainedConfig, section: ModelSection | None = 
         hidden=config.hidden_size,
         heads=heads,
         kv_dim=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
-        intermediate=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-        or 4 * config.hidden_size,
+        intermediate=_mlp_width(config),
         gated_mlp=any(name.rsplit(".", 1)[-1] in ("gate_proj", "w1", "gate_up_proj")
                       for name, _ in model.named_modules()),
         vocab=config.vocab_size,
@@ -200,6 +199,18 @@ def architecture(auto, config: PretrainedConfig, section: ModelSection | None = 
         linear=linear,
         **_experts(model, config),
     )
+
+
+def _mlp_width(config: PretrainedConfig) -> int:
+    """The MLP width a token passes through: a mixture of experts' top-k experts (and its shared experts)."""
+    width = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
+    moe = routing(config)
+    if moe is None:
+        return width
+    expert = getattr(config, "moe_intermediate_size", None) or width
+    shared = getattr(config, "shared_expert_intermediate_size", None) or \
+        (getattr(config, "n_shared_experts", None) or 0) * expert
+    return moe.top_k * expert + shared
 
 
 def _experts(model: PreTrainedModel, config: PretrainedConfig) -> dict:
