@@ -174,7 +174,8 @@ def _plan(args) -> None:
 def _export(args) -> None:
     from trainer.checkpointing.export import export
 
-    out, auto, damaged = export(args.run_dir.absolute(), args.out_dir.absolute(), args.tag, args.merge)
+    out, auto, damaged = export(args.run_dir.absolute(), args.out_dir.absolute(), args.tag, args.merge,
+                                args.prepared_dir)
     for problem in damaged:
         print(f"zerotrain: checkpoint {problem}: exported an older one", file=sys.stderr)
     print(f"zerotrain: exported to {out} (load it with {auto}.from_pretrained)")
@@ -327,6 +328,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="a LoRA run (model.lora): the base model with the "
                    "adapters merged into its weights, a plain transformers folder (default: the adapter alone, "
                    "in PEFT's format)")
+    p.add_argument("--prepared-dir", type=Path, help="where the run's prepared data (its tokenizer) is now, if "
+                   "it moved (default: the checkpoint's data.prepared_dir)")
     p = command("generate", _generate, "Sample text from an exported model with plain transformers.",
                 config=False)
     p.add_argument("model_dir", type=Path, help="a folder written by `zerotrain export`")

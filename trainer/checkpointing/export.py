@@ -39,17 +39,20 @@ def choose(run_dir: Path, tag: str | None) -> store.Found:
     return found
 
 
-def export(run_dir: Path, out_dir: Path, tag: str | None = None, merge: bool = False) \
-        -> tuple[Path, str, list[str]]:
+def export(run_dir: Path, out_dir: Path, tag: str | None = None, merge: bool = False,
+           prepared_dir: Path | None = None) -> tuple[Path, str, list[str]]:
     """Writes safetensors weights (fp32 master copy), config (with the label names of a classifier),
     generation config and tokenizer. `tag`: a step's, "best" or "latest" (the default). A LoRA run (model.lora)
     exports its adapter in PEFT's format, or with `merge` the base model with the adapters merged into its
-    weights. Returns the folder, what loads it, and the damaged checkpoints passed over."""
+    weights. `prepared_dir`: where the run's prepared data is now (default: where it was trained from). Returns
+    the folder, what loads it, and the damaged checkpoints passed over."""
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         raise UserError(f"{out_dir}: exists and is not an empty folder; choose another export folder")
     found = choose(run_dir, tag)
     ckpt = store.checkpoints_dir(run_dir) / found.tag
     cfg = load_config(ckpt / "config.yaml")  # the config the checkpoint was trained with
+    if prepared_dir is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"prepared_dir": prepared_dir})})
     if merge and cfg.model.lora is None:
         raise ConfigError(f"--merge: {ckpt} trained all the model's weights (no model.lora): there are no adapters "
                           "to merge; export without --merge")

@@ -20,7 +20,7 @@ FIXTURE = REPO / "tests" / "fixtures" / "checkpoint_v1"
 def test_a_checkpoint_of_the_first_format_exports_and_resumes_to_the_losses_it_had(tmp_path):
     copy = shutil.copytree(FIXTURE, tmp_path / "v1")
     expected = json.loads((copy / "expected.json").read_text())
-    zerotrain("export", copy / "run", tmp_path / "export")
+    zerotrain("export", copy / "run", tmp_path / "export", "--prepared-dir", copy / "prepared")  # it moved
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     with torch.no_grad():
         logits = model(input_ids=torch.tensor(expected["input_ids"])).logits[:, -1]
