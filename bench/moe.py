@@ -1,5 +1,5 @@
-"""Mixture-of-experts pretraining on 2 CPU ranks: a Mixtral of 8 experts (top-2; hidden 256, 4 layers, 25.6M
-parameters, 8.8M active per token) on the demo's Shakespeare, bf16.
+"""Mixture-of-experts pretraining on 2 CPU ranks: a Mixtral of 8 experts (top-2; hidden 256, 4 layers, 17.8M
+parameters, 8.4M active per token) on the demo's Shakespeare, bf16.
 
 1. tokens/s of the real CLI per ZeRO stage, and with expert parallelism (parallel.expert 2: each rank holds 4 of
    every layer's 8 experts, tokens exchanged all-to-all) against the same stage without; medians of the logged

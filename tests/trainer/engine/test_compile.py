@@ -14,7 +14,7 @@ from helpers import as_of_step_6, read_metrics, resumed_like, tiny_args, train_l
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 3])  # 2: resumed compiled, below; 1 compiles as 2 does
+@pytest.mark.parametrize("stage", [3])  # 2: resumed compiled, below; 0 and 1 compile the module as 2 does
 def test_a_compiled_run_trains_the_losses_of_an_eager_one(stage, tiny_run, tiny_data, tmp_path):
     """tiny_run (ZeRO 2, eager) is what each stage compiled trains: fp32, within the last digits of reordered sums.
     Stage 3's parameter hooks break the graph (DeepSpeed marks them not to be compiled): counted and named."""
