@@ -11,7 +11,8 @@
 # `train configs/tiny.yaml` at ZeRO 0 and 3 in bf16, each saving at step 6 and then continuing with `--resume
 # auto`, `export` and `generate`, then supervised fine-tuning of that export (`model.task: sft`, a ShareGPT excerpt
 # made by `make gpu-check-data`) with validation replies, `export` and `chat`; 1c. QLoRA of that export (a 4-bit
-# base), resumed from its step-6 save, exported as an adapter and merged; 2. bench/gpu_llama_1b.py at ZeRO 1, 2, 3, then ZeRO 1 compiled and ZeRO 1 with
+# base), resumed from its step-6 save, exported as an adapter and merged; 1d. a tiny Mixtral at ZeRO 3 (expert
+# parallelism with 2 GPUs), exported; 2. bench/gpu_llama_1b.py at ZeRO 1, 2, 3, then ZeRO 1 compiled and ZeRO 1 with
 # the chunked loss off; 3. document masking at sequence length 8192 with sdpa (and flash-attention 2 where its
 # package imports). OUT_DIR/summary.txt holds each step's exit status and seconds, and the figures.
 set -u
@@ -154,6 +155,26 @@ if [ -d "$out/tiny-zero0/export" ]; then
   rm -rf "$out/lora/checkpoints" "$out/lora-resumed/checkpoints"
 else
   say "lora: skipped, the tiny export is missing"
+fi
+
+# --- 1d. a mixture of experts: a tiny Mixtral at ZeRO 3, bf16 (transformers' grouped-GEMM experts on CUDA), with
+# expert parallelism (AutoEP's grouped GEMM) where there are 2 GPUs - NCCL takes one rank per GPU - or on CPU ranks
+moe() {  # train 12 steps, export, generate
+  local ranks=1 run=$out/moe
+  { [ "$smoke" = --smoke ] || [ "$("$python" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; } && ranks=2
+  echo "moe: parallel.expert $ranks"
+  zt train configs/tiny.yaml --set run.output_dir="$run" --set model.type=mixtral \
+      --set model.config.num_local_experts=4 --set model.config.router_aux_loss_coef=0.02 --set zero.stage=3 \
+      --set train.precision=bf16 --set launch.nproc_per_node=$ranks --set parallel.expert=$ranks \
+      --set data.prepared_dir="$out/prepared-tiny" &&
+    zt export "$run" "$run/export" && zt generate "$run/export" --prompt "ROMEO." --max-new-tokens 20
+}
+export -f moe
+if [ -d "$out/prepared-tiny" ]; then
+  step moe 120 moe && say "$(grep -h '^moe: parallel' "$out/moe.log"): $(jq_losses "$out/moe/metrics.jsonl")"
+  rm -rf "$out/moe/checkpoints"
+else
+  say "moe: skipped, the tiny data is missing"
 fi
 
 # --- 2. the 1B preset per ZeRO stage, compiled, without the chunked loss -------------------------------------

@@ -54,5 +54,5 @@ def output_recorders_by_class_name() -> None:
     def get(self, key, default=None):
         return dict.get(self, key, default) if isinstance(key, str) else by_model(self, key)
 
-    get.accepts_names = True
+    get.accepts_names, get.original = True, by_model
     registry.get = get

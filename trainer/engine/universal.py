@@ -6,8 +6,9 @@ work item per parameter), with a local process pool. Here the ranks of the resum
 (saved ranks, then parameters by size) using its own functions, and rank 0 does the short serial end (the
 parameters without optimizer state, the common optimizer state, the model files). The result is what the
 command writes (tested: the same tensors). Tensor-parallel (AutoTP) checkpoints at ZeRO 1-2 convert like any
-other: DeepSpeed joins each parameter's tensor slices along the layout the checkpoint records. Pipeline- and
-expert-parallel ones are not zerotrain's and are refused.
+other: DeepSpeed joins each parameter's tensor slices along the layout the checkpoint records. Expert-parallel
+(AutoEP) ones go through DeepSpeed's own serial conversion instead (`convert_here`, which gathers the experts;
+trainer/checkpointing/resume.py chooses), pipeline-parallel ones are not zerotrain's.
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ class Router:
         model.register_forward_hook(self._record)
 
     def _record(self, module: torch.nn.Module, _inputs, output) -> None:
-        if not module.training:  # validation's forwards neither train nor count
+        # validation's forwards neither train nor count; a head without the routers' outputs (a classifier) gives none
+        if not module.training or getattr(output, "aux_loss", None) is None:
             return
         self.aux = output.aux_loss
         if self.load is None:
@@ -79,8 +80,10 @@ class Router:
 
     def metrics(self) -> dict[str, float]:
         """Over every rank, since the last call (a collective): the mean auxiliary loss, and per MoE layer the
-        busiest expert's tokens over the mean (1 is perfect balance; top_k/experts x experts is one expert for
-        all). transformers' Mixtral and Qwen3-MoE drop no tokens: every token reaches its experts."""
+        busiest expert's tokens over the mean (1 is perfect balance; experts / top_k is one expert for all).
+        transformers' Mixtral and Qwen3-MoE drop no tokens: every token reaches its experts."""
+        if self.load is None:  # the model returns no router logits (the same on every rank)
+            return {}
         packed = torch.cat([torch.stack([self.aux_sum, torch.tensor(float(self.micro_batches), device=self.device)]),
                             self.load.flatten()])
         dist.all_reduce(packed)

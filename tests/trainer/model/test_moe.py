@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from helpers import (STEPS, as_of_step_6, engine_validation_loss, export_validation_loss, read_metrics, refused,
                      resumed_like, tiny_args, train_losses, zerotrain)
+from trainer.engine.repairs import output_recorders_by_class_name
 from trainer.model.moe import Router, routing
 from trainer.observe.report import panels
 from trainer.tasks.causal_lm import lm_loss
@@ -61,6 +62,22 @@ def test_router_loss_is_transformers_own():
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
     # both forwards counted: each of the 2 x 16 tokens went to 2 experts in each layer
     assert router.micro_batches == 2 and router.load.sum(dim=1).tolist() == [2 * 32 * 2] * 2
+
+
+def test_the_output_recorder_repair_is_still_needed():
+    """AutoEP's call on transformers' registry of output recorders fails without the repair: when it no longer
+    does, repairs.output_recorders_by_class_name can go. With it, a class name and a model both look up."""
+    from transformers.utils.output_capturing import _CanRecordRegistry
+
+    registry = _CanRecordRegistry()
+    original = getattr(_CanRecordRegistry.get, "original", _CanRecordRegistry.get)
+    with pytest.raises(TypeError):
+        original(registry, "<class 'Mixtral'>", None)
+    output_recorders_by_class_name()
+    model = torch.nn.Linear(1, 1)
+    registry[model] = {"router_logits": "recorder"}
+    assert registry.get(str(torch.nn.Linear), None) == registry.get(model) == {"router_logits": "recorder"}
+    assert registry.get("<class 'Mixtral'>", "missing") == "missing"
 
 
 def test_router_loss_expert_load_and_active_flops_are_logged(moe_run):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MixtralConfig
 
 from data_pipeline import ChatData, GlobalOrder
 from data_pipeline.conversations import IGNORE
@@ -94,22 +94,27 @@ def test_the_prepared_chat_data_counts_what_it_left_out(sft_run):
     assert torch.equal(sample["labels"][:-1][learned], sample["input_ids"][1:][learned])
 
 
+def first_step_losses(prepared, model_dir) -> tuple[list[float], list[int]]:
+    """The summed cross-entropy of each of step 1's 4 samples' learned tokens, and their number, computed with
+    plain transformers from the starting model."""
+    samples = ChatData.load(prepared).split("train")
+    order = GlobalOrder([len(samples)], [1.0], seed=1234)  # configs/sft_smollm2.yaml's run.seed
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    sums, counts = [], []
+    with torch.no_grad():
+        for sample in (samples[order.sample(k)] for k in range(4)):
+            logits = model(input_ids=sample["input_ids"][None], position_ids=sample["position_ids"][None],
+                           use_cache=False).logits
+            sums.append(float(F.cross_entropy(logits[0].float(), sample["labels"], reduction="sum")))
+            counts.append(int((sample["labels"] != IGNORE).sum()))
+    return sums, counts
+
+
 @pytest.mark.slow
 def test_the_loss_is_the_mean_over_the_steps_learned_tokens(sft_run, tiny_chat_model):
     """Step 1's logged loss is the cross-entropy of its 4 samples' learned tokens summed and divided by their
     number, computed here with plain transformers: not a mean of the micro-batches' means."""
-    chat = ChatData.load(sft_run / "prepared")
-    samples = chat.split("train")
-    order = GlobalOrder([len(samples)], [1.0], seed=1234)  # configs/sft_smollm2.yaml's run.seed
-    batch = [samples[order.sample(k)] for k in range(4)]
-    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32)
-    sums, counts = [], []
-    with torch.no_grad():
-        for sample in batch:
-            logits = model(input_ids=sample["input_ids"][None], position_ids=sample["position_ids"][None],
-                               use_cache=False).logits
-            sums.append(float(F.cross_entropy(logits[0].float(), sample["labels"], reduction="sum")))
-            counts.append(int((sample["labels"] != IGNORE).sum()))
+    sums, counts = first_step_losses(sft_run / "prepared", tiny_chat_model)
     logged = step_one(sft_run / "run")["train/loss"]
     assert logged == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
     assert len(set(counts)) > 1  # the samples learn different numbers of tokens: a mean of means would differ
@@ -139,6 +144,31 @@ def test_packed_conversations_do_not_attend_to_each_other(tiny_chat_model):
 
     assert loss([[0, 1]]) == pytest.approx(loss([[0], [1]]), abs=1e-5)
     assert abs(loss([[0, 1]], restart=False) - loss([[0], [1]])) > 1e-3
+
+
+@pytest.mark.slow
+def test_a_mixture_of_experts_fine_tunes_on_chats(tiny_chat_model, chat_rows, tmp_path):
+    """A tiny Mixtral (4 experts, top-2) with SmolLM2's tokenizer at ZeRO 3: step 1 logs its learned tokens' mean
+    loss as plain transformers computes it, the router's load-balancing loss apart, and the loss falls."""
+    folder = tmp_path / "tiny-mixtral"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           router_aux_loss_coef=0.02, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    args = sft_args(tmp_path / "run", tmp_path / "prepared", folder, chat_rows, "zero.stage=3", "eval.every=0",
+                    "checkpoint.every=0")
+    zerotrain("prepare", *args)
+    zerotrain("train", *args)
+    sums, counts = first_step_losses(tmp_path / "prepared", folder)
+    first = step_one(tmp_path / "run")
+    assert first["train/loss"] == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
+    assert 1 < first["train/router_aux_loss"] < 4 and "moe/layer1/load_max_mean" in first
+    losses = train_losses(tmp_path / "run")
+    assert losses[4] < losses[1]
 
 
 @pytest.mark.slow
