@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 from trainer.config import Config, ConfigError
 from trainer.engine import DEEPSPEED
+from trainer.engine.autoep import check_expert_split
 from trainer.engine.limits import accumulation_dtype
 from trainer.parallel.layout import ParallelLayout
 from trainer.tasks import task_of
 from trainer.memory import OPTIONS, Estimate, GiB, Option, architecture, element_bytes, estimate, recommend
-from trainer.model.moe import check_expert_split, routing
+from trainer.model.moe import routing
 from trainer.model.shape import Architecture, check_sequence_split, check_tensor_split
 from trainer.observe.perf import flops_per_token, frozen_multiplying
 

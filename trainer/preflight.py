@@ -15,7 +15,7 @@ from trainer.checkpointing.resume import ResumePoint
 from trainer.config import Config, ConfigError
 from trainer.data import TrainingData
 from trainer.engine import DEEPSPEED
-from trainer.model.moe import check_expert_split
+from trainer.engine.autoep import check_expert_split
 from trainer.model.shape import check_attention_installed, check_runs, check_sequence_split, check_tensor_split
 from trainer.tasks import task_of
 

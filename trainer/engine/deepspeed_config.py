@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.config import Config
-from trainer.model.moe import expert_parallel_config
+from trainer.engine.autoep import expert_parallel_config
 
 # Bucket sizes track the model: DeepSpeed's 5e8-element defaults cost ~1 GB extra on a small model.
 MIN_BUCKET, MAX_BUCKET = 1_000_000, 500_000_000

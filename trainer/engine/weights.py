@@ -12,7 +12,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from data_pipeline.errors import UserError
 from trainer.config import Config
 from trainer.engine import universal
-from trainer.model.moe import autoep_shapes, from_autoep
+from trainer.engine.autoep import autoep_shapes, from_autoep
 from trainer.optim import param_groups
 
 
