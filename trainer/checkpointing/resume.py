@@ -58,6 +58,10 @@ def point(run_dir: Path, tag: str, now: ParallelLayout, damaged=()) -> ResumePoi
         raise ConfigError(f"parallel.tensor: checkpoint {tag} was saved at ZeRO stage 0 with parallel.tensor "
                           f"{saved.tensor}; DeepSpeed loads its optimizer state (kept in the model files) at that "
                           f"degree only: resume with parallel.tensor {saved.tensor}")
+    if saved.expert > 1 and not saved.same_files(now) and not convert:  # nothing to convert AutoEP's experts from
+        raise ConfigError(f"parallel.expert: checkpoint {tag} was saved at ZeRO stage 0 by {saved}; its experts "
+                          f"load on that layout only: resume on {saved.world} ranks with parallel.expert "
+                          f"{saved.expert}")
     return ResumePoint(tag, saved, saved != now, convert, tuple(damaged))
 
 
