@@ -239,9 +239,13 @@ def _status(args) -> None:
 
 
 def _report(args) -> None:
-    from trainer.observe.report import render
+    from trainer.observe.report import compare, render
 
-    print(render(args.run_dir.absolute(), args.output))
+    runs = [run.absolute() for run in args.run_dirs]
+    print(render(runs[0], args.output) if len(runs) == 1 else compare(runs, (args.output or COMPARED).absolute()))
+
+
+COMPARED = Path("compare.png")  # where `zerotrain report RUN_DIR RUN_DIR ...` draws, unless --output says
 
 
 class _Parser(argparse.ArgumentParser):
@@ -355,11 +359,11 @@ def _parser() -> argparse.ArgumentParser:
                 config=False)
     p.add_argument("run_dir", type=Path, help="the run directory (run.output_dir)")
     p = command("report", _report, "Draw a run's curves (loss and validation loss, learning rate, tokens/s, "
-                "MFU, memory, gradient norm) from its metrics.jsonl to a PNG; prints the file's path.",
-                config=False)
-    p.add_argument("run_dir", type=Path, help="the run directory (run.output_dir)")
+                "MFU, memory, gradient norm) from its metrics.jsonl to a PNG, or several runs' in one figure to "
+                "compare them; prints the file's path.", config=False)
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run directories (run.output_dir)")
     p.add_argument("--output", type=Path, metavar="PNG", help="where to write the picture (default: "
-                   "RUN_DIR/report.png)")
+                   "RUN_DIR/report.png for one run, compare.png here for several)")
     return parser
 
 

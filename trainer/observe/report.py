@@ -45,28 +45,49 @@ PANELS = (
 
 def render(run_dir: Path, output: Path | None = None) -> Path:
     """Draw the run's metrics to `output` (default RUN_DIR/report.png) and return its path."""
-    records = read_records(run_dir / "metrics.jsonl")
-    if not records:
-        raise ConfigError(f"{run_dir / 'metrics.jsonl'}: empty (no step logged yet)")
-    chosen = _chosen(records)
-    if not chosen:
-        raise ConfigError(f"{run_dir / 'metrics.jsonl'}: no metric that a report plots (no train/loss yet?)")
-    columns = 3 if len(chosen) > 4 else 2
-    rows = math.ceil(len(chosen) / columns)
-    figure = Figure(figsize=(4.4 * columns, 3.2 * rows + 0.4), layout="constrained")
-    FigureCanvasAgg(figure)
-    figure.suptitle(_headline(run_dir.resolve().name, records))
-    for index, (panel, keys) in enumerate(chosen):
-        _draw(figure.add_subplot(rows, columns, index + 1), panel, keys, records)
-    output = output or run_dir / "report.png"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, format="png", dpi=DPI)
-    return output
+    records = _read(run_dir)
+    return _figure({run_dir.resolve().name: records}, _headline(run_dir.resolve().name, records),
+                   output or run_dir / "report.png")
+
+
+def compare(run_dirs: list[Path], output: Path) -> Path:
+    """Draw several runs' metrics in one figure, each run in a colour of its own, to `output`; return its path."""
+    runs = {_name(run_dir, run_dirs): _read(run_dir) for run_dir in run_dirs}
+    return _figure(runs, "   vs   ".join(runs), output)
 
 
 def panels(records: list[dict]) -> list[str]:
     """Titles of the panels `render` draws for these records: those with at least one metric present."""
     return [panel.title for panel, _ in _chosen(records)]
+
+
+def _read(run_dir: Path) -> list[dict]:
+    records = read_records(run_dir / "metrics.jsonl")
+    if not records:
+        raise ConfigError(f"{run_dir / 'metrics.jsonl'}: empty (no step logged yet)")
+    if not _chosen(records):
+        raise ConfigError(f"{run_dir / 'metrics.jsonl'}: no metric that a report plots (no train/loss yet?)")
+    return records
+
+
+def _name(run_dir: Path, run_dirs: list[Path]) -> str:
+    """A run's folder name, or its path where two runs share the name."""
+    name = run_dir.resolve().name
+    return name if [d.resolve().name for d in run_dirs].count(name) == 1 else str(run_dir)
+
+
+def _figure(runs: dict[str, list[dict]], title: str, output: Path) -> Path:
+    chosen = _chosen([record for records in runs.values() for record in records])
+    columns = 3 if len(chosen) > 4 else 2
+    rows = math.ceil(len(chosen) / columns)
+    figure = Figure(figsize=(4.4 * columns, 3.2 * rows + 0.4), layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.suptitle(title)
+    for index, (panel, keys) in enumerate(chosen):
+        _draw(figure.add_subplot(rows, columns, index + 1), panel, keys, runs)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, format="png", dpi=DPI)
+    return output
 
 
 def _chosen(records: list[dict]) -> list[tuple[Panel, list[str]]]:
@@ -76,17 +97,27 @@ def _chosen(records: list[dict]) -> list[tuple[Panel, list[str]]]:
     return [(panel, keys) for panel, keys in chosen if keys]
 
 
-def _draw(axes, panel: Panel, keys: list[str], records: list[dict]) -> None:
-    for key in keys:
-        steps, values = zip(*[(r["step"], r[key] * panel.scale) for r in records if key in r])
-        # Validation comes every eval_every steps: markers show where the few points are.
-        axes.plot(steps, values, marker="o" if key.startswith("val/") else None, markersize=3, label=key)
+LINES = ("-", "--", ":", "-.")  # a panel's metrics, told apart by line style when runs take the colours
+
+
+def _draw(axes, panel: Panel, keys: list[str], runs: dict[str, list[dict]]) -> None:
+    several = len(runs) > 1
+    for colour, (name, records) in enumerate(runs.items()):
+        for index, key in enumerate(keys):
+            points = [(r["step"], r[key] * panel.scale) for r in records if key in r]
+            if not points:
+                continue
+            steps, values = zip(*points)
+            # Validation comes every eval_every steps: markers show where the few points are.
+            style = {"color": f"C{colour}", "linestyle": LINES[index % len(LINES)]} if several else {}
+            axes.plot(steps, values, marker="o" if key.startswith("val/") else None, markersize=3,
+                      label=f"{name}: {key}" if several else key, **style)
     axes.set(title=panel.title, xlabel="step", ylabel=panel.ylabel)
     top = axes.dataLim.ymax  # of the finite values; -inf when there are none
     if panel.from_zero and math.isfinite(top) and top > 0:  # a fixed floor leaves autoscaling no headroom
         axes.set_ylim(0, 1.1 * top)
     axes.grid(alpha=0.3)
-    if len(keys) > 1:
+    if len(keys) > 1 or several:
         axes.legend(fontsize="small")
 
 

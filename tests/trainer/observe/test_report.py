@@ -1,4 +1,5 @@
-"""`zerotrain report`: a run's metrics.jsonl drawn to a PNG, panels only for the metrics it has."""
+"""`zerotrain report`: a run's metrics.jsonl drawn to a PNG, panels only for the metrics it has; several runs in
+one figure."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from matplotlib.figure import Figure
 from matplotlib.image import imread
 
 from data_pipeline.errors import UserError
 from helpers import read_metrics, zerotrain
-from trainer.observe.report import panels, render
+from trainer.observe.report import PANELS, _draw, _name, compare, panels, render
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GPU_MEMORY = {"mem/allocated_gib": 3.1, "mem/reserved_gib": 4.0, "mem/peak_allocated_gib": 3.6}
@@ -106,6 +108,27 @@ def test_cli_prints_the_path_written(tmp_path):
     result = zerotrain("report", run, "--output", out)
     assert result.stdout.strip() == str(out)
     assert_png(out)
+
+
+def test_several_runs_are_drawn_in_one_figure(tmp_path):
+    """Each run in its colour, each panel's metrics in their line styles, the runs named in the legend; a run
+    without MFU leaves that panel to the others; a missing run is named."""
+    first = write_run(tmp_path / "a" / "run", records())
+    second = write_run(tmp_path / "b" / "run", [{**r, "train/loss": r["train/loss"] + 1} if "train/loss" in r else r
+                                                for r in records(mfu=False)])
+    out = tmp_path / "both.png"
+    result = zerotrain("report", first, second, "--output", out)
+    assert result.stdout.strip() == str(out)
+    assert_png(out)
+    figure = Figure()
+    axes = figure.add_subplot()
+    _draw(axes, PANELS[0], ["train/loss", "val/loss"], {"a": read_metrics(first), "b": read_metrics(second)})
+    lines = {line.get_label(): (line.get_color(), line.get_linestyle()) for line in axes.get_lines()}
+    assert lines == {"a: train/loss": ("C0", "-"), "a: val/loss": ("C0", "--"), "b: train/loss": ("C1", "-"),
+                     "b: val/loss": ("C1", "--")}
+    assert compare([first, second], tmp_path / "x.png") and _name(first, [first, second]) == str(first)
+    missing = zerotrain("report", first, tmp_path / "nothing", check=False)
+    assert missing.returncode == 2 and "nothing/metrics.jsonl: not found" in missing.stderr
 
 
 def test_cli_refuses_a_missing_run_dir_with_one_line():
