@@ -42,15 +42,18 @@ MAX_SECONDS = int(timedelta.max.total_seconds())  # the longest timeout Python's
 
 class Section(BaseModel):
     # no NaN or infinity in any number of the config: a value that is not finite is a typo, never a setting
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
     RESUME: ClassVar[str] = FIXED  # what a resumed run may do with the fields that declare nothing themselves
 
 
 class RunSection(Section):
-    # names folders (NVMe swap files) and Slurm jobs: letters, digits, . _ -, not only dots (. and .. are folders)
     name: str = on_resume(MAY_CHANGE, pattern=r"^[A-Za-z0-9._-]+$")
+    """names folders (NVMe swap files) and Slurm jobs: letters, digits, . _ -, not only dots (. and .. are
+    folders)"""
     output_dir: Path = on_resume(MAY_CHANGE)
-    seed: int = Field(1234, ge=0, lt=2**32)  # numpy's seeds are 32-bit
+    """the run directory: checkpoints, logs, metrics, TensorBoard events, the report"""
+    seed: int = Field(1234, ge=0, lt=2**32)
+    """the seed of every draw: initial weights, adapters, data order, dropout (below 2^32: numpy's seeds are 32-bit)"""
 
     @field_validator("name")
     @classmethod
@@ -64,17 +67,20 @@ class LoraSection(Section):
     """Low-rank adapters (LoRA, through PEFT) on a frozen base model: only the adapters and `modules_to_save` are
     trained (trainer/model/lora.py). A run cannot switch them on or off, nor reshape them, on resume."""
 
-    rank: int = Field(16, ge=1)  # r: the adapters' inner dimension, at most a target layer's smaller side
-    alpha: float = Field(32, gt=0)  # the adapters' output is scaled by alpha / rank
-    dropout: float = on_resume(MAY_CHANGE, 0.0, ge=0, lt=1)  # on the adapters' input, while training
-    # The layers that get adapters: module names (a name's last parts, e.g. q_proj, or a full name) or
-    # all-linear: every linear layer of the transformer blocks (not the output layer or a classifier head)
+    rank: int = Field(16, ge=1)
+    """r: the adapters' inner dimension, at most a target layer's smaller side"""
+    alpha: float = Field(32, gt=0)
+    """the adapters' output is scaled by alpha / rank"""
+    dropout: float = on_resume(MAY_CHANGE, 0.0, ge=0, lt=1)
+    """on the adapters' input, while training"""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    # Modules trained fully beside the adapters, e.g. embed_tokens (new tokens); a classifier's head always is
+    """The layers that get adapters: module names (a name's last parts, e.g. q_proj, or a full name) or
+    all-linear: every linear layer of the transformer blocks (not the output layer or a classifier head)"""
     modules_to_save: list[str] = []
-    # QLoRA: the frozen base's linear layers in 4 bits (NF4, bitsandbytes; computed in bf16): 0.56 B per weight
-    # instead of 2. Needs model.init_from, train.precision bf16 and zero.stage 0-2.
+    """Modules trained fully beside the adapters, e.g. embed_tokens (new tokens); a classifier's head always is"""
     quantize: Literal["4bit"] | None = None
+    """QLoRA: the frozen base's linear layers in 4 bits (NF4, bitsandbytes; computed in bf16): 0.56 B per weight
+    instead of 2. Needs model.init_from, train.precision bf16 and zero.stage 0-2."""
 
     @field_validator("target_modules", "modules_to_save")
     @classmethod
@@ -85,20 +91,23 @@ class LoraSection(Section):
 
 
 class ModelSection(Section):
-    # What is learned: causal_lm, pretraining / next-token fine-tuning; classification, a label per text (a linear
-    # head on the encoder's pooled output). trainer/tasks has one module per task.
     task: str = "causal_lm"
-    type: str = "llama"  # a transformers model_type, built with AutoConfig.for_model
-    config: dict[str, Any] = {}  # fields of that transformers config; vocab_size comes from the tokenizer
-    # start from this Hugging Face model: a folder (e.g. a zerotrain export) or a Hub name (needs the internet)
+    """What is learned: causal_lm, pretraining / next-token fine-tuning; classification, a label per text (a
+    linear head on the encoder's pooled output). trainer/tasks has one module per task."""
+    type: str = "llama"
+    """a transformers model_type, built with AutoConfig.for_model"""
+    config: dict[str, Any] = {}
+    """fields of that transformers config; vocab_size comes from the tokenizer"""
     init_from: Path | None = on_resume(MAY_CHANGE, None)
-    # recompute activations in backward: less memory, ~1/3 more compute
+    """start from this Hugging Face model: a folder (e.g. a zerotrain export) or a Hub name (needs the internet)"""
     gradient_checkpointing: bool = on_resume(MAY_CHANGE, False)
-    # transformers' attention implementation: sdpa (its default), eager, flex_attention, flash_attention_2 or _3
-    # (need the flash-attn package where the ranks run)
+    """recompute activations in backward: less memory, ~1/3 more compute"""
     attention: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] | None = \
         on_resume(MAY_CHANGE, None)
-    lora: LoraSection | None = None  # train low-rank adapters on the frozen model instead of all its weights
+    """transformers' attention implementation: sdpa (its default), eager, flex_attention, flash_attention_2 or _3
+    (need the flash-attn package where the ranks run)"""
+    lora: LoraSection | None = None
+    """train low-rank adapters on the frozen model instead of all its weights"""
 
     @field_validator("task")
     @classmethod
@@ -116,99 +125,122 @@ class OptimSection(Section):
     RESUME = MAY_CHANGE
 
     lr: float = Field(gt=0, le=1)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    """the peak learning rate, reached after warmup_steps"""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """cosine decays to lr * min_lr_ratio"""
     warmup_steps: int = Field(0, ge=0)
+    """optimizer steps of linear warmup from lr / warmup_steps to lr"""
     weight_decay: float = Field(0.1, ge=0)
+    """AdamW's decoupled weight decay, on matrices only (not norms or biases)"""
     betas: tuple[Beta, Beta] = (0.9, 0.95)
-    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    """Adam's moment decays"""
+    grad_clip: float = Field(1.0, ge=0)
+    """0 disables clipping"""
 
 
 class TrainSection(Section):
-    micro_batch_size: int = on_resume(MAY_CHANGE, ge=1)  # sequences per rank per forward pass
-    # sequences per optimizer step, all ranks; fixes grad accumulation
+    micro_batch_size: int = on_resume(MAY_CHANGE, ge=1)
+    """sequences per rank per forward pass"""
     global_batch_size: int = on_resume(MAY_CHANGE, ge=1)
+    """sequences per optimizer step, all ranks; fixes grad accumulation"""
     max_steps: int = on_resume(MAY_CHANGE, ge=1)
+    """optimizer steps of the whole run (the schedule's length)"""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    # The dtype gradients are summed in over the micro-batches of a step. Default: fp32 under bf16 at ZeRO 1-3
-    # (bf16 sums lose precision every micro-batch), else the training precision (see Config.grad_accum_dtype).
+    """the dtype the model computes in (DeepSpeed keeps fp32 master weights for bf16 and fp16; fp16 needs a GPU)"""
     grad_accum_dtype: Literal["bf16", "fp16", "fp32"] | None = None
+    """The dtype gradients are summed in over the micro-batches of a step. Default: fp32 under bf16 at ZeRO 1-3
+    (bf16 sums lose precision every micro-batch), else the training precision (see Config.grad_accum_dtype)."""
     log_every: int = on_resume(MAY_CHANGE, 10, ge=1)
-    # stop after this many NaN/inf losses in a row (none are saved)
+    """steps between log lines and metric records (step 1 and the last step always log)"""
     max_nonfinite_steps: int = on_resume(MAY_CHANGE, 3, ge=1)
-    # Tokens per chunk of the causal-LM loss, each chunk's fp32 logits recomputed in backward instead of kept: the
-    # fp32 copy of a micro-batch's logits never exists. Default: chunks of 64 MiB of fp32 logits when the whole
-    # would exceed 512 MiB (large vocabularies, long sequences); 0: never chunk.
+    """stop after this many NaN/inf losses in a row (none are saved)"""
     loss_chunk_tokens: int | None = on_resume(MAY_CHANGE, None, ge=0)
-    # torch.compile (inductor) the model, through DeepSpeed's engine.compile(), and the loss's fp32 cross-entropy.
-    # Off by default: compiling costs each launch tens of seconds on CPU (see README: Compile).
+    """Tokens per chunk of the causal-LM loss, each chunk's fp32 logits recomputed in backward instead of kept:
+    the fp32 copy of a micro-batch's logits never exists. Default: chunks of 64 MiB of fp32 logits when the
+    whole would exceed 512 MiB (large vocabularies, long sequences); 0: never chunk."""
     compile: bool = on_resume(MAY_CHANGE, False)
-    # The FLOP/s one rank can reach (TFLOP/s), the denominator of MFU. Default: the data sheet of a known GPU,
-    # otherwise a matmul probe at start-up (half a second per launch).
+    """torch.compile (inductor) the model, through DeepSpeed's engine.compile(), and the loss's fp32
+    cross-entropy. Off by default: compiling costs each launch tens of seconds on CPU (see README: Compile)."""
     peak_tflops: float | None = on_resume(MAY_CHANGE, None, gt=0)
+    """The FLOP/s one rank can reach (TFLOP/s), the denominator of MFU. Default: the data sheet of a known GPU,
+    otherwise a matmul probe at start-up (half a second per launch)."""
 
 
 class EvalSection(Section):
     RESUME = MAY_CHANGE
-    every: int = Field(0, ge=0)  # steps between validations; 0: validate at the end only
-    batches: int = Field(16, ge=1)  # validation micro-batches of pretraining data, over all ranks
-    # Keep the checkpoint with the best value of this validation metric (checkpoints/best; `export --tag best`):
-    # val/loss or val/ppl (lower is better), val/accuracy or val/macro_f1 (classification; higher is better).
+    every: int = Field(0, ge=0)
+    """steps between validations; 0: validate at the end only"""
+    batches: int = Field(16, ge=1)
+    """validation micro-batches of pretraining data, over all ranks"""
     best_metric: Literal["val/loss", "val/ppl", "val/accuracy", "val/macro_f1"] | None = None
-    early_stopping: int = Field(0, ge=0)  # stop after this many validations without a better best_metric; 0: off
-    at_start: bool = False  # also validate the starting weights, before the first step (logged as step 0)
+    """Keep the checkpoint with the best value of this validation metric (checkpoints/best; `export --tag best`):
+    val/loss or val/ppl (lower is better), val/accuracy or val/macro_f1 (classification; higher is better)."""
+    early_stopping: int = Field(0, ge=0)
+    """stop after this many validations without a better best_metric; 0: off"""
+    at_start: bool = False
+    """also validate the starting weights, before the first step (logged as step 0)"""
 
 
 class CheckpointSection(Section):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True,
+                              use_attribute_docstrings=True)
     RESUME = MAY_CHANGE
 
-    every: int = Field(0, ge=0)  # steps between checkpoints; 0: only at the end
-    # Write, fsync and hash a save in the background while training goes on; the loop stands still only while
-    # the state is copied to host memory (one save's share of this rank's files). `async` is a Python keyword.
+    every: int = Field(0, ge=0)
+    """steps between checkpoints; 0: only at the end"""
     async_: bool = Field(True, alias="async")
-    keep_last: int = Field(3, ge=1)  # the newest checkpoints kept; older ones are deleted after each save
-    keep_every: int = Field(0, ge=0)  # also keep every checkpoint whose step is a multiple of this (milestones)
+    """Write, fsync and hash a save in the background while training goes on; the loop stands still only while
+    the state is copied to host memory (one save's share of this rank's files). `async` is a Python keyword."""
+    keep_last: int = Field(3, ge=1)
+    """the newest checkpoints kept; older ones are deleted after each save"""
+    keep_every: int = Field(0, ge=0)
+    """also keep every checkpoint whose step is a multiple of this (milestones)"""
 
 
 class ZeroSection(Section):
     stage: Literal[0, 1, 2, 3] = 2
-    # Stage 3: build the model already partitioned (deepspeed.zero.Init), so no rank ever holds all of it.
-    # Its initial weights are the whole build's (trainer/initialization.py draws them per module from the seed).
+    """the ZeRO stage: 0 data parallel, 1 partitions optimizer states, 2 also gradients, 3 also parameters"""
     partitioned_init: bool = on_resume(MAY_CHANGE, True)
-    # Where optimizer states (fp32 master, Adam moments; stage 1-3, nvme: stage 3) and parameters (stage 3) live
-    # between uses: cpu memory, or swap files in zero.nvme_path (DeepSpeed's async_io op, which needs libaio).
+    """Stage 3: build the model already partitioned (deepspeed.zero.Init), so no rank ever holds all of it. Its
+    initial weights are the whole build's (trainer/initialization.py draws them per module from the seed)."""
     offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """Where optimizer states (fp32 master, Adam moments; stage 1-3, nvme: stage 3) and parameters (stage 3) live
+    between uses: cpu memory, or swap files in zero.nvme_path (DeepSpeed's async_io op, which needs libaio)."""
     offload_param: Literal["none", "cpu", "nvme"] = "none"
-    # a folder on a fast local disk for the swap files (under it: run name, rank)
+    """where stage-3 parameters live between uses: on the device, in cpu memory, or in swap files"""
     nvme_path: Path | None = on_resume(MAY_CHANGE, None)
+    """a folder on a fast local disk for the swap files (under it: run name, rank)"""
 
 
 class LaunchSection(Section):
     RESUME = MAY_CHANGE
 
     nnodes: int = Field(1, ge=1)
-    nproc_per_node: int = Field(1, ge=1)  # ranks per node: one per GPU on GPU nodes
-    # seconds the ranks get to save after a stop signal before being killed
+    """nodes of the job (each runs `zerotrain train` with the same config, or srun/mpirun starts the ranks)"""
+    nproc_per_node: int = Field(1, ge=1)
+    """ranks per node: one per GPU on GPU nodes"""
     stop_timeout: int = Field(300, ge=1, le=MAX_SECONDS)
-    max_restarts: int = Field(0, ge=0)  # restarts after a failure (agent or Slurm requeue), each from the last save
-    # Seconds a collective waits for a missing peer before the job fails (a dead or hung rank must end the job).
-    # Long operations (verifying and converting checkpoints) are shared by the ranks and never wait this long.
+    """seconds the ranks get to save after a stop signal before being killed"""
+    max_restarts: int = Field(0, ge=0)
+    """restarts after a failure (agent or Slurm requeue), each from the last save"""
     collective_timeout: int = Field(1800, ge=10, le=MAX_SECONDS)
+    """Seconds a collective waits for a missing peer before the job fails (a dead or hung rank must end the job).
+    Long operations (verifying and converting checkpoints) are shared by the ranks and never wait this long."""
 
 
 class ParallelSection(Section):
     """The degrees of the parallel layout (trainer/parallel/layout.py); a resumed run may change them."""
 
     RESUME = MAY_CHANGE
-    # Ulysses sequence parallelism: each sample's sequence split over this many ranks (activations / N). The
-    # data-parallel degree is the world size over it; train.global_batch_size stays samples per optimizer step.
     sequence: int = Field(1, ge=1)
-    # AutoTP tensor parallelism: each linear layer's weight split over this many ranks (model states / N, the
-    # embedding replicated); they train the same samples. ZeRO 0-2.
+    """Ulysses sequence parallelism: each sample's sequence split over this many ranks (activations / N). The
+    data-parallel degree is the world size over it; train.global_batch_size stays samples per optimizer step."""
     tensor: int = Field(1, ge=1)
-    # Expert parallelism (DeepSpeed's AutoEP) of a mixture-of-experts model: each rank holds 1/N of every MoE
-    # layer's experts and tokens travel all-to-all to theirs; the ranks still train different samples.
+    """AutoTP tensor parallelism: each linear layer's weight split over this many ranks (model states / N, the
+    embedding replicated); they train the same samples. ZeRO 0-2."""
     expert: int = Field(1, ge=1)
+    """Expert parallelism (DeepSpeed's AutoEP) of a mixture-of-experts model: each rank holds 1/N of every MoE
+    layer's experts and tokens travel all-to-all to theirs; the ranks still train different samples."""
 
 
 class Config(Section):
