@@ -5,7 +5,7 @@ Runs the real CLI: a cold start that trains 2 steps and saves both (in place: an
 3.1 GiB per rank, does not fit beside the ranks' 9.4 GiB peaks on this machine), a restart on the same 2 ranks, a restart on 1 rank (the ranks verify the checkpoint and convert it to a universal one first), and an
 export. Printed for each: wall time, the phases the trainer logs (the stall and the commit of a save, the
 shared verification and conversion), and every rank's peak memory (from the ranks' logs; the export's from its
-process). The figures extrapolate to 70B on 128 ranks in README.md ("Checkpoints at cluster scale").
+process). The figures extrapolate to 70B on 128 ranks in docs/checkpoints.md ("Checkpoints at cluster scale").
 
     .venv/bin/python bench/checkpoint_scale.py [--layers 8] [--seq-len 512] [--keep]
 """

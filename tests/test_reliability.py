@@ -1,5 +1,5 @@
 """Nothing lost, nothing silent: what a careless or hostile user can do to a run, and what zerotrain does about it
-(README, "Reliability"). Real processes, real kills, a real full disk (a small tmpfs, where the test may mount one)."""
+(docs/reliability.md). Real processes, real kills, a real full disk (a small tmpfs, where the test may mount one)."""
 
 from __future__ import annotations
 

@@ -160,7 +160,7 @@ class TrainSection(Section):
     whole would exceed 512 MiB (large vocabularies, long sequences); 0: never chunk."""
     compile: bool = on_resume(MAY_CHANGE, False)
     """torch.compile (inductor) the model, through DeepSpeed's engine.compile(), and the loss's fp32
-    cross-entropy. Off by default: compiling costs each launch tens of seconds on CPU (see README: Compile)."""
+    cross-entropy. Off by default: compiling costs each launch tens of seconds on CPU (see docs/performance.md)."""
     peak_tflops: float | None = on_resume(MAY_CHANGE, None, gt=0)
     """The FLOP/s one rank can reach (TFLOP/s), the denominator of MFU. Default: the data sheet of a known GPU,
     otherwise a matmul probe at start-up (half a second per launch)."""
