@@ -25,7 +25,6 @@ from trainer.engine.limits import accumulation_dtype
 from trainer.parallel.layout import ParallelLayout
 from trainer.tasks import task_of
 from trainer.memory import OPTIONS, Estimate, GiB, Option, architecture, element_bytes, estimate, recommend
-from trainer.model.moe import routing
 from trainer.model.shape import Architecture, check_sequence_split, check_tensor_split
 from trainer.observe.perf import flops_per_token, frozen_multiplying
 
@@ -178,8 +177,8 @@ def _experts(cfg: Config, arch: Architecture, world: int) -> list[str]:
     """A mixture of experts: its routed experts, what a token uses of them, and what expert parallelism holds."""
     if not arch.expert_weights:
         return []
-    moe, expert = routing(task_of(cfg).model_config(cfg.model, arch.vocab)), cfg.parallel.expert
-    active = arch.params - round(arch.expert_weights * (1 - arch.active_experts))
+    moe, expert = arch.routing, cfg.parallel.expert
+    active = arch.params - arch.idle_experts
     lines = [f"experts      {moe.experts} per MoE layer, {moe.top_k} per token: {_count(arch.expert_weights)} "
              f"parameters in routed experts; {_count(active)} of {_count(arch.params)} active per token"]
     if expert > 1:
@@ -276,8 +275,7 @@ def _start_up(cfg: Config, arch: Architecture, usable: float, gpus_per_node: int
                 "zero.partitioned_init)"]
     # built whole in fp32 on the host, then deepspeed.initialize moves all of it onto the rank's GPU - under
     # expert parallelism once AutoEP has kept the rank's experts only
-    held = arch.params - arch.expert_weights + arch.expert_weights // cfg.parallel.expert
-    on_gpu = element_bytes(cfg.train.precision) * held
+    on_gpu = element_bytes(cfg.train.precision) * arch.held_with_experts_split(cfg.parallel.expert)
     return [f"start-up:    each rank builds the whole model in fp32 on the host "
             f"({mem(4 * arch.params * gpus_per_node)} {mem.name} per node), then DeepSpeed moves it",
             f"             whole onto its GPU before partitioning it ({mem(on_gpu)} {mem.name})"

@@ -229,13 +229,14 @@ def estimate(cfg: Config, arch: Architecture, option: Option, nodes: int, gpus_p
     held, world = arch.held(tensor), layout.zero_world
     trained = min(held, arch.trainable)  # model.lora: the adapters; the frozen rest has weights only
     accumulate = accumulation_dtype(t, option.stage)
-    params, grads, optimizer, step, host = model_states(t.precision, option, trained, world, accumulate)
     if expert > 1:  # 1/expert of the experts on each rank, partitioned over the world / expert ranks holding them
-        experts = arch.expert_weights // expert
-        held = trained = held - arch.expert_weights + experts
-        dense = model_states(t.precision, option, held - experts, world, accumulate)
+        experts, held = arch.expert_weights // expert, arch.held_with_experts_split(expert)
+        trained = held  # no LoRA with expert parallelism
         params, grads, optimizer, step, host = (a + b for a, b in zip(
-            dense, model_states(t.precision, option, experts, world // expert, accumulate), strict=True))
+            model_states(t.precision, option, held - experts, world, accumulate),
+            model_states(t.precision, option, experts, world // expert, accumulate), strict=True))
+    else:
+        params, grads, optimizer, step, host = model_states(t.precision, option, trained, world, accumulate)
     quantized = arch.linear if cfg.model.lora and cfg.model.lora.quantize else 0
     frozen, frozen_host = frozen_weights(t.precision, option, held - trained, world, quantized)
     params, host = params + frozen, host + frozen_host

@@ -54,11 +54,11 @@ def autoep_shapes(shapes: dict[str, torch.Size]) -> dict[str, torch.Size]:
     `shapes` (its experts held by one rank or many)."""
     out = dict(shapes)
     for block in _blocks(shapes):
-        fused, down = out.pop(block + FUSED), out.pop(block + DOWN)
-        experts, rows, cols = fused
-        half = (experts, rows // 2, cols) if rows == 2 * down[2] else (experts, cols // 2, rows)
-        out |= {block + AUTOEP["w1"]: torch.Size(half), block + AUTOEP["w3"]: torch.Size(half),
-                block + AUTOEP["w2"]: torch.Size((experts, *half[2:0:-1])),
+        (experts, rows, cols), down = out.pop(block + FUSED), out.pop(block + DOWN)
+        transposed = _transposed(shapes, block)
+        half = torch.Size((experts, cols // 2, rows) if transposed else (experts, rows // 2, cols))
+        w2 = torch.Size((experts, down[2], down[1])) if transposed else down
+        out |= {block + AUTOEP["w1"]: half, block + AUTOEP["w3"]: half, block + AUTOEP["w2"]: w2,
                 block + AUTOEP["router"]: out.pop(block + ROUTER)}
     return out
 
@@ -69,12 +69,18 @@ def from_autoep(weights: dict[str, torch.Tensor], shapes: dict[str, torch.Size])
     out = dict(weights)
     for block in _blocks(shapes):
         w1, w3, w2 = (out.pop(block + AUTOEP[key]) for key in ("w1", "w3", "w2"))
-        transposed = shapes[block + FUSED][1] != 2 * w1.shape[1]  # (experts, hidden, 2 x ffn) layouts
         fused = torch.cat([w1, w3], dim=1)
-        out[block + FUSED] = fused.transpose(1, 2).contiguous() if transposed else fused
-        out[block + DOWN] = w2.transpose(1, 2).contiguous() if transposed else w2
+        if _transposed(shapes, block):
+            fused, w2 = fused.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
+        out[block + FUSED], out[block + DOWN] = fused, w2
         out[block + ROUTER] = out.pop(block + AUTOEP["router"])
     return out
+
+
+def _transposed(shapes: dict[str, torch.Size], block: str) -> bool:
+    """Whether a block stores its experts (experts, in, out) - (experts, hidden, 2 x ffn) - rather than
+    (experts, 2 x ffn, hidden), the layout AutoEP's w1/w3 have."""
+    return shapes[block + FUSED][1] != 2 * shapes[block + DOWN][2]
 
 
 def _blocks(shapes: dict[str, torch.Size]) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from trainer.config import ConfigError, ModelSection
-from trainer.model.moe import check_routing, routing
+from trainer.model.moe import Routing, check_routing, routing
 
 # attention that a sequence group can share: eager needs a dense mask, flex would be given a plain causal one
 SEQUENCE_SPLIT_ATTENTIONS = ("sdpa", "flash_attention_2", "flash_attention_3")
@@ -41,7 +41,7 @@ class Architecture:
     trainable: int  # parameters that get gradients and optimizer states: all, or with model.lora its adapters
     linear: int  # weights of the linear layers but the output layer: what model.lora.quantize stores in 4 bits
     expert_weights: int = 0  # a mixture of experts' routed experts, every layer's (0: a dense model)
-    active_experts: float = 1.0  # the share of them one token uses: top-k over the experts of a layer
+    routing: Routing | None = None  # a mixture of experts' experts per layer and top-k
 
     def held(self, tensor: int) -> int:
         """Parameters one rank of a tensor group of `tensor` holds: its slice of the split layers, and the rest
@@ -52,8 +52,17 @@ class Architecture:
     def multiplying(self) -> int:
         """Parameters that take part in a token's matmuls: the input embedding is only a lookup, unless it is
         tied to the output layer; of a mixture of experts' routed experts, the top-k the token goes to."""
-        idle = round(self.expert_weights * (1 - self.active_experts))
-        return self.params - (0 if self.tied else self.embedding) - idle
+        return self.params - (0 if self.tied else self.embedding) - self.idle_experts
+
+    @property
+    def idle_experts(self) -> int:
+        """Routed expert weights a token does not use: all but its top-k experts of each layer."""
+        moe = self.routing
+        return 0 if moe is None else round(self.expert_weights * (1 - moe.top_k / moe.experts))
+
+    def held_with_experts_split(self, expert: int) -> int:
+        """Parameters one rank holds when parallel.expert splits every layer's experts `expert` ways."""
+        return self.params - self.expert_weights + self.expert_weights // expert
 
 
 def attention_of(config: PretrainedConfig) -> str:
@@ -215,13 +224,13 @@ def _mlp_width(config: PretrainedConfig) -> int:
 
 def _experts(model: PreTrainedModel, config: PretrainedConfig) -> dict:
     """A mixture of experts' routed expert weights (transformers 5 keeps a layer's in one `experts` module) and
-    the share of them a token uses."""
+    its routing."""
     moe = routing(config)
     if moe is None:
         return {}
     weights = sum(p.numel() for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == "experts"
                   for p in module.parameters())
-    return {"expert_weights": weights, "active_experts": moe.top_k / moe.experts}
+    return {"expert_weights": weights, "routing": moe}
 
 
 def _tensor_split(model: PreTrainedModel, config: PretrainedConfig) -> int:
