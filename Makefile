@@ -31,7 +31,7 @@ data: $(SHAKESPEARE)/.fetched $(MINILM)/.fetched $(ROTTEN)/.fetched $(SMOLLM)/.f
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,mpi]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,mpi,trackers]'
 	# Compile the JIT op DeepSpeed's CPU process groups load (shared-memory all-reduce) once, now.
 	$(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()'
 	# NVMe offload (zero.offload_* nvme) needs DeepSpeed's async_io op, which links libaio. Where libaio is missing
@@ -134,7 +134,15 @@ $(VENV)/.async_io: $(VENV)/.installed
 	$(PY) -c 'from trainer.engine.nvme import async_io_available, build_async_io as b; async_io_available() and b()'
 	touch $@
 
-test: setup data $(VENV)/.async_io
+# The tracker tests start a real MLflow tracking server: mlflow (not only its client) in a venv of its own, since
+# the server pins pyarrow below the version datasets needs.
+MLFLOW_SERVER_VENV := .venv-mlflow-server
+$(MLFLOW_SERVER_VENV)/.installed: tests/mlflow_server_constraints.txt
+	test -x $(MLFLOW_SERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLFLOW_SERVER_VENV)
+	$(MLFLOW_SERVER_VENV)/bin/python -m pip install -q -c tests/mlflow_server_constraints.txt mlflow==3.17.2
+	touch $@
+
+test: setup data $(VENV)/.async_io $(MLFLOW_SERVER_VENV)/.installed
 	$(PY) -m pytest
 
 # The fast tests alone (no multi-process training runs).
@@ -147,7 +155,7 @@ lock: setup
 	  $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt
 
 clean:
-	rm -rf $(VENV) data runs
+	rm -rf $(VENV) $(MLFLOW_SERVER_VENV) data runs
 
 # Real English text (about 53 MB) for the data-pipeline benchmarks, in data/bench-corpus: see bench/fetch_corpus.py.
 bench-data: setup

@@ -28,7 +28,9 @@ def run_status(run_dir: Path) -> str:
     lines += _slurm(run_dir)
     if (run_dir / "report.png").is_file():
         lines.append(f"  curves: {run_dir / 'report.png'}")
-    lines.append(f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    if (run_dir / "tensorboard").is_dir():
+        lines.append(f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    lines += _trackers(run_dir)
     lines.append(f"  logs: {run_dir / 'logs'}   metrics: {run_dir / 'metrics.jsonl'}")
     return "\n".join(lines)
 
@@ -84,3 +86,16 @@ def _slurm(run_dir: Path) -> list[str]:
         return []
     return [f"  slurm job {jobs[-1]}: {job_state(jobs[-1]) or 'not known to Slurm (any more)'}   "
             f"log {run_dir / 'slurm' / f'slurm-{jobs[-1]}.out'}"]
+
+
+def _trackers(run_dir: Path) -> list[str]:
+    """The MLflow and W&B runs the run's metrics went to (RUN_DIR/trackers.json)."""
+    path = run_dir / "trackers.json"
+    if not path.is_file():
+        return []
+    try:
+        runs = run_files.read(path, run_files.TrackerRuns).root
+    except UserError as e:
+        return [f"  {e}"]
+    return [f"  {name}: run {run.run_id} at {run.where}" +
+            (f", sent up to step {run.step}" if run.step is not None else "") for name, run in runs.items()]

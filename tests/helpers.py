@@ -78,6 +78,14 @@ def refused(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
+def one_line_error(result: subprocess.CompletedProcess, starts: str) -> None:
+    """Exit 2 and exactly one line on stderr, naming the problem: no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"zerotrain: error: {starts}"), result.stderr[-3000:]
+    assert len(lines[0]) < 400
+
+
 def tiny_args(run_dir: Path, prepared: Path, *overrides: str) -> list[str]:
     """CLI arguments for a tiny run writing into run_dir."""
     sets = [f"run.output_dir={run_dir}", f"data.prepared_dir={prepared}", *overrides]
@@ -157,6 +165,12 @@ def diverging(after: int) -> dict:
     """The environment of a run whose every process's cross-entropy turns NaN after its `after`-th
     (tests/faults/sitecustomize.py)."""
     return {**os.environ, "PYTHONPATH": str(REPO / "tests" / "faults"), "ZEROTRAIN_FAULT_NAN_AFTER": str(after)}
+
+
+def slowed(seconds: float, env: dict | None = None) -> dict:
+    """The environment of a run whose every cross-entropy first sleeps `seconds` (tests/faults/sitecustomize.py)."""
+    return {**(env or os.environ), "PYTHONPATH": str(REPO / "tests" / "faults"),
+            "ZEROTRAIN_FAULT_SLOW": str(seconds)}
 
 
 def end(launcher: subprocess.Popen) -> None:

@@ -16,7 +16,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from helpers import (
-    REPO, STEPS, TINY, diverging, endless_args, last_step, live_ranks, rank_pids, read_metrics, refused, running,
+    REPO, STEPS, TINY, diverging, endless_args, last_step, live_ranks, one_line_error, rank_pids, read_metrics, refused, running,
     tiny_args, train_losses, training, wait_for, zerotrain
 )
 from trainer.config import ConfigError, load_config
@@ -34,14 +34,6 @@ def flip_byte(path: Path, offset: int | None = None) -> None:
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0xFF]))
-
-
-def one_line_error(result: subprocess.CompletedProcess, starts: str) -> None:
-    """Exit 2 and exactly one line on stderr, naming the problem: no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"zerotrain: error: {starts}"), result.stderr[-3000:]
-    assert len(lines[0]) < 400
 
 
 # ---------------------------------------------------------------------------------------------------------------

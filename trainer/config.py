@@ -15,6 +15,8 @@ checkpoint's value, set it anew, or - the data's fields - leave it to the data's
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 from pathlib import Path
 from datetime import timedelta
@@ -243,6 +245,52 @@ class ParallelSection(Section):
     layer's experts and tokens travel all-to-all to theirs; the ranks still train different samples."""
 
 
+class MlflowSection(Section):
+    """MLflow: the resolved config as params, the metrics, report.png and summary.json as artifacts, the Slurm
+    job as tags (trainer/observe/trackers.py)."""
+
+    RESUME = MAY_CHANGE
+    tracking_uri: str | None = None
+    """the tracking server (http://host:5000) or store; default: the MLFLOW_TRACKING_URI environment variable"""
+    experiment: str = Field("zerotrain", min_length=1)
+    """the experiment the run is filed under (created if missing)"""
+
+
+class WandbSection(Section):
+    """Weights & Biases: the resolved config, the metrics, report.png and summary.json; the Slurm job as tags."""
+
+    RESUME = MAY_CHANGE
+    project: str = Field("zerotrain", min_length=1)
+    """the W&B project"""
+    entity: str | None = None
+    """the team or user the project belongs to; default: the logged-in user's"""
+    mode: Literal["online", "offline"] = "online"
+    """offline: the run is written under RUN_DIR/wandb only, for `wandb sync` later (no network needed)"""
+
+
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+class MetricsSection(Section):
+    """Where the metrics go. RUN_DIR/metrics.jsonl and the console always get them; the trackers listed here
+    too, from rank 0 only. A resumed run continues each tracker's run (RUN_DIR/trackers.json)."""
+
+    RESUME = MAY_CHANGE
+    trackers: list[Literal[TRACKERS]] = ["tensorboard"]
+    """any of tensorboard (RUN_DIR/tensorboard), mlflow, wandb"""
+    mlflow: MlflowSection = MlflowSection()
+    """where the mlflow tracker sends the run (below)"""
+    wandb: WandbSection = WandbSection()
+    """where the wandb tracker sends the run (below)"""
+
+    @field_validator("trackers")
+    @classmethod
+    def _each_once(cls, trackers: list[str]) -> list[str]:
+        if len(set(trackers)) < len(trackers):
+            raise ValueError(f"a tracker listed twice: {trackers}")
+        return trackers
+
+
 class Config(Section):
     run: RunSection
     model: ModelSection = ModelSection()
@@ -255,6 +303,7 @@ class Config(Section):
     zero: ZeroSection = ZeroSection()
     parallel: ParallelSection = ParallelSection()
     launch: LaunchSection = LaunchSection()
+    metrics: MetricsSection = MetricsSection()
 
     @property
     def world_size(self) -> int:
@@ -509,6 +558,17 @@ def _check_combinations(cfg: Config, cuda_available: bool | None) -> None:
         from trainer.model.lora import check_lora
 
         check_lora(cfg, cuda_available)
+    _check_trackers(cfg.metrics)
+
+
+def _check_trackers(metrics: MetricsSection) -> None:
+    """The trackers listed are installed (an optional extra) and MLflow knows its server."""
+    for name in metrics.trackers:
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"metrics.trackers: {name} is not installed (pip install 'zerotrain[trackers]')")
+    if "mlflow" in metrics.trackers and not (metrics.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise ConfigError("metrics.mlflow.tracking_uri: needed with the mlflow tracker (or MLFLOW_TRACKING_URI "
+                          "in the environment), e.g. http://mlflow.example.org:5000")
 
 
 def _check_layout(cfg: Config) -> None:

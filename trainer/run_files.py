@@ -3,7 +3,8 @@ named in one line (a UserError) - or tolerated, where the reader can go on witho
 
 checkpoints/step_N/manifest.json (every file of a checkpoint: bytes, sha256), checkpoints/step_N/train_state.json
 (trainer.checkpointing.store.TrainState), metrics.jsonl (one record per logged step), summary.json (where a
-finished run ended), slurm/jobs (the job ids of a submitted run, one per line).
+finished run ended), trackers.json (each remote tracker's run: trainer/observe/trackers.py), slurm/jobs (the job
+ids of a submitted run, one per line).
 """
 
 from __future__ import annotations
@@ -63,6 +64,20 @@ class Summary(BaseModel):
     tensorboard: str | None = None
 
 
+class TrackerRun(BaseModel):
+    """A remote tracker's run (MLflow, W&B) that a resumed run continues."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str = Field(min_length=1)
+    where: str  # its server or project: a run configured for another starts a new tracker run
+    step: int | None = Field(None, ge=0)  # the last step it holds
+
+
+class TrackerRuns(RootModel[dict[str, TrackerRun]]):
+    """trackers.json: the runs by tracker name."""
+
+
 def parse(text: str, schema: type[T], where: Path | str) -> T:
     """`text` (JSON) as `schema`; a one-line UserError naming `where` and the first problem otherwise."""
     try:
@@ -100,4 +115,5 @@ def job_ids(path: Path) -> list[str]:
 
 # what the file is, in a user's words, by its schema's name
 WHAT = {"Manifest": "checkpoint manifest", "MetricsRecord": "metrics record", "Summary": "run summary",
-        "TrainState": "checkpoint's train state"}
+        "TrainState": "checkpoint's train state",
+        "TrackerRuns": "record of tracker runs"}

@@ -68,11 +68,8 @@ def train(cfg: Config, resume_from: str | None) -> int:
     if run.state.step == 0:
         run.evaluator.at_start(run.engine)
     code = _loop(run, cfg.train, cfg.data.seq_len)
-    if code == 0:
-        _finish(cfg, run, rank)
-    run.metrics.close()
-    if rank.is_main and code == 0:
-        log.info(f"curves drawn in {render(cfg.run_dir)}")
+    results, artifacts = _finish(cfg, run, rank) if code == 0 else ({}, [])
+    run.metrics.close(code, results, artifacts)
     distributed.shutdown()
     return code
 
@@ -104,7 +101,7 @@ def _start(cfg: Config, rank: distributed.Rank, stop: StopRequest, resume_from: 
     # The data trained on from here: the pre-flight checked it against the checkpoint's, or was told to allow it.
     state = replace(state, data_fingerprint=data.fingerprint, vocab_size=data.vocab_size, layout=cfg.layout.to_dict(),
                     base_fingerprint=base_of(cfg.model))
-    metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, state.step, enabled=rank.is_main)
+    metrics = MetricsLogger(cfg, state.step, enabled=rank.is_main)
     metrics.text("config", cfg.to_yaml())
     metrics.text("versions", _versions())
     for line in data.describe():
@@ -168,19 +165,22 @@ def _train_step(engine: Engine, batches, loss_fn, grad_accum: int, phases: Phase
     return total / grad_accum
 
 
-def _finish(cfg: Config, run: Run, rank: distributed.Rank) -> None:
-    """The last save committed, then the final test (classification), summary.json and the hyper-parameters
-    beside the results."""
+def _finish(cfg: Config, run: Run, rank: distributed.Rank) -> tuple[dict[str, float], list[Path]]:
+    """The last save committed, then the final test (classification), summary.json and report.png. Returns the
+    final results and the files the trackers keep (rank 0's)."""
     run.checkpointer.wait(run.state.step)
     results = run.evaluator.final(run.engine, run.state,
                                   lambda step: store.load_weights(run.engine, cfg.run_dir, step))
-    if rank.is_main and run.monitors.last_loss is not None:
-        _write_summary(cfg, run, results)
-        run.metrics.hparams(cfg.model_dump(mode="json"), {"train/loss": run.monitors.last_loss, **{
-            name: value for name, value in results.items() if isinstance(value, float)}})
+    if not rank.is_main or run.monitors.last_loss is None:
+        return {}, []
+    summary = _write_summary(cfg, run, results)
+    report = render(cfg.run_dir)
+    log.info(f"curves drawn in {report}")
+    return {"train/loss": run.monitors.last_loss,
+            **{name: value for name, value in results.items() if isinstance(value, float)}}, [summary, report]
 
 
-def _write_summary(cfg: Config, run: Run, results: dict) -> None:
+def _write_summary(cfg: Config, run: Run, results: dict) -> Path:
     """summary.json: where the run ended. Throughput covers this launch, start-up excluded."""
     state, window = run.state, run.monitors.window
     root = store.checkpoints_dir(cfg.run_dir)
@@ -193,9 +193,10 @@ def _write_summary(cfg: Config, run: Run, results: dict) -> None:
         "tokens_per_s": window.train_steps * cfg.tokens_per_step / window.train_seconds
         if window.train_seconds else None,
         "checkpoint": str(root / store.pointer(cfg.run_dir, store.LATEST)),
-        "tensorboard": str(cfg.run_dir / "tensorboard"),
+        "tensorboard": str(cfg.run_dir / "tensorboard") if "tensorboard" in cfg.metrics.trackers else None,
     }
     write_durable(cfg.run_dir / "summary.json", json.dumps(summary, indent=2))
+    return cfg.run_dir / "summary.json"
 
 
 def _versions() -> str:

@@ -1,7 +1,8 @@
 """Fault injection for tests: a test that puts this folder on PYTHONPATH has every Python process of its run (the
 launcher, each rank) load it at start-up. ZEROTRAIN_FAULT_NAN_AFTER=N: every cross-entropy after a process's Nth
 is NaN - a loss that diverges, reaching the loop as a real divergence does (the optimizer's limits on the
-learning rate keep a run from being made to diverge on purpose)."""
+learning rate keep a run from being made to diverge on purpose). ZEROTRAIN_FAULT_SLOW=S: every cross-entropy
+first sleeps S seconds - steps slow enough for a test to act between two of them."""
 
 import os
 
@@ -16,3 +17,16 @@ if "ZEROTRAIN_FAULT_NAN_AFTER" in os.environ:
         return loss * float("nan") if _calls[0] > _after else loss
 
     F.cross_entropy = _diverging
+
+if "ZEROTRAIN_FAULT_SLOW" in os.environ:
+    import time
+
+    import torch.nn.functional as F
+
+    _pause, _inner = float(os.environ["ZEROTRAIN_FAULT_SLOW"]), F.cross_entropy
+
+    def _slow(*args, **kwargs):
+        time.sleep(_pause)
+        return _inner(*args, **kwargs)
+
+    F.cross_entropy = _slow

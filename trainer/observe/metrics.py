@@ -1,4 +1,5 @@
-"""Where numbers go: TensorBoard scalars, one JSON line per logged step, the console and a progress bar.
+"""Where numbers go: one JSON line per logged step (RUN_DIR/metrics.jsonl), the console and a progress bar, and
+the trackers of `metrics.trackers` (trainer/observe/trackers.py: TensorBoard, MLflow, W&B).
 
 Only rank 0 writes them; the other ranks' `MetricsLogger` notes only their own memory, in their own log (what
 the launcher quotes when a rank is killed), so the loop needs no rank checks.
@@ -12,27 +13,28 @@ import sys
 import time
 from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
 from data_pipeline.errors import UserError
 from trainer import run_files
-from trainer.config import dotted
+from trainer.config import Config
+from trainer.observe.trackers import trackers
 
 log = logging.getLogger("zerotrain")
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, max_steps: int, start_step: int, enabled: bool):
+    def __init__(self, cfg: Config, start_step: int, enabled: bool):
         self.enabled = enabled
         if not enabled:
             return
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-        self.jsonl = _open_from(run_dir / "metrics.jsonl", start_step)
+        self.jsonl = _open_from(cfg.run_dir / "metrics.jsonl", start_step)
         # A bar only for a person at a terminal; logs and CI get plain lines.
-        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+        self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not sys.stderr.isatty())
+        self.trackers = trackers(cfg.metrics, cfg.run_dir, cfg.run.name, start_step)
+        for tracker in self.trackers:
+            tracker.start(cfg.model_dump(mode="json"))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -40,11 +42,11 @@ class MetricsLogger:
             if memory:
                 log.info(f"step {step:>6} " + " ".join(f"{key} {_fmt(value)}" for key, value in memory.items()))
             return
-        for name, value in metrics.items():
-            self.writer.add_scalar(name, value, step)
         record = {"step": step, "time": time.time(), **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+        for tracker in self.trackers:
+            tracker.log(step, metrics)
         line = f"step {step:>6} " + " ".join(f"{_short(k)} {_fmt(v)}" for k, v in metrics.items())
         if self.bar.disable:
             log.info(line)
@@ -58,23 +60,16 @@ class MetricsLogger:
 
     def text(self, tag: str, text: str, step: int | None = None) -> None:
         if self.enabled:
-            self.writer.add_text(tag, f"```\n{text}\n```", global_step=step)
+            for tracker in self.trackers:
+                tracker.text(tag, text, step)
 
-    def hparams(self, config: dict, results: dict[str, float]) -> None:
-        """The run's settings beside its final results, for TensorBoard's HPARAMS tab (comparing runs). Written
-        into the run's own event file: SummaryWriter.add_hparams would start a separate run folder."""
-        if not self.enabled:
-            return
-        flat = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
-                for key, value in dotted(config).items()}
-        for summary in hparams(flat, results):
-            self.writer.file_writer.add_summary(summary)
-
-    def close(self) -> None:
+    def close(self, code: int, results: dict[str, float] | None = None, artifacts: list[Path] = ()) -> None:
+        """The launch ended with exit `code`: the trackers get the final `results` and the run's `artifacts`."""
         if self.enabled:
             self.bar.close()
-            self.writer.close()
             self.jsonl.close()
+            for tracker in self.trackers:
+                tracker.finish(list(artifacts), results or {}, code)
 
 
 def _short(name: str) -> str:
