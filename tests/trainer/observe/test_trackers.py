@@ -154,3 +154,78 @@ def test_mlflow_without_a_server_is_refused_in_one_line(tmp_path, monkeypatch):
     one_line_error(refused("train", *tiny_args(tmp_path / "run", tmp_path / "data",
                                                "metrics.trackers=[wandb,wandb]")),
                    "metrics.trackers: value error, a tracker listed twice")
+
+
+class Flaky:
+    """A remote tracker whose server is down while `down` is set: what `Remote` puts between it and training."""
+
+    name, where = "flaky", "http://tracker.invalid"
+
+    def __init__(self, holds: int | None = None):
+        self.down, self.holds, self.steps, self.started = False, holds, [], []
+
+    def start(self, run_id, config):
+        self._call()
+        self.started.append(run_id)
+        return run_id or "run-1"
+
+    def held(self, sent):
+        return self.holds
+
+    def log(self, step, metrics):
+        self._call()
+        self.steps.append(step)
+
+    def text(self, tag, text, step):
+        self._call()
+
+    def finish(self, artifacts, results, code):
+        self._call()
+
+    def _call(self):
+        if self.down:
+            raise ConnectionError("connection refused")
+
+
+def test_a_remote_tracker_is_warned_of_once_retried_later_and_continued_on_resume(tmp_path, monkeypatch, caplog):
+    from trainer.observe import trackers
+
+    monkeypatch.setattr(trackers, "RETRY_AFTER", 0.3)
+    tracker = Flaky()
+    remote = trackers.Remote(tracker, trackers.TrackerRecord(tmp_path / "trackers.json", fresh=True))
+    remote.start({})
+    remote.log(1, {"train/loss": 1.0})
+    wait_until(lambda: tracker.steps == [1])
+    tracker.down = True
+    for step in (2, 3, 4):
+        remote.log(step, {"train/loss": 1.0})
+    wait_until(lambda: remote.failed_at is not None)
+    tracker.down = False
+    time.sleep(0.4)  # past RETRY_AFTER: the next call goes through
+    remote.log(5, {"train/loss": 1.0})
+    remote.finish([], {}, 0)
+    assert tracker.steps == [1, 5]
+    assert [r.message for r in caplog.records if r.levelname == "WARNING"] == \
+        ["flaky: connection refused; training goes on (metrics.jsonl has every metric; the tracker is tried again "
+         "every 0.3 s)"]
+    assert json.loads((tmp_path / "trackers.json").read_text())["flaky"] == \
+        {"run_id": "run-1", "where": "http://tracker.invalid", "step": 5}
+
+    # The next launch continues run-1 and skips the steps it holds; a damaged record starts a new run.
+    resumed = Flaky(holds=5)
+    remote = trackers.Remote(resumed, trackers.TrackerRecord(tmp_path / "trackers.json", fresh=False))
+    remote.start({})
+    for step in (4, 5, 6):
+        remote.log(step, {"train/loss": 1.0})
+    remote.finish([], {}, 0)
+    assert resumed.started == ["run-1"] and resumed.steps == [6]
+    (tmp_path / "trackers.json").write_text('{"flaky": {"run_id": ')
+    assert trackers.TrackerRecord(tmp_path / "trackers.json", fresh=False).runs == {}
+    assert "is not JSON" in caplog.records[-1].message and "the trackers start new runs" in caplog.records[-1].message
+
+
+def wait_until(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
