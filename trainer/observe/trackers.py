@@ -230,6 +230,8 @@ class Mlflow:
         self.run_id = ""
 
     def start(self, run_id: str | None, config: dict) -> str:
+        from mlflow.entities import Param, RunTag
+
         params = {key: str(value) for key, value in dotted(config).items()}
         run_id = run_id or self.run_id  # an earlier try created the run, then failed
         if run_id:
@@ -242,8 +244,6 @@ class Mlflow:
                 self.tags = {**self.tags, **{f"resumed.{key}": value for key, value in changed.items()}}
         else:
             self.run_id = self.client.create_run(self._experiment_id(), run_name=self.run_name).info.run_id
-        from mlflow.entities import Param, RunTag
-
         items = [Param(key, value[:6000]) for key, value in params.items()]  # MLflow's limit on a value
         for first in range(0, len(items), 100):  # and on params per call
             self.client.log_batch(self.run_id, params=items[first:first + 100])
