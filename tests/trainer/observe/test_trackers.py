@@ -11,56 +11,16 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import REPO, STEPS, in_process, live_ranks, one_line_error, read_metrics, refused, slowed, tiny_args, \
-    train_losses, training, wait_for, zerotrain
-from ranks import free_port
+from helpers import STEPS, in_process, live_ranks, one_line_error, read_metrics, refused, slowed, tiny_args, \
+    train_losses, training, zerotrain
+from mlflow_server import mlflow_server
 
-MLFLOW = REPO / ".venv-mlflow-server" / "bin" / "mlflow"
 WANDB = Path(sys.executable).with_name("wandb")
-
-
-@contextmanager
-def mlflow_server(folder: Path):
-    """A tracking server on a free loopback port, its runs in folder/mlflow.db; yields its URI and process."""
-    assert MLFLOW.exists(), f"{MLFLOW} is missing: `make test` installs the MLflow server"
-    folder.mkdir(parents=True)
-    uri = f"http://127.0.0.1:{free_port()}"
-    with open(folder / "server.log", "w") as out:
-        server = subprocess.Popen([MLFLOW, "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-                                   "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
-                                   "--port", uri.rsplit(":", 1)[1], "--workers", "1"],
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for(lambda: _healthy(uri), server, timeout=120, poll=0.5)
-        yield uri, server
-    finally:
-        stop(server)
-
-
-def _healthy(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def stop(server: subprocess.Popen) -> None:
-    """The server and its workers (its own process group, started by this test)."""
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def tracked_args(run_dir: Path, data: Path, uri: str) -> list[str]:
