@@ -17,15 +17,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import STEPS, in_process, live_ranks, one_line_error, read_metrics, refused, slowed, tiny_args, \
-    train_losses, training, zerotrain
+    train_losses, training, wait_for, zerotrain
 from mlflow_server import mlflow_server
 
 WANDB = Path(sys.executable).with_name("wandb")
 
 
-def tracked_args(run_dir: Path, data: Path, uri: str) -> list[str]:
+def tracked_args(run_dir: Path, data: Path, uri: str, *overrides: str) -> list[str]:
     return tiny_args(run_dir, data, "metrics.trackers=[tensorboard,mlflow,wandb]",
-                     f"metrics.mlflow.tracking_uri={uri}", "metrics.wandb.mode=offline")
+                     f"metrics.mlflow.tracking_uri={uri}", "metrics.wandb.mode=offline", *overrides)
 
 
 def wandb_records(run_dir: Path) -> dict[str, list[dict]]:
@@ -44,15 +44,17 @@ def _history(records: list[dict]) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_a_killed_and_resumed_run_is_one_tracker_run_with_every_step_once(tiny_data, tmp_path):
-    """Killed after its step-6 save, the run resumes from step 6: MLflow and W&B get one run each (rank 0's),
-    continued by the resumed launch, every step exactly once with the run's losses, the resolved config, the
-    Slurm job as a tag, and report.png and summary.json at the end. W&B offline gets what its file held."""
+    """Killed after its step-6 save (and step 7), the run resumes from step 6: MLflow and W&B get one run each
+    (rank 0's), continued by the resumed launch, every step exactly once with the run's losses, the resolved
+    config, the Slurm job as a tag, and report.png and summary.json at the end. W&B offline gets what its file
+    held."""
     run_dir = tmp_path / "run"
-    env = slowed(0.1, {**os.environ, "SLURM_JOB_ID": "4242"})  # a step in 0.4 s: the kill comes between saves
+    env = slowed(0.2, {**os.environ, "SLURM_JOB_ID": "4242"})  # a step in 0.8 s: the kill comes between saves
     with mlflow_server(tmp_path / "mlflow") as (uri, _):
         args = tracked_args(run_dir, tiny_data, uri)
-        with training(args, run_dir, until=8, env=env) as launcher:
-            launcher.kill()  # SIGKILL: the ranks die with it, past step 8 and before the step-12 save
+        with training(args, run_dir, until=7, env=env) as launcher:
+            wait_for(lambda: min(_sent(run_dir, "mlflow") or 0, _sent(run_dir, "wandb") or 0) >= 7, launcher)
+            launcher.kill()  # SIGKILL: the ranks die with it, past step 7 and before the step-12 save
             launcher.wait()
         assert live_ranks(run_dir) == {}
         first = json.loads((run_dir / "trackers.json").read_text())
@@ -91,9 +93,11 @@ def test_a_killed_and_resumed_run_is_one_tracker_run_with_every_step_once(tiny_d
 
 @pytest.mark.slow
 def test_a_tracker_that_goes_away_is_warned_of_once_and_training_goes_on(tiny_data, tmp_path):
-    run_dir = tmp_path / "run"
+    run_dir, steps = tmp_path / "run", 40  # 16 s of steps: the server goes away once MLflow holds one
     with mlflow_server(tmp_path / "mlflow") as (uri, server):
-        with training(tracked_args(run_dir, tiny_data, uri), run_dir, until=3, env=slowed(0.1)) as launcher:
+        args = tracked_args(run_dir, tiny_data, uri, f"train.max_steps={steps}")
+        with training(args, run_dir, until=1, env=slowed(0.1)) as launcher:
+            wait_for(lambda: (_sent(run_dir, "mlflow") or 0) >= 1, launcher)
             os.killpg(server.pid, signal.SIGKILL)  # mid-run: the next steps' metrics have nowhere to go
             stopped = time.monotonic()
             _, stderr = launcher.communicate(timeout=300)
@@ -102,8 +106,14 @@ def test_a_tracker_that_goes_away_is_warned_of_once_and_training_goes_on(tiny_da
     warnings = [line for line in (run_dir / "logs" / "rank0.log").read_text().splitlines()
                 if "mlflow:" in line and "WARNING" in line]
     assert len(warnings) == 1 and "training goes on" in warnings[0], warnings
-    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == list(range(1, STEPS + 1))
-    assert json.loads((run_dir / "trackers.json").read_text())["mlflow"]["step"] < STEPS
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == list(range(1, steps + 1))
+    assert _sent(run_dir, "mlflow") < steps
+
+
+def _sent(run_dir: Path, tracker: str) -> int | None:
+    """The last step trackers.json says was sent to `tracker` (None before its run exists)."""
+    path = run_dir / "trackers.json"
+    return json.loads(path.read_text()).get(tracker, {}).get("step") if path.exists() else None
     assert (run_dir / "report.png").is_file()
 
 
