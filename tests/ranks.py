@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 def free_port() -> int:
@@ -32,9 +34,22 @@ def spawn(fn, ranks: int, *args) -> list[dict]:
     """`ranks` fresh processes running fn(rank, ranks, port, *args, out), each writing out/rank{rank}.json;
     every rank's result."""
     with tempfile.TemporaryDirectory() as out:
-        torch.multiprocessing.start_processes(fn, args=(ranks, free_port(), *args, out), nprocs=ranks,
+        torch.multiprocessing.start_processes(_rank, args=(fn, ranks, free_port(), *args, out), nprocs=ranks,
                                               start_method="spawn")
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def _rank(rank: int, fn, *args) -> None:
+    """fn as one spawned rank, which then leaves as zerotrain's ranks do (trainer/main.py exit_now): past a barrier,
+    its group destroyed, without interpreter teardown - whose gloo threads can abort it ("terminate called
+    without an active exception", SIGABRT, seen in CI)."""
+    fn(rank, *args)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def write_result(out: str, rank: int, result: dict) -> None:
