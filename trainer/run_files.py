@@ -71,7 +71,7 @@ class TrackerRun(BaseModel):
 
     run_id: str = Field(min_length=1)
     where: str  # its server or project: a run configured for another starts a new tracker run
-    step: int | None = Field(None, ge=0)  # the last step it holds
+    step: int | None = Field(None, ge=0)  # the last step sent to it
 
 
 class TrackerRuns(RootModel[dict[str, TrackerRun]]):

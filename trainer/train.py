@@ -171,13 +171,14 @@ def _finish(cfg: Config, run: Run, rank: distributed.Rank) -> tuple[dict[str, fl
     run.checkpointer.wait(run.state.step)
     results = run.evaluator.final(run.engine, run.state,
                                   lambda step: store.load_weights(run.engine, cfg.run_dir, step))
-    if not rank.is_main or run.monitors.last_loss is None:
+    if not rank.is_main:
         return {}, []
-    summary = _write_summary(cfg, run, results)
     report = render(cfg.run_dir)
     log.info(f"curves drawn in {report}")
-    return {"train/loss": run.monitors.last_loss,
-            **{name: value for name, value in results.items() if isinstance(value, float)}}, [summary, report]
+    if run.monitors.last_loss is None:  # no step in this launch
+        return {}, [report]
+    final = {name: value for name, value in results.items() if isinstance(value, float)}
+    return {"train/loss": run.monitors.last_loss, **final}, [_write_summary(cfg, run, results), report]
 
 
 def _write_summary(cfg: Config, run: Run, results: dict) -> Path:

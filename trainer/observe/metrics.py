@@ -63,13 +63,13 @@ class MetricsLogger:
             for tracker in self.trackers:
                 tracker.text(tag, text, step)
 
-    def close(self, code: int, results: dict[str, float] | None = None, artifacts: list[Path] = ()) -> None:
+    def close(self, code: int, results: dict[str, float], artifacts: list[Path]) -> None:
         """The launch ended with exit `code`: the trackers get the final `results` and the run's `artifacts`."""
         if self.enabled:
             self.bar.close()
             self.jsonl.close()
             for tracker in self.trackers:
-                tracker.finish(list(artifacts), results or {}, code)
+                tracker.finish(artifacts, results, code)
 
 
 def _short(name: str) -> str:

@@ -183,7 +183,7 @@ class Remote:
         run_id = self.tracker.start(self.resumed.run_id if self.resumed else None, config)
         self.config = None
         if self.resumed:
-            held = self.tracker.held(self.resumed.step)
+            held = self.tracker.held()
             self.held = -1 if held is None else held
             log.info(f"{self.name}: continuing run {run_id}" + (f", which holds steps up to {held}" if held else ""))
         else:
@@ -250,11 +250,11 @@ class Mlflow:
         self.client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in self.tags.items()])
         return self.run_id
 
-    def held(self, sent: int | None) -> int | None:
-        """The last step the run holds, as the server says: a launch killed after a call but before it noted
-        the call in trackers.json sent one step more than `sent`. Every logged step has a train/loss."""
+    def held(self) -> int | None:
+        """The last step the run holds, as the server says (trackers.json can lag it by the one call a kill
+        interrupted before it was noted). Every logged step has a train/loss."""
         return max((metric.step for metric in self.client.get_metric_history(self.run_id, "train/loss")),
-                   default=sent)
+                   default=None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -303,7 +303,7 @@ class Wandb:
                               settings=wandb.Settings(console="off", silent=True))
         return self.run.id
 
-    def held(self, sent: int | None) -> int | None:
+    def held(self) -> int | None:
         """The last step the run holds, as wandb.init found it: online, the server's. Offline nothing is known
         (wandb writes its file every 15 s: a killed launch loses what it had not written), so the steps after
         the checkpoint are sent again (W&B ignores a step below the last one a run holds)."""
